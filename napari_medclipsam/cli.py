@@ -1,0 +1,492 @@
+"""The ``medclipsam`` command: zero-shot segmentation and evaluation over folders.
+
+    medclipsam segment IMAGES... --prompt TEXT [--prompt-file JSON] -o OUT
+    medclipsam evaluate --pred DIR --gt DIR
+
+Run ``medclipsam COMMAND --help`` for every flag. Outputs of ``segment`` (per image
+``NAME``, paired with prompts and ground truth by file name, never by listing order)::
+
+    OUT/saliency/NAME.tif      float32 saliency in [0, 1] (Z, Y, X for volumes)
+    OUT/coarse/NAME.png        coarse mask, 0/255 (NIfTI for volumes)
+    OUT/prompts/NAME.json      boxes (XYXY pixels), points (XY), labels, components
+    OUT/masks/NAME.png         final SAM mask, 0/255 (NAME.nii.gz for volumes)
+    OUT/manifest.json          prompts, models and their hashes, all parameters, versions
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .core.config import (
+    BOX_MODES,
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_SAM_MODEL,
+    PROMPT_MODES,
+    RANK_BY,
+    THRESHOLD_METHODS,
+    CoarseMaskConfig,
+    PipelineConfig,
+    PromptConfig,
+    SaliencyConfig,
+    SamConfig,
+)
+from .core.errors import InputError
+
+logger = logging.getLogger("medclipsam")
+
+
+class CLIError(Exception):
+    """A user mistake: printed as one clear line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--clip-model", default=None,
+                   help=f"CLIP: 'hf-hub:ORG/NAME', 'local-dir:PATH' or a checkpoint file "
+                        f"(default {DEFAULT_CLIP_MODEL}).")
+    g.add_argument("--sam-model", default=None, choices=("vit_b", "vit_l", "vit_h", "medsam"),
+                   help=f"SAM backbone (default {DEFAULT_SAM_MODEL}; medsam is MedSAM ViT-B).")
+    g.add_argument("--sam-checkpoint", default=None, metavar="PATH",
+                   help="Local SAM/MedSAM .pth (default: download the official one, "
+                        "hash-checked, into $MEDCLIPSAM_HOME).")
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU).")
+
+
+def _add_chain_flags(p: argparse.ArgumentParser) -> None:
+    s, c, q, m = SaliencyConfig(), CoarseMaskConfig(), PromptConfig(), SamConfig()
+    g = p.add_argument_group("saliency (M2IB)")
+    g.add_argument("--layer", type=int, help=f"ViT block of the bottleneck (default {s.layer}; "
+                                             "9 for breast/brain in the paper's scripts).")
+    g.add_argument("--beta", type=float, help=f"compression weight (default {s.beta}).")
+    g.add_argument("--steps", type=int, help=f"optimisation steps (default {s.steps}).")
+    g.add_argument("--lr", type=float, help=f"learning rate (default {s.lr}).")
+    g.add_argument("--batch-size", type=int, help=f"noise samples per step (default "
+                                                  f"{s.batch_size}).")
+    g.add_argument("--seed", type=int, help=f"seed of the noise and point sampling "
+                                            f"(default {s.seed}).")
+    g = p.add_argument_group("coarse mask")
+    g.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
+                   help=f"default {c.method} (the paper); kmeans as the authors' scripts.")
+    g.add_argument("--threshold", type=float, help=f"for --threshold-method fixed "
+                                                   f"(default {c.threshold}).")
+    g.add_argument("--eta-c", type=float, help=f"keep components with confidence > eta_c "
+                                               f"(default {c.eta_c}).")
+    g.add_argument("--top-k", type=int, help=f"keep the K best components; 0 keeps all "
+                                             f"(default {c.top_k}; 2 for lungs).")
+    g.add_argument("--rank-by", choices=RANK_BY, help=f"default {c.rank_by}.")
+    g.add_argument("--min-area", type=int, help=f"drop smaller components (default "
+                                                f"{c.min_area}).")
+    g.add_argument("--kmeans-size", type=int, help=f"default {c.kmeans_size}.")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt-mode", choices=PROMPT_MODES, help=f"default {q.mode}.")
+    g.add_argument("--box-mode", choices=BOX_MODES, help=f"default {q.box_mode}.")
+    g.add_argument("--n-positive", type=int, help=f"default {q.n_positive}.")
+    g.add_argument("--n-negative", type=int, help=f"default {q.n_negative}.")
+    g.add_argument("--box-margin", type=int, help=f"default {q.box_margin}.")
+    g = p.add_argument_group("SAM")
+    g.add_argument("--keep-largest", type=int,
+                   help="keep the N largest components of SAM's mask; -1 keeps all; default: "
+                        "the coarse mask's --top-k.")
+    g.add_argument("--multimask", action="store_true", default=None,
+                   help=f"ask SAM for 3 masks and keep the best (default "
+                        f"{m.multimask_output}).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medclipsam",
+        description="Text-driven medical image segmentation (MedCLIP-SAMv2): BiomedCLIP M2IB "
+                    "saliency -> coarse mask -> SAM.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    seg = sub.add_parser("segment", help="zero-shot segmentation of images or volumes.",
+                         description="Segment what a text prompt describes, image by image.")
+    seg.add_argument("images", nargs="+", metavar="IMAGES",
+                     help="image files (PNG/JPEG/TIFF, NIfTI, DICOM) or folders of them.")
+    seg.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                     help="what to find; repeat for a prompt ensemble (embeddings averaged).")
+    seg.add_argument("--prompt-file", metavar="JSON",
+                     help="JSON mapping file name (or name without suffix) -> prompt or list "
+                          "of prompts; key 'default' for the rest.")
+    seg.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder.")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="replace existing outputs in OUT (default: refuse).")
+    seg.add_argument("--volume", action="store_true",
+                     help="process 3-D volumes slice by slice (axis 0 = Z, axial for NIfTI).")
+    seg.add_argument("--window", metavar="C,W",
+                     help="intensity window centre,width for non-8-bit data (e.g. -600,1500 "
+                          "for CT lungs); default: 0.5-99.5 percentiles.")
+    seg.add_argument("--config", metavar="JSON",
+                     help="start from the parameters of a saved run manifest or config; "
+                          "flags override it.")
+    _add_model_flags(seg)
+    _add_chain_flags(seg)
+
+    ev = sub.add_parser("evaluate", help="DSC and NSD of predicted masks against ground truth.")
+    ev.add_argument("--pred", required=True, metavar="DIR", help="predicted masks.")
+    ev.add_argument("--gt", required=True, metavar="DIR", help="ground-truth masks.")
+    ev.add_argument("-o", "--out", metavar="CSV",
+                    help="where to save per-image scores (default PRED/evaluation.csv).")
+    ev.add_argument("--tolerance", type=float, default=2.0,
+                    help="NSD tolerance in pixels (default 2).")
+    ev.add_argument("--spacing", type=float, default=1.0, help="pixel spacing (default 1).")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """PipelineConfig from defaults, an optional --config file, then explicit flags."""
+    base = PipelineConfig()
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise CLIError(f"--config {path}: file not found.")
+        data = json.loads(path.read_text())
+        data = data.get("config", data)  # a run manifest holds it under "config"
+        try:
+            base = PipelineConfig.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise CLIError(f"--config {path}: {exc}") from exc
+
+    def pick(obj, **mapping):
+        changes = {k: v for k, v in mapping.items() if v is not None}
+        return dataclasses.replace(obj, **changes) if changes else obj
+
+    a = args
+    try:
+        saliency = pick(base.saliency, layer=a.layer, beta=a.beta, steps=a.steps, lr=a.lr,
+                        batch_size=a.batch_size, seed=a.seed)
+        top_k = None if a.top_k == 0 else a.top_k
+        coarse = pick(base.coarse, method=a.threshold_method, threshold=a.threshold,
+                      eta_c=a.eta_c, rank_by=a.rank_by, min_area=a.min_area,
+                      kmeans_size=a.kmeans_size)
+        if a.top_k is not None:
+            coarse = dataclasses.replace(coarse, top_k=top_k)
+        prompts = pick(base.prompts, mode=a.prompt_mode, box_mode=a.box_mode,
+                       n_positive=a.n_positive, n_negative=a.n_negative,
+                       box_margin=a.box_margin, seed=a.seed)
+        keep = None if a.keep_largest == -1 else a.keep_largest
+        sam = base.sam
+        if a.keep_largest is not None:
+            sam = dataclasses.replace(sam, keep_largest=keep)
+        sam = pick(sam, multimask_output=a.multimask)
+        return dataclasses.replace(
+            base, clip_model=a.clip_model or base.clip_model,
+            sam_model=a.sam_model or base.sam_model,
+            sam_checkpoint=a.sam_checkpoint or base.sam_checkpoint,
+            device=a.device or base.device, saliency=saliency, coarse=coarse,
+            prompts=prompts, sam=sam)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------- segment
+
+
+def collect_images(items: Sequence[str]) -> list[Path]:
+    """Files given, and supported files inside given folders (sorted by name)."""
+    from .core.io import SUPPORTED
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.name.lower().endswith(SUPPORTED)
+                           and not p.name.startswith("."))
+            if not found:
+                raise CLIError(f"{path}: no images found (supported: {', '.join(SUPPORTED)}).")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CLIError(f"{path}: no such file or folder.")
+    return files
+
+
+def resolve_prompts(files: Sequence[Path], prompt: list[str] | None,
+                    prompt_file: str | None) -> dict[Path, list[str]]:
+    """Each image's prompt(s), paired by file name (then by name without suffix)."""
+    from .core.io import file_stem
+
+    mapping: dict[str, Any] = {}
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise CLIError(f"--prompt-file {path}: file not found.")
+        try:
+            mapping = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"--prompt-file {path}: not valid JSON ({exc}).") from exc
+        if not isinstance(mapping, dict):
+            raise CLIError(f"--prompt-file {path}: expected an object mapping file names to "
+                           "prompts.")
+    default = prompt or mapping.get("default")
+    result: dict[Path, list[str]] = {}
+    missing = []
+    used = set()
+    for f in files:
+        for key in (f.name, file_stem(f)):
+            if key in mapping:
+                value, _ = mapping[key], used.add(key)
+                break
+        else:
+            value = default
+        texts = [value] if isinstance(value, str) else list(value or [])
+        texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+        if not texts:
+            missing.append(f.name)
+        result[f] = texts
+    if missing:
+        raise CLIError(f"No prompt for {len(missing)} image(s): {', '.join(missing[:10])}"
+                       f"{' ...' if len(missing) > 10 else ''}. Give --prompt TEXT or add them "
+                       "to --prompt-file.")
+    unused = sorted(set(mapping) - used - {"default"})
+    if unused:
+        logger.warning("--prompt-file entries that match no image: %s", ", ".join(unused[:10]))
+    return result
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "napari-medclipsam": __version__}
+    for pkg in ("torch", "open_clip_torch", "segment-anything", "timm", "transformers", "numpy",
+                "scikit-image"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _outputs(out: Path, stem: str, volume: bool) -> dict[str, Path]:
+    ext = ".nii.gz" if volume else ".png"
+    return {"saliency": out / "saliency" / f"{stem}.tif",
+            "coarse": out / "coarse" / f"{stem}{ext}",
+            "prompts": out / "prompts" / f"{stem}.json",
+            "mask": out / "masks" / f"{stem}{ext}"}
+
+
+def _prompts_json(result) -> dict[str, Any]:
+    return {**result.prompts.to_dict(),
+            "components": [dataclasses.asdict(c) for c in result.coarse.components],
+            "threshold": result.coarse.threshold,
+            "n_candidates": result.coarse.n_candidates,
+            "found": result.found, "message": result.message}
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .core.io import Window, file_stem, read_image, write_float_tiff, write_mask_png, \
+        write_nifti_like, write_text
+    from .core.pipeline import ZeroShotPipeline
+
+    config = config_from_args(args)
+    files = collect_images(args.images)
+    stems: dict[str, Path] = {}
+    for f in files:
+        stem = file_stem(f)
+        if stem in stems:
+            raise CLIError(f"Two inputs share the name {stem!r} ({stems[stem]} and {f}); outputs "
+                           "are named after inputs, so rename one.")
+        stems[stem] = f
+    prompts = resolve_prompts(files, args.prompt, args.prompt_file)
+    window = Window.parse(args.window) if args.window else None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"-o {out} exists and is not a folder.")
+    manifest_path = out / "manifest.json"
+    if not args.overwrite:
+        clash = [p for f in files for p in _outputs(out, file_stem(f), True).values()
+                 if p.exists()]
+        clash += [p for f in files for p in _outputs(out, file_stem(f), False).values()
+                  if p.exists()]
+        if manifest_path.exists():
+            clash.append(manifest_path)
+        if clash:
+            raise CLIError(f"{len(clash)} output file(s) already exist in {out} (e.g. "
+                           f"{clash[0]}); choose another -o folder or pass --overwrite.")
+
+    pipeline = ZeroShotPipeline(config)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    entries = []
+    n_found = 0
+    bar = tqdm(files, desc="segment", unit="image", file=sys.stderr,
+               disable=None if sys.stderr.isatty() else True)
+    for f in bar:
+        bar.set_postfix_str(f.name)
+        image = read_image(f)
+        stem = file_stem(f)
+        if image.is_volume and not args.volume:
+            raise CLIError(f"{f.name} is a 3-D volume {image.data.shape}; pass --volume to "
+                           "process it slice by slice.")
+        paths = _outputs(out, stem, image.is_volume)
+        win = window or image.meta.get("window")
+        t0 = time.perf_counter()
+        if image.is_volume:
+            res = pipeline.segment_volume(image.data, prompts[f], window=win)
+            write_float_tiff(paths["saliency"], res.saliency)
+            write_nifti_like(paths["coarse"], res.coarse, image)
+            write_nifti_like(paths["mask"], res.mask, image)
+            write_text(paths["prompts"], json.dumps(
+                {"slices": {str(z): p.to_dict() for z, p in res.prompts.items()},
+                 "found_slices": res.found_slices}, indent=2))
+            found = bool(res.found_slices)
+            message = f"found on {len(res.found_slices)} of {image.data.shape[0]} slices"
+        else:
+            res = pipeline.segment(image.data, prompts[f], window=win)
+            write_float_tiff(paths["saliency"], res.saliency)
+            write_mask_png(paths["coarse"], res.coarse.mask)
+            write_text(paths["prompts"], json.dumps(_prompts_json(res), indent=2))
+            write_mask_png(paths["mask"], res.mask)
+            found, message = res.found, res.message
+        n_found += found
+        if not found:
+            print(f"{f.name}: {message}", file=sys.stderr)
+        entries.append({"image": str(f), "name": stem, "prompt": prompts[f], "found": found,
+                        "message": message, "seconds": round(time.perf_counter() - t0, 3),
+                        "outputs": {k: str(v.relative_to(out)) for k, v in paths.items()}})
+
+    manifest = {
+        "tool": "napari-medclipsam", "command": "segment", "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": config.to_dict(),
+        "window": dataclasses.asdict(window) if window else "auto (0.5-99.5 percentiles)",
+        "models": {"clip": {"source": config.clip_model, "id": pipeline.clip.model_id,
+                            "sha256": pipeline.clip.weights_sha256},
+                   "sam": {"name": config.sam_model, "id": pipeline.sam.model_id,
+                           "checkpoint": pipeline.sam.checkpoint,
+                           "sha256": pipeline.sam.checkpoint_sha256},
+                   "device": pipeline.clip.device},
+        "versions": _versions(), "images": entries,
+    }
+    write_text(manifest_path, json.dumps(manifest, indent=2, default=str))
+    print(f"Segmented {len(files)} image(s), something found in {n_found}; results in {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    from .core.io import read_image
+
+    return np.asarray(read_image(path).data) > 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .core.io import SUPPORTED, file_stem, write_text
+    from .core.metrics import dice, nsd, resize_nearest
+
+    pred_dir, gt_dir = Path(args.pred), Path(args.gt)
+    for d, flag in ((pred_dir, "--pred"), (gt_dir, "--gt")):
+        if not d.is_dir():
+            raise CLIError(f"{flag} {d}: not a folder.")
+
+    def index(d: Path) -> dict[str, Path]:
+        return {file_stem(p): p for p in sorted(d.iterdir())
+                if p.is_file() and p.name.lower().endswith(SUPPORTED)
+                and not p.name.startswith(".")}
+
+    preds, gts = index(pred_dir), index(gt_dir)
+    if not gts:
+        raise CLIError(f"--gt {gt_dir}: no mask files found.")
+    common = sorted(set(preds) & set(gts))
+    if not common:
+        raise CLIError(f"No file names in common between {pred_dir} and {gt_dir}; predictions "
+                       "are paired with ground truth by name.")
+    missing = sorted(set(gts) - set(preds))
+    extra = sorted(set(preds) - set(gts))
+    rows = []
+    for name in sorted(gts):
+        gt = _read_mask(gts[name])
+        if name in preds:
+            pred = _read_mask(preds[name])
+            if pred.ndim == 3 and gt.ndim == 2 and pred.shape[-1] in (3, 4):
+                pred = pred.any(axis=-1)
+            if pred.shape != gt.shape:
+                pred = resize_nearest(pred, gt.shape)
+            status = "ok"
+        else:
+            pred = np.zeros_like(gt)
+            status = "missing prediction (scored as empty)"
+        rows.append({"name": name, "dsc": dice(pred, gt),
+                     "nsd": nsd(pred, gt, tolerance=args.tolerance, spacing=args.spacing),
+                     "status": status})
+    mean_dsc = float(np.mean([r["dsc"] for r in rows]))
+    mean_nsd = float(np.mean([r["nsd"] for r in rows]))
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'image':<{width}}  {'DSC':>7}  {'NSD':>7}")
+    for r in rows:
+        note = "" if r["status"] == "ok" else f"  {r['status']}"
+        print(f"{r['name']:<{width}}  {r['dsc']:7.4f}  {r['nsd']:7.4f}{note}")
+    print(f"{'mean':<{width}}  {mean_dsc:7.4f}  {mean_nsd:7.4f}   ({len(rows)} images, NSD "
+          f"tolerance {args.tolerance:g} px, spacing {args.spacing:g})")
+    if missing:
+        print(f"warning: {len(missing)} ground-truth mask(s) have no prediction: "
+              f"{', '.join(missing[:10])}", file=sys.stderr)
+    if extra:
+        print(f"warning: {len(extra)} prediction(s) have no ground truth and were ignored: "
+              f"{', '.join(extra[:10])}", file=sys.stderr)
+    out = Path(args.out) if args.out else pred_dir / "evaluation.csv"
+    lines = ["name,dsc,nsd,status"] + [f"{r['name']},{r['dsc']:.6f},{r['nsd']:.6f},{r['status']}"
+                                       for r in rows]
+    lines.append(f"mean,{mean_dsc:.6f},{mean_nsd:.6f},{len(rows)} images")
+    write_text(out, "\n".join(lines) + "\n")
+    write_text(out.with_suffix(".json"), json.dumps(
+        {"mean_dsc": mean_dsc, "mean_nsd": mean_nsd, "tolerance": args.tolerance,
+         "spacing": args.spacing, "images": rows, "missing": missing, "ignored": extra},
+        indent=2))
+    print(f"Saved {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .core.models import ModelUnavailableError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "segment":
+            return run_segment(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
+    except (CLIError, InputError, ModelUnavailableError) as exc:
+        print(f"medclipsam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

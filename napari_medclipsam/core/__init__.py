@@ -1,0 +1,1 @@
+"""Pure compute: never imports napari, qtpy or magicgui; torch only inside functions."""

@@ -1,0 +1,211 @@
+"""Parameters of every stage of the zero-shot chain, as frozen dataclasses.
+
+Defaults follow the MedCLIP-SAMv2 paper and, where the paper is silent, the
+authors' released scripts (see ``REFERENCE.md`` in the project docs). Every
+config converts to and from plain dictionaries so a run can be saved as a JSON
+manifest and reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CLIP_MODEL = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+DEFAULT_SAM_MODEL = "vit_h"
+
+THRESHOLD_METHODS = ("otsu", "kmeans", "fixed")
+RANK_BY = ("confidence", "area")
+PROMPT_MODES = ("boxes", "points", "both")
+BOX_MODES = ("single", "per_component")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+@dataclass(frozen=True)
+class SaliencyConfig:
+    """M2IB saliency parameters (Wang et al. 2024, as used by MedCLIP-SAMv2).
+
+    Attributes
+    ----------
+    layer : int
+        0-based index of the ViT block after which the bottleneck is inserted
+        (``model.visual.trunk.blocks[layer]``). The authors' scripts use 7 by
+        default and 9 for breast ultrasound and brain MRI.
+    beta : float
+        Weight of the compression (capacity) term. 0.1 by default; the
+        scripts use 1.0 for breast and 2.0 for brain.
+    steps : int
+        Adam steps on the bottleneck's mask logits.
+    lr : float
+        Adam learning rate.
+    batch_size : int
+        Noise samples per step (the image is repeated as a batch).
+    seed : int
+        Seed of the bottleneck noise; the same seed gives the same map.
+    init_alpha : float
+        Initial mask logit (``sigmoid(5) ~ 0.993``: almost everything passes).
+    """
+
+    layer: int = 7
+    beta: float = 0.1
+    steps: int = 10
+    lr: float = 1.0
+    batch_size: int = 10
+    seed: int = 0
+    init_alpha: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1; got {self.steps}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {self.batch_size}.")
+        if self.beta < 0:
+            raise ValueError(f"beta must be non-negative; got {self.beta}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive; got {self.lr}.")
+
+
+@dataclass(frozen=True)
+class CoarseMaskConfig:
+    """Saliency map -> coarse mask (paper section 3.3, eqs. 18-19).
+
+    Attributes
+    ----------
+    method : {"otsu", "kmeans", "fixed"}
+        ``otsu`` (the paper), ``kmeans`` with k=2 on the map resized to
+        ``kmeans_size`` (the authors' scripts) or a ``fixed`` threshold.
+    threshold : float
+        The threshold used by ``fixed`` (the scripts' alternative is 0.3).
+    eta_c : float
+        Keep components whose confidence (mean saliency inside, eq. 18) is
+        strictly above ``eta_c`` (eq. 19). The paper gives no value; 0 keeps
+        every component the threshold produced.
+    top_k : int or None
+        Then keep at most the ``top_k`` best components (1 by default, 2 for
+        paired organs such as lungs); ``None`` keeps all that pass ``eta_c``.
+    rank_by : {"confidence", "area"}
+        How ``top_k`` ranks components: by confidence (the paper's score) or
+        by area (the scripts keep the largest).
+    min_area : int
+        Components smaller than this many pixels are discarded first.
+    kmeans_size : int
+        Side of the square the map is resized to before KMeans (scripts: 256).
+    """
+
+    method: str = "otsu"
+    threshold: float = 0.3
+    eta_c: float = 0.0
+    top_k: int | None = 1
+    rank_by: str = "confidence"
+    min_area: int = 0
+    kmeans_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, THRESHOLD_METHODS)
+        _check_choice("rank_by", self.rank_by, RANK_BY)
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1 or None; got {self.top_k}.")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1]; got {self.threshold}.")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Coarse mask -> SAM prompts.
+
+    Attributes
+    ----------
+    mode : {"boxes", "points", "both"}
+        Which prompts SAM receives. Boxes are the paper's best in 3 of 4 tasks.
+    box_mode : {"single", "per_component"}
+        One box around all kept components, or one box per component (lungs).
+    n_positive : int
+        Positive points sampled inside the components (paper: 10).
+    n_negative : int
+        Negative points sampled outside the components (0 by default).
+    box_margin : int
+        Pixels added on every side of each box (clipped to the image).
+    seed : int
+        Seed of the point sampling.
+    """
+
+    mode: str = "boxes"
+    box_mode: str = "single"
+    n_positive: int = 10
+    n_negative: int = 0
+    box_margin: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, PROMPT_MODES)
+        _check_choice("box_mode", self.box_mode, BOX_MODES)
+        if self.n_positive < 0 or self.n_negative < 0:
+            raise ValueError("n_positive and n_negative must be non-negative.")
+        if self.mode in ("points", "both") and self.n_positive < 1:
+            raise ValueError("Point prompts need n_positive >= 1.")
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """SAM refinement.
+
+    Attributes
+    ----------
+    keep_largest : int or None
+        Keep only the largest N connected components of SAM's mask (the
+        paper's post-processing); ``None`` keeps SAM's mask as it is. The
+        pipeline sets it to the coarse mask's ``top_k`` when left at 0.
+    multimask_output : bool
+        Passed to SAM; the paper uses False.
+    """
+
+    keep_largest: int | None = 0
+    multimask_output: bool = False
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a zero-shot run depends on (models, stages, seed)."""
+
+    clip_model: str = DEFAULT_CLIP_MODEL
+    sam_model: str = DEFAULT_SAM_MODEL
+    sam_checkpoint: str | None = None
+    device: str | None = None
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    coarse: CoarseMaskConfig = field(default_factory=CoarseMaskConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown pipeline settings: {', '.join(sorted(unknown))}.")
+        nested = {
+            "saliency": SaliencyConfig,
+            "coarse": CoarseMaskConfig,
+            "prompts": PromptConfig,
+            "sam": SamConfig,
+        }
+        for key, kind in nested.items():
+            if key in data and isinstance(data[key], dict):
+                data[key] = kind(**data[key])
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PipelineConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,485 @@
+"""Model registries: BiomedCLIP (open_clip) and SAM (segment-anything), with device choice.
+
+Heavy libraries are imported inside the loaders so importing this module is cheap.
+
+Weights are downloaded on demand into one cache folder, chosen by the environment
+variable ``MEDCLIPSAM_HOME`` (default: the platform's user cache folder,
+e.g. ``~/.cache/napari-medclipsam``). Offline, point the loaders at local files:
+
+* CLIP: ``local-dir:PATH`` where ``PATH`` holds ``open_clip_config.json``, the
+  weights (``open_clip_pytorch_model.bin`` or ``.safetensors``) and the text
+  tower's Hugging Face files (``config.json``, ``vocab.txt``,
+  ``tokenizer_config.json``) either in ``PATH`` itself or in ``PATH/text``.
+  A plain checkpoint file (``.pt``/``.pth``/``.bin``/``.safetensors``) is loaded
+  into the architecture of the ``open_clip_config.json`` beside it, or else of
+  the default BiomedCLIP.
+* SAM: ``sam_checkpoint=PATH`` to an official SAM or MedSAM ``.pth`` file.
+
+Loaded models are cached by (source, device).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_CLIP_MODEL
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "MEDCLIPSAM_HOME"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+TEXT_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.json")
+
+#: Official SAM checkpoints and MedSAM (a ViT-B in SAM's format).
+SAM_CHECKPOINTS: dict[str, dict[str, str]] = {
+    "vit_h": {
+        "arch": "vit_h",
+        "url": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+        "hash": "sha256:a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        "fname": "sam_vit_h_4b8939.pth",
+    },
+    "vit_l": {
+        "arch": "vit_l",
+        "url": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+        "hash": "sha256:3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        "fname": "sam_vit_l_0b3195.pth",
+    },
+    "vit_b": {
+        "arch": "vit_b",
+        "url": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        "hash": "sha256:ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        "fname": "sam_vit_b_01ec64.pth",
+    },
+    "medsam": {
+        "arch": "vit_b",
+        "url": "https://zenodo.org/records/10689643/files/medsam_vit_b.pth?download=1",
+        "hash": "md5:3bb6db55bd0c9ca30b61248bca72f8d6",
+        "fname": "medsam_vit_b.pth",
+    },
+}
+SAM_MODELS = tuple(SAM_CHECKPOINTS)
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model's weights could not be found or downloaded; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- device
+
+
+def resolve_device(device: str | None = None) -> str:
+    """Return the torch device to use: ``device`` if given, else CUDA, then MPS, then CPU.
+
+    Raises
+    ------
+    ValueError
+        If the requested device is not available on this machine.
+    """
+    import torch
+
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = str(device).split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {device!r} was requested but CUDA is not available here; "
+                         "use --device cpu (or leave it out to choose automatically).")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                              and torch.backends.mps.is_available()):
+        raise ValueError(f"Device {device!r} was requested but MPS is not available here; "
+                         "use --device cpu.")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"Unknown device {device!r}: use cpu, cuda, cuda:N or mps.")
+    return str(device)
+
+
+def cache_dir() -> Path:
+    """The folder model downloads go to (``$MEDCLIPSAM_HOME`` or the user cache folder)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import pooch
+
+    return Path(pooch.os_cache("napari-medclipsam"))
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_CACHE: dict[tuple[str, str, str], Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_model_cache() -> None:
+    """Forget every loaded model (frees memory; the next load reads the files again)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+# --------------------------------------------------------------------------- CLIP
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP model and what is needed to feed it.
+
+    Attributes
+    ----------
+    model : open_clip.CustomTextCLIP or open_clip.CLIP
+        In eval mode, on ``device``, parameters frozen (``requires_grad=False``).
+    tokenizer : callable
+        ``tokenizer(list_of_str) -> LongTensor (N, context_length)``.
+    image_size : int
+        Side of the square input the vision tower expects (224 for BiomedCLIP).
+    mean, std : tuple of float
+        Per-channel normalisation of RGB values scaled to [0, 1].
+    source : str
+        What the user asked for (hub id, ``local-dir:PATH`` or a file).
+    weights_sha256 : str or None
+        SHA-256 of the weights file, for the run manifest.
+    """
+
+    model: Any
+    tokenizer: Any
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+    device: str
+    weights_sha256: str | None = None
+    weights_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        digest = (self.weights_sha256 or "random")[:16]
+        return f"{self.source}@{digest}"
+
+
+def _offline_clip_message(source: str, error: BaseException) -> str:
+    hub_id = source.removeprefix("hf-hub:")
+    return (
+        f"Could not download the CLIP model {source!r} ({type(error).__name__}: {error}).\n"
+        "This machine seems to be offline (or the Hugging Face Hub is unreachable). To use the "
+        "model without a network:\n"
+        f"  1. on a connected machine run:  huggingface-cli download {hub_id} --local-dir "
+        "BiomedCLIP\n"
+        "     and  huggingface-cli download "
+        "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract config.json vocab.txt "
+        "tokenizer_config.json --local-dir BiomedCLIP/text\n"
+        "  2. copy the BiomedCLIP folder here and pass  --clip-model local-dir:/path/to/BiomedCLIP"
+        "  (in napari: choose that folder as the CLIP source).\n"
+        f"Or copy a filled cache folder and point ${CACHE_ENV} at it."
+    )
+
+
+def _hub_snapshot(repo_id: str, patterns: list[str] | None) -> Path:
+    """Download (or reuse from the cache) some files of a Hugging Face repo; return its folder."""
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(
+        repo_id=repo_id,
+        cache_dir=str(cache_dir() / "huggingface"),
+        allow_patterns=patterns,
+        local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "TRUE"),
+        etag_timeout=5,
+    )
+    return Path(path)
+
+
+def _text_dir(model_dir: Path, text_cfg: dict[str, Any], allow_download: bool) -> str:
+    """Where the Hugging Face text tower's config/tokenizer files are, as a local path."""
+    for candidate in (model_dir, model_dir / "text"):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    name = text_cfg.get("hf_model_name", "")
+    if name and Path(name).is_dir():
+        return str(Path(name))
+    if name and not allow_download:
+        raise ModelUnavailableError(
+            f"The CLIP folder {model_dir} has no text-tower config (config.json) and the "
+            f"config names the hub model {name!r}. Put that model's config.json, vocab.txt and "
+            f"tokenizer_config.json in {model_dir / 'text'}."
+        )
+    if not name:
+        raise ModelUnavailableError(f"{model_dir}: open_clip_config.json names no text tower.")
+    return str(_hub_snapshot(name, list(TEXT_FILES)))
+
+
+def _find_weights(folder: Path) -> Path | None:
+    preferred = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                 "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+    for name in preferred:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+    return found[0] if found else None
+
+
+def _read_state_dict(path: Path, device: str = "cpu") -> dict[str, Any]:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+    if not isinstance(state, dict):
+        raise ModelUnavailableError(f"{path} does not hold a state dict.")
+    # checkpoints saved from DataParallel/DDP
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _build_clip(config_dir: Path, weights: Path | None, source: str, device: str,
+                allow_download: bool) -> ClipBundle:
+    import open_clip
+    import torch
+    from open_clip.tokenizer import HFTokenizer
+
+    config_path = config_dir / "open_clip_config.json"
+    if not config_path.is_file():
+        raise ModelUnavailableError(
+            f"{config_dir} has no open_clip_config.json; a CLIP folder needs it beside the "
+            "weights (as the Hugging Face BiomedCLIP repository has).")
+    cfg = json.loads(config_path.read_text())
+    model_cfg = cfg.get("model_cfg")
+    if not isinstance(model_cfg, dict):
+        raise ModelUnavailableError(f"{config_path} has no 'model_cfg'.")
+    preprocess = cfg.get("preprocess_cfg", {})
+    text_cfg = dict(model_cfg.get("text_cfg", {}))
+    text_path = None
+    if "hf_model_name" in text_cfg:
+        text_path = _text_dir(config_dir, text_cfg, allow_download)
+        text_cfg["hf_model_name"] = text_path
+        text_cfg["hf_tokenizer_name"] = text_path
+        text_cfg["hf_model_pretrained"] = False
+    vision_cfg = dict(model_cfg.get("vision_cfg", {}))
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False
+    model_cfg = {**model_cfg, "text_cfg": text_cfg, "vision_cfg": vision_cfg}
+    model_cls = open_clip.CustomTextCLIP if (text_path or model_cfg.get("custom_text")) \
+        else open_clip.CLIP
+    model_cfg.pop("custom_text", None)
+    model = model_cls(**model_cfg)
+    sha = None
+    if weights is not None:
+        state = _read_state_dict(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # position_ids buffers differ between transformers versions; anything else is an error
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ModelUnavailableError(
+                f"The weights in {weights} do not fit the architecture in {config_path}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}.")
+        sha = file_sha256(weights)
+    else:
+        raise ModelUnavailableError(
+            f"No CLIP weights found in {config_dir} (expected open_clip_pytorch_model.bin or "
+            ".safetensors).")
+    model.eval().requires_grad_(False).to(device)
+    context_length = int(text_cfg.get("context_length", 77))
+    if text_path:
+        tokenizer = HFTokenizer(text_path, context_length=context_length)
+    else:
+        tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=context_length)
+    image_size = vision_cfg.get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        image_size = image_size[0]
+    mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+    return ClipBundle(model=model, tokenizer=tokenizer, image_size=int(image_size),
+                      mean=mean, std=std, source=source, device=device,
+                      weights_sha256=sha, weights_path=str(weights))
+
+
+def _load_clip_uncached(source: str, device: str) -> ClipBundle:
+    if source.startswith("hf-hub:"):
+        repo = source.removeprefix("hf-hub:")
+        try:
+            folder = _hub_snapshot(repo, ["open_clip_config.json", "*.bin", "*.safetensors",
+                                          *TEXT_FILES[1:]])
+            return _build_clip(folder, _find_weights(folder), source, device,
+                               allow_download=True)
+        except ModelUnavailableError:
+            raise
+        except Exception as exc:  # network, auth, missing repo: all say the same to a user
+            raise ModelUnavailableError(_offline_clip_message(source, exc)) from exc
+    if source.startswith("local-dir:"):
+        folder = Path(source.removeprefix("local-dir:")).expanduser()
+        if not folder.is_dir():
+            raise ModelUnavailableError(f"CLIP folder not found: {folder}.")
+        return _build_clip(folder, _find_weights(folder), source, device, allow_download=False)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _build_clip(path, _find_weights(path), source, device, allow_download=False)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        if not path.is_file():
+            raise ModelUnavailableError(f"CLIP checkpoint not found: {path}.")
+        if (path.parent / "open_clip_config.json").is_file():
+            return _build_clip(path.parent, path, source, device, allow_download=False)
+        base = _load_clip_uncached(DEFAULT_CLIP_MODEL, "cpu")
+        config_dir = Path(base.weights_path).parent
+        return _build_clip(config_dir, path, source, device, allow_download=True)
+    raise ModelUnavailableError(
+        f"Unknown CLIP model {source!r}: give a Hugging Face id as 'hf-hub:ORG/NAME', a local "
+        "folder as 'local-dir:PATH', or a checkpoint file (.pt/.pth/.bin/.safetensors).")
+
+
+def load_clip(source: str = DEFAULT_CLIP_MODEL, device: str | None = None) -> ClipBundle:
+    """Load a BiomedCLIP-style open_clip model, cached by (source, device).
+
+    Parameters
+    ----------
+    source : str
+        ``hf-hub:ORG/NAME`` (downloaded into the cache folder), ``local-dir:PATH``
+        or a checkpoint file (see the module docstring).
+    device : str, optional
+        ``cpu``, ``cuda``, ``mps``; ``None`` chooses automatically.
+
+    Raises
+    ------
+    ModelUnavailableError
+        With instructions, when the weights cannot be found or downloaded.
+    """
+    device = resolve_device(device)
+    key = ("clip", source, device)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    bundle = _load_clip_uncached(source, device)
+    with _CACHE_LOCK:
+        _CACHE[key] = bundle
+    return bundle
+
+
+# --------------------------------------------------------------------------- SAM
+
+
+@dataclass
+class SamBundle:
+    """A loaded SAM model (segment-anything ``Sam``, eval mode, frozen) and its identity."""
+
+    model: Any
+    name: str
+    device: str
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}@{(self.checkpoint_sha256 or 'random')[:16]}"
+
+
+def download_sam_checkpoint(name: str) -> Path:
+    """Download an official SAM/MedSAM checkpoint into the cache (hash-checked, with progress).
+
+    Raises
+    ------
+    ModelUnavailableError
+        When offline or when the download fails its hash check.
+    """
+    import pooch
+
+    if name not in SAM_CHECKPOINTS:
+        raise ValueError(f"Unknown SAM model {name!r}; choose one of {', '.join(SAM_MODELS)}.")
+    spec = SAM_CHECKPOINTS[name]
+    folder = cache_dir() / "sam"
+    target = folder / spec["fname"]
+    if target.is_file():
+        return target
+    try:
+        path = pooch.retrieve(url=spec["url"], known_hash=spec["hash"], fname=spec["fname"],
+                              path=folder, progressbar=True)
+    except Exception as exc:
+        raise ModelUnavailableError(
+            f"Could not download the {name} checkpoint from {spec['url']} "
+            f"({type(exc).__name__}: {exc}).\nDownload it on a connected machine "
+            f"(expected {spec['hash']}), copy it here and pass --sam-checkpoint PATH "
+            f"(in napari: the SAM checkpoint field), or put it at {target}."
+        ) from exc
+    return Path(path)
+
+
+def build_sam(name: str):
+    """An untrained SAM of the named architecture (``vit_b``, ``vit_l``, ``vit_h`` or
+    ``medsam``) built by segment-anything's registry, without loading any file."""
+    from segment_anything import sam_model_registry
+
+    if name not in SAM_CHECKPOINTS:
+        raise ValueError(f"Unknown SAM model {name!r}; choose one of {', '.join(SAM_MODELS)}.")
+    return sam_model_registry[SAM_CHECKPOINTS[name]["arch"]](checkpoint=None)
+
+
+def load_sam(name: str = "vit_h", checkpoint: str | None = None, device: str | None = None,
+             builder=None) -> SamBundle:
+    """Load SAM weights into segment-anything's architecture, cached by (name, file, device).
+
+    Parameters
+    ----------
+    name : str
+        ``vit_b``, ``vit_l``, ``vit_h`` or ``medsam``.
+    checkpoint : str, optional
+        A local ``.pth``; without it the official file is downloaded (hash-checked).
+    device : str, optional
+        As :func:`resolve_device`.
+    builder : callable, optional
+        Returns the (untrained) ``Sam`` to load the weights into; defaults to
+        :func:`build_sam` of ``name``. Tests pass a tiny architecture here.
+
+    Notes
+    -----
+    Always ``torch.load(..., map_location="cpu", weights_only=True)``: segment-anything's own
+    loader calls a bare ``torch.load``, which trusts pickles and fails on CPU-only machines for
+    checkpoints saved on a GPU.
+    """
+    device = resolve_device(device)
+    path = Path(checkpoint).expanduser() if checkpoint else None
+    key = ("sam", f"{name}:{path}", device)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    if path is None:
+        path = download_sam_checkpoint(name)
+    elif not path.is_file():
+        raise ModelUnavailableError(f"SAM checkpoint not found: {path}.")
+    sam = builder() if builder is not None else build_sam(name)
+    try:
+        state = _read_state_dict(path)
+        sam.load_state_dict(state, strict=True)
+    except ModelUnavailableError:
+        raise
+    except Exception as exc:
+        raise ModelUnavailableError(
+            f"{path} is not a {name} checkpoint in SAM's format ({type(exc).__name__}: "
+            f"{str(exc)[:300]}). Check --sam-model matches the file (MedSAM is 'medsam').") from exc
+    sam.eval().requires_grad_(False).to(device)
+    bundle = SamBundle(model=sam, name=name, device=device, checkpoint=str(path),
+                       checkpoint_sha256=file_sha256(path))
+    with _CACHE_LOCK:
+        _CACHE[key] = bundle
+    return bundle

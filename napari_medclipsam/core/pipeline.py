@@ -1,0 +1,238 @@
+"""The zero-shot chain as one call: text + image -> saliency -> coarse mask -> prompts -> SAM.
+
+>>> pipe = ZeroShotPipeline(PipelineConfig(sam_model="vit_b"))     # doctest: +SKIP
+>>> result = pipe.segment(image, "breast tumor")                   # doctest: +SKIP
+>>> result.mask.shape == image.shape[:2]                           # doctest: +SKIP
+
+Each stage is also callable on its own (:meth:`ZeroShotPipeline.saliency`,
+:func:`~napari_medclipsam.core.postprocess.coarse_mask`,
+:func:`~napari_medclipsam.core.postprocess.make_prompts`,
+:meth:`ZeroShotPipeline.refine`) so an interactive user can edit any intermediate result
+and re-run only what follows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import PipelineConfig
+from .errors import CancelledError, InputError
+from .io import Window, auto_window, to_rgb_uint8
+from .postprocess import CoarseResult, Prompts, coarse_mask, keep_largest_components, make_prompts
+
+ProgressFn = Callable[[str, float], None]
+StopFn = Callable[[], bool]
+
+NOTHING_FOUND = ("Nothing found: the saliency map has no component that passes the threshold "
+                 "and confidence filter (eta_c). Try another prompt, a lower eta_c or another "
+                 "threshold method.")
+
+
+@dataclass
+class SegmentationResult:
+    """What one image's zero-shot run produced.
+
+    Attributes
+    ----------
+    saliency : np.ndarray
+        HxW float32 in [0, 1].
+    coarse : CoarseResult
+        Coarse mask, component labels and their confidences.
+    prompts : Prompts
+        Boxes (XYXY, image pixels) and points (XY) given to SAM.
+    mask : np.ndarray
+        HxW bool, SAM's mask after post-processing; all False when nothing was found.
+    found : bool
+        False when the coarse mask was empty (then SAM was not called).
+    message : str
+        A human-readable summary ("nothing found" explains what to try).
+    """
+
+    saliency: np.ndarray
+    coarse: CoarseResult
+    prompts: Prompts
+    mask: np.ndarray
+    found: bool
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VolumeResult:
+    """Slice-by-slice results of a (Z, Y, X) volume, stacked."""
+
+    saliency: np.ndarray  # (Z, Y, X) float32
+    coarse: np.ndarray  # (Z, Y, X) bool
+    mask: np.ndarray  # (Z, Y, X) bool
+    prompts: dict[int, Prompts]  # per slice index, only slices where something was found
+    found_slices: list[int]
+
+
+def _check_stop(should_stop: StopFn | None) -> None:
+    if should_stop is not None and should_stop():
+        raise CancelledError("Cancelled.")
+
+
+class ZeroShotPipeline:
+    """MedCLIP-SAMv2's zero-shot chain with models loaded lazily and SAM embeddings cached.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+    clip : ClipBundle, optional
+        An already loaded CLIP (otherwise ``load_clip(config.clip_model, config.device)``).
+    sam : SamBundle, optional
+        An already loaded SAM (otherwise ``load_sam(config.sam_model, ...)``).
+    """
+
+    def __init__(self, config: PipelineConfig | None = None, clip=None, sam=None):
+        self.config = config or PipelineConfig()
+        self._clip = clip
+        self._sam = sam
+        self._session = None
+        self._text_cache: dict[tuple[str, ...], Any] = {}
+
+    # -- models ---------------------------------------------------------------------------
+    @property
+    def clip(self):
+        if self._clip is None:
+            from .models import load_clip
+
+            self._clip = load_clip(self.config.clip_model, self.config.device)
+        return self._clip
+
+    @property
+    def sam(self):
+        if self._sam is None:
+            from .models import load_sam
+
+            self._sam = load_sam(self.config.sam_model, self.config.sam_checkpoint,
+                                 self.config.device)
+        return self._sam
+
+    @property
+    def session(self):
+        """The SAM session (embedding cache) of this pipeline."""
+        if self._session is None:
+            from .sam import SamSession
+
+            self._session = SamSession(self.sam.model, self.sam.model_id)
+        return self._session
+
+    def text_embedding(self, text: str | Sequence[str]):
+        """Cached text embedding of a prompt or prompt ensemble."""
+        from .saliency import _as_prompts, encode_text
+
+        key = tuple(_as_prompts(text))
+        if key not in self._text_cache:
+            self._text_cache[key] = encode_text(self.clip, list(key))
+        return self._text_cache[key]
+
+    # -- stages ---------------------------------------------------------------------------
+    def saliency(self, image_rgb: np.ndarray, text: str | Sequence[str],
+                 progress: Callable[[int, int], None] | None = None,
+                 should_stop: StopFn | None = None) -> np.ndarray:
+        """HxW float32 saliency in [0, 1] of ``text`` on an HxWx3 uint8 image."""
+        from .saliency import m2ib_saliency
+
+        return m2ib_saliency(self.clip, image_rgb, text, self.config.saliency,
+                             progress=progress, should_stop=should_stop,
+                             text_embedding=self.text_embedding(text))
+
+    def keep_largest(self) -> int | None:
+        n = self.config.sam.keep_largest
+        if n == 0:  # follow the coarse mask's top-K
+            return self.config.coarse.top_k
+        return n
+
+    def refine(self, image_rgb: np.ndarray, prompts: Prompts) -> np.ndarray:
+        """SAM mask (HxW bool) for prompts on an HxWx3 uint8 image (embedding cached)."""
+        if prompts.empty:
+            return np.zeros(image_rgb.shape[:2], dtype=bool)
+        session = self.session
+        session.set_image(image_rgb)
+        mask = session.predict(boxes=prompts.boxes if len(prompts.boxes) else None,
+                               points=prompts.points if len(prompts.points) else None,
+                               point_labels=prompts.point_labels if len(prompts.points) else None,
+                               point_box=prompts.point_box if len(prompts.points) else None,
+                               multimask_output=self.config.sam.multimask_output)
+        return keep_largest_components(mask, self.keep_largest())
+
+    # -- the chain ------------------------------------------------------------------------
+    def segment(self, image: np.ndarray, text: str | Sequence[str],
+                window: Window | None = None, progress: ProgressFn | None = None,
+                should_stop: StopFn | None = None) -> SegmentationResult:
+        """Run the whole chain on one 2-D image.
+
+        Parameters
+        ----------
+        image : np.ndarray
+            (H, W) or (H, W, 3/4), any dtype (see :func:`~napari_medclipsam.core.io.to_rgb_uint8`).
+        text : str or sequence of str
+            Prompt or prompt ensemble.
+        window : Window, optional
+            Intensity window for non-uint8 data.
+        progress : callable, optional
+            ``progress(stage, fraction)`` with stage in saliency/coarse/prompts/sam/done.
+        should_stop : callable, optional
+            Checked between stages and saliency steps; raises :class:`CancelledError`.
+        """
+        rgb = to_rgb_uint8(image, window)
+        report = progress or (lambda stage, fraction: None)
+        _check_stop(should_stop)
+        steps = self.config.saliency.steps
+        saliency = self.saliency(rgb, text, progress=lambda i, n: report("saliency", 0.8 * i / n),
+                                 should_stop=should_stop)
+        _check_stop(should_stop)
+        coarse = coarse_mask(saliency, self.config.coarse)
+        report("coarse", 0.85)
+        prompts = make_prompts(coarse.labels, self.config.prompts)
+        report("prompts", 0.9)
+        if coarse.empty or prompts.empty:
+            report("done", 1.0)
+            return SegmentationResult(saliency, coarse, prompts,
+                                      np.zeros(rgb.shape[:2], dtype=bool), False, NOTHING_FOUND,
+                                      {"saliency_steps": steps})
+        _check_stop(should_stop)
+        mask = self.refine(rgb, prompts)
+        report("done", 1.0)
+        message = (f"{len(coarse.components)} component(s) kept of {coarse.n_candidates}; "
+                   f"mask of {int(mask.sum())} pixels.")
+        return SegmentationResult(saliency, coarse, prompts, mask, True, message)
+
+    def segment_volume(self, volume: np.ndarray, text: str | Sequence[str],
+                       window: Window | None = None, slices: Sequence[int] | None = None,
+                       progress: ProgressFn | None = None,
+                       should_stop: StopFn | None = None) -> VolumeResult:
+        """Run the chain slice by slice on a (Z, Y, X) volume.
+
+        One window (given, or the volume's percentiles) is used for every slice, so slices
+        are normalised alike. ``slices`` restricts the work to some indices (others stay 0).
+        """
+        volume = np.asarray(volume)
+        if volume.ndim != 3:
+            raise InputError(f"Expected a (Z, Y, X) volume; got shape {volume.shape}.")
+        window = window or auto_window(volume)
+        indices = list(range(volume.shape[0])) if slices is None else list(slices)
+        bad = [i for i in indices if not 0 <= i < volume.shape[0]]
+        if bad:
+            raise InputError(f"Slice indices out of range 0..{volume.shape[0] - 1}: {bad}.")
+        sal = np.zeros(volume.shape, dtype=np.float32)
+        coarse = np.zeros(volume.shape, dtype=bool)
+        mask = np.zeros(volume.shape, dtype=bool)
+        prompts: dict[int, Prompts] = {}
+        found: list[int] = []
+        for n, z in enumerate(indices):
+            _check_stop(should_stop)
+            result = self.segment(volume[z], text, window=window, should_stop=should_stop)
+            sal[z], coarse[z], mask[z] = result.saliency, result.coarse.mask, result.mask
+            if result.found:
+                prompts[z] = result.prompts
+                found.append(z)
+            if progress is not None:
+                progress(f"slice {z}", (n + 1) / len(indices))
+        return VolumeResult(sal, coarse, mask, prompts, found)

@@ -1,0 +1,119 @@
+"""Model loaders: local folders, hash/offline errors, weights_only, caching (no network)."""
+
+import time
+
+import pytest
+import torch
+
+from napari_medclipsam.core import models
+from napari_medclipsam.core.models import (
+    ModelUnavailableError,
+    clear_model_cache,
+    load_clip,
+    load_sam,
+    resolve_device,
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "cache"))
+    clear_model_cache()
+    yield
+    clear_model_cache()
+
+
+def test_local_dir_clip_loads_frozen_and_is_cached(tiny_clip_dir):
+    a = load_clip(f"local-dir:{tiny_clip_dir}", "cpu")
+    b = load_clip(f"local-dir:{tiny_clip_dir}", "cpu")
+    assert a is b
+    assert not a.model.training
+    assert not any(p.requires_grad for p in a.model.parameters())
+    assert a.image_size == 64 and len(a.weights_sha256) == 64
+    tokens = a.tokenizer(["a disk"])
+    assert tokens.shape == (1, 16)
+    assert a.model.encode_text(tokens).shape == (1, 32)
+
+
+def test_checkpoint_file_beside_config_loads_those_weights(tiny_clip_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ft"
+    shutil.copytree(tiny_clip_dir, folder)
+    state = torch.load(folder / "open_clip_pytorch_model.bin", weights_only=True)
+    key = next(k for k in state if k.endswith("head.proj.weight"))
+    state[key] = torch.zeros_like(state[key])
+    torch.save(state, folder / "finetuned.pt")
+    bundle = load_clip(str(folder / "finetuned.pt"), "cpu")
+    assert torch.count_nonzero(bundle.model.state_dict()[key]) == 0
+
+
+def test_hub_model_offline_fails_fast_with_instructions(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailableError) as err:
+        load_clip("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "cpu")
+    assert time.perf_counter() - start < 10
+    message = str(err.value)
+    assert "local-dir:" in message and "download" in message and "MEDCLIPSAM_HOME" in message
+
+
+def test_clip_errors_name_the_problem(tmp_path, tiny_clip_dir):
+    with pytest.raises(ModelUnavailableError, match="not found"):
+        load_clip(f"local-dir:{tmp_path / 'missing'}", "cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelUnavailableError, match="open_clip_config.json"):
+        load_clip(f"local-dir:{empty}", "cpu")
+    with pytest.raises(ModelUnavailableError, match="hf-hub:ORG/NAME"):
+        load_clip("bert-base", "cpu")
+
+
+def test_sam_loads_with_weights_only_and_is_cached(tiny_sam_checkpoint):
+    from tiny_sam import build_tiny_sam
+
+    a = load_sam("vit_b", tiny_sam_checkpoint, "cpu", builder=build_tiny_sam)
+    b = load_sam("vit_b", tiny_sam_checkpoint, "cpu", builder=build_tiny_sam)
+    assert a is b and a.checkpoint_sha256 and not a.model.training
+    ref = torch.load(tiny_sam_checkpoint, weights_only=True)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, ref[k])
+
+
+class Payload:
+    """A pickled object: weights_only loading must refuse it."""
+
+
+def test_sam_refuses_pickled_objects_and_wrong_architectures(tmp_path, tiny_sam_checkpoint):
+    from tiny_sam import build_tiny_sam
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, evil)
+    with pytest.raises(ModelUnavailableError, match="SAM's format"):
+        load_sam("vit_b", str(evil), "cpu", builder=build_tiny_sam)
+    with pytest.raises(ModelUnavailableError, match="medsam"):
+        load_sam("vit_b", tiny_sam_checkpoint, "cpu",
+                 builder=lambda: build_tiny_sam(img_size=32))
+    with pytest.raises(ModelUnavailableError, match="not found"):
+        load_sam("vit_b", str(tmp_path / "none.pth"), "cpu")
+
+
+def test_sam_download_failure_is_actionable(monkeypatch):
+    spec = dict(models.SAM_CHECKPOINTS["vit_b"], url="http://127.0.0.1:9/sam_vit_b.pth")
+    monkeypatch.setitem(models.SAM_CHECKPOINTS, "vit_b", spec)
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match="--sam-checkpoint"):
+        load_sam("vit_b", None, "cpu")
+    assert time.perf_counter() - start < 30
+
+
+def test_unknown_sam_and_device():
+    with pytest.raises(ValueError, match="vit_b"):
+        models.build_sam("vit_x")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="Unknown device"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device(None) in ("cpu", "cuda", "mps")
