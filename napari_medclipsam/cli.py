@@ -296,8 +296,7 @@ def _prompts_json(result) -> dict[str, Any]:
 def run_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .core.io import Window, file_stem, read_image, write_float_tiff, write_mask_png, \
-        write_nifti_like, write_text
+    from .core.io import Window, file_stem, write_text
     from .core.pipeline import ZeroShotPipeline
 
     config = config_from_args(args)
@@ -330,41 +329,24 @@ def run_segment(args: argparse.Namespace) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     entries = []
     n_found = 0
-    bar = tqdm(files, desc="segment", unit="image", file=sys.stderr,
-               disable=None if sys.stderr.isatty() else True)
+    bar = tqdm(files, desc="segment", unit="image", file=sys.stderr, disable=None)
+    failed: list[str] = []
     for f in bar:
         bar.set_postfix_str(f.name)
-        image = read_image(f)
-        stem = file_stem(f)
-        if image.is_volume and not args.volume:
-            raise CLIError(f"{f.name} is a 3-D volume {image.data.shape}; pass --volume to "
-                           "process it slice by slice.")
-        paths = _outputs(out, stem, image.is_volume)
-        win = window or image.meta.get("window")
         t0 = time.perf_counter()
-        if image.is_volume:
-            res = pipeline.segment_volume(image.data, prompts[f], window=win)
-            write_float_tiff(paths["saliency"], res.saliency)
-            write_nifti_like(paths["coarse"], res.coarse, image)
-            write_nifti_like(paths["mask"], res.mask, image)
-            write_text(paths["prompts"], json.dumps(
-                {"slices": {str(z): p.to_dict() for z, p in res.prompts.items()},
-                 "found_slices": res.found_slices}, indent=2))
-            found = bool(res.found_slices)
-            message = f"found on {len(res.found_slices)} of {image.data.shape[0]} slices"
-        else:
-            res = pipeline.segment(image.data, prompts[f], window=win)
-            write_float_tiff(paths["saliency"], res.saliency)
-            write_mask_png(paths["coarse"], res.coarse.mask)
-            write_text(paths["prompts"], json.dumps(_prompts_json(res), indent=2))
-            write_mask_png(paths["mask"], res.mask)
-            found, message = res.found, res.message
-        n_found += found
-        if not found:
-            print(f"{f.name}: {message}", file=sys.stderr)
-        entries.append({"image": str(f), "name": stem, "prompt": prompts[f], "found": found,
-                        "message": message, "seconds": round(time.perf_counter() - t0, 3),
-                        "outputs": {k: str(v.relative_to(out)) for k, v in paths.items()}})
+        try:
+            entry = _segment_one(pipeline, f, prompts[f], out, window, args.volume)
+        except InputError as exc:  # one bad file must not lose the others' results
+            print(f"{f.name}: error: {exc}", file=sys.stderr)
+            failed.append(f.name)
+            entries.append({"image": str(f), "name": file_stem(f), "prompt": prompts[f],
+                            "error": str(exc)})
+            continue
+        n_found += entry["found"]
+        if not entry["found"]:
+            print(f"{f.name}: {entry['message']}", file=sys.stderr)
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        entries.append(entry)
 
     manifest = {
         "tool": "napari-medclipsam", "command": "segment", "started": started,
@@ -380,8 +362,53 @@ def run_segment(args: argparse.Namespace) -> int:
         "versions": _versions(), "images": entries,
     }
     write_text(manifest_path, json.dumps(manifest, indent=2, default=str))
-    print(f"Segmented {len(files)} image(s), something found in {n_found}; results in {out}")
+    done = len(files) - len(failed)
+    print(f"Segmented {done} image(s), something found in {n_found}; results in {out}")
+    if failed:
+        print(f"{len(failed)} image(s) failed (see the errors above and manifest.json): "
+              f"{', '.join(failed[:10])}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _segment_one(pipeline, f: Path, texts: list[str], out: Path, window, volume: bool
+                 ) -> dict[str, Any]:
+    from .core.io import (
+        file_stem,
+        read_image,
+        write_float_tiff,
+        write_mask_png,
+        write_nifti_like,
+        write_text,
+    )
+
+    image = read_image(f)
+    stem = file_stem(f)
+    if image.is_volume and not volume:
+        raise InputError(f"{f.name} is a 3-D volume {image.data.shape}; pass --volume to "
+                         "process it slice by slice.")
+    paths = _outputs(out, stem, image.is_volume)
+    win = window or image.meta.get("window")
+    if image.is_volume:
+        res = pipeline.segment_volume(image.data, texts, window=win)
+        write_float_tiff(paths["saliency"], res.saliency)
+        write_nifti_like(paths["coarse"], res.coarse, image)
+        write_nifti_like(paths["mask"], res.mask, image)
+        write_text(paths["prompts"], json.dumps(
+            {"slices": {str(z): p.to_dict() for z, p in res.prompts.items()},
+             "found_slices": res.found_slices}, indent=2))
+        found = bool(res.found_slices)
+        message = f"found on {len(res.found_slices)} of {image.data.shape[0]} slices"
+    else:
+        res = pipeline.segment(image.data, texts, window=win)
+        write_float_tiff(paths["saliency"], res.saliency)
+        write_mask_png(paths["coarse"], res.coarse.mask)
+        write_text(paths["prompts"], json.dumps(_prompts_json(res), indent=2))
+        write_mask_png(paths["mask"], res.mask)
+        found, message = res.found, res.message
+    return {"image": str(f), "name": stem, "prompt": texts, "found": found,
+            "message": message,
+            "outputs": {k: str(v.relative_to(out)) for k, v in paths.items()}}
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -114,6 +114,10 @@ class CoarseMaskConfig:
             raise ValueError(f"top_k must be at least 1 or None; got {self.top_k}.")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1]; got {self.threshold}.")
+        if self.min_area < 0:
+            raise ValueError(f"min_area must be non-negative; got {self.min_area}.")
+        if self.kmeans_size < 2:
+            raise ValueError(f"kmeans_size must be at least 2; got {self.kmeans_size}.")
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,8 @@ class PromptConfig:
             raise ValueError("n_positive and n_negative must be non-negative.")
         if self.mode in ("points", "both") and self.n_positive < 1:
             raise ValueError("Point prompts need n_positive >= 1.")
+        if self.box_margin < 0:
+            raise ValueError(f"box_margin must be non-negative; got {self.box_margin}.")
 
 
 @dataclass(frozen=True)

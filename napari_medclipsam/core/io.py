@@ -200,8 +200,9 @@ def _read_dicom(path: Path) -> ImageData:
     center = getattr(ds, "WindowCenter", None)
     width = getattr(ds, "WindowWidth", None)
     if center is not None and width is not None:
-        first = (lambda v: float(v[0]) if isinstance(v, pydicom.multival.MultiValue)
-                 else float(v))
+        def first(value) -> float:
+            return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+
         meta["window"] = Window.from_center_width(first(center), first(width))
     if ds.get("PhotometricInterpretation") == "RGB":
         data = data.astype(np.uint8)

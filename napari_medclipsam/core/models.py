@@ -256,7 +256,6 @@ def _read_state_dict(path: Path, device: str = "cpu") -> dict[str, Any]:
 def _build_clip(config_dir: Path, weights: Path | None, source: str, device: str,
                 allow_download: bool) -> ClipBundle:
     import open_clip
-    import torch
     from open_clip.tokenizer import HFTokenizer
 
     config_path = config_dir / "open_clip_config.json"
@@ -476,7 +475,8 @@ def load_sam(name: str = "vit_h", checkpoint: str | None = None, device: str | N
     except Exception as exc:
         raise ModelUnavailableError(
             f"{path} is not a {name} checkpoint in SAM's format ({type(exc).__name__}: "
-            f"{str(exc)[:300]}). Check --sam-model matches the file (MedSAM is 'medsam').") from exc
+            f"{str(exc)[:300]}). Check --sam-model matches the file (MedSAM is 'medsam')."
+        ) from exc
     sam.eval().requires_grad_(False).to(device)
     bundle = SamBundle(model=sam, name=name, device=device, checkpoint=str(path),
                        checkpoint_sha256=file_sha256(path))
