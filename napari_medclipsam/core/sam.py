@@ -1,0 +1,662 @@
+"""SAM refinement: compute an image's embedding once, answer any number of prompts from it.
+
+>>> session = SamSession(sam, "vit_b@ec2df627")                     # doctest: +SKIP
+>>> key = session.set_image(rgb)            # runs the image encoder (or restores the cache)
+>>> mask = session.predict(boxes=[[10, 20, 120, 90]])    # prompt encoder + mask decoder only
+
+Conventions (as segment-anything's): images are HxWx3 uint8 RGB; boxes are XYXY in image
+pixels; points are XY, i.e. (column, row), in image pixels; masks come back HxW bool at the
+input image's size. torch and segment-anything are imported inside the methods, so importing
+this module stays cheap.
+
+Speed (full-size ViT-B, 2 CPU threads, 512x512 image; ``benchmarks/bench_sam.py``): the encoder
+takes about 20 s once per image; a re-prompt from the cache about 25 ms with the rearranged
+decoder (:class:`_FastMaskDecoder`, the default on the CPU) against about 60 ms through
+``Sam.mask_decoder`` itself. Both give the same masks up to float rounding (logits agree to
+about 1e-6 relative); ``fast=False`` reproduces ``SamPredictor.predict`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["SamSession", "image_digest"]
+
+
+@dataclass
+class _Embedding:
+    """One cached image: SAM's embedding and the sizes needed to map prompts and masks."""
+
+    features: Any  # torch.Tensor (1, C, h, w) on the model's device (C=256, h=w=64 for SAM)
+    original_size: tuple[int, int]  # (H, W) of the image given to set_image
+    input_size: tuple[int, int]  # (h, w) after ResizeLongestSide, before padding
+
+
+def image_digest(image: np.ndarray) -> str:
+    """BLAKE2b hex digest (32 hex digits) of an array's bytes, shape and dtype."""
+    data = np.ascontiguousarray(image)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((data.shape, data.dtype.str)).encode())
+    digest.update(memoryview(data).cast("B"))
+    return digest.hexdigest()
+
+
+def _check_image(image: Any) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(
+            f"SAM needs an HxWx3 RGB image; got an array of shape {image.shape}. Convert "
+            "grey-scale or RGBA data first (napari_medclipsam.core.io.to_rgb_uint8).")
+    if image.dtype != np.uint8:
+        raise InputError(
+            f"SAM needs a uint8 image (values 0-255); got dtype {image.dtype}. Rescale it first "
+            "(napari_medclipsam.core.io.to_rgb_uint8 applies an intensity window).")
+    if min(image.shape[:2]) < 1:
+        raise InputError(f"The image is empty (shape {image.shape}).")
+    return image
+
+
+def _as_float_array(value: Any, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be numeric; got {value!r}.") from exc
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{name} contains NaN or infinite values.")
+    return array
+
+
+def _check_prompts(boxes: Any, points: Any, point_labels: Any, point_box: Any
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate prompts; return boxes (N, 4), points (M, 2), labels (M,), point_box (M,)."""
+    if boxes is None:
+        boxes = np.zeros((0, 4))
+    else:
+        boxes = _as_float_array(boxes, "boxes")
+        if boxes.shape == (4,):
+            boxes = boxes[None]
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise InputError(f"boxes must have shape (N, 4) as XYXY (x0, y0, x1, y1) in image "
+                             f"pixels; got shape {boxes.shape}.")
+        bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+        if bad.any():
+            raise InputError(f"boxes must be XYXY with x0 <= x1 and y0 <= y1; box "
+                             f"{int(np.flatnonzero(bad)[0])} is {boxes[bad][0].tolist()}.")
+    if points is None:
+        if point_labels is not None and np.size(point_labels):
+            raise InputError("point_labels were given without points.")
+        points = np.zeros((0, 2))
+    else:
+        points = _as_float_array(points, "points")
+        if points.size == 0:
+            points = points.reshape(0, 2)
+        if points.ndim != 2 or points.shape[1] != 2:
+            raise InputError(f"points must have shape (M, 2) as XY (column, row) in image "
+                             f"pixels; got shape {points.shape}.")
+    n_points = len(points)
+    if n_points:
+        if point_labels is None:
+            raise InputError("point_labels are required with points: 1 for a positive point "
+                             "(inside the object), 0 for a negative one.")
+        labels = np.asarray(point_labels).reshape(-1) if np.ndim(point_labels) else None
+        if labels is None or labels.shape != (n_points,):
+            raise InputError(f"point_labels must have shape ({n_points},), one per point; got "
+                             f"shape {np.shape(point_labels)}.")
+        if not np.isin(labels, (0, 1)).all():
+            raise InputError(f"point_labels must be 1 (positive) or 0 (negative); got "
+                             f"{sorted(set(labels.tolist()))}.")
+        labels = labels.astype(np.int64)
+    else:
+        labels = np.zeros(0, dtype=np.int64)
+    if point_box is None or n_points == 0:
+        owner = np.full(n_points, -1, dtype=np.int64)
+    else:
+        owner = np.asarray(point_box)
+        if owner.shape != (n_points,) or not np.issubdtype(owner.dtype, np.integer):
+            raise InputError(f"point_box must be ({n_points},) integers, the index of each "
+                             f"point's box or -1 for every box; got shape {owner.shape}, "
+                             f"dtype {owner.dtype}.")
+        n_boxes = len(boxes)
+        if ((owner < -1) | (owner >= n_boxes)).any():
+            raise InputError(f"point_box values must be -1 or a box index in [0, {n_boxes - 1}]"
+                             f" ({n_boxes} boxes); got {sorted(set(owner.tolist()))}.")
+        owner = owner.astype(np.int64)
+    return boxes, points, labels, owner
+
+
+# --------------------------------------------------------------------------- fast decoder
+
+
+def _heads(x, n: int):
+    """(B, N, n*d) -> (B, n, N, d), as segment-anything's ``Attention._separate_heads``."""
+    b, t, c = x.shape
+    return x.reshape(b, t, n, c // n).transpose(1, 2)
+
+
+def _recombine(x):
+    """(B, n, N, d) -> (B, N, n*d), as segment-anything's ``Attention._recombine_heads``."""
+    b, n, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, n * d)
+
+
+class _FastMaskDecoder:
+    """SAM's mask decoder rearranged for prompting a cached embedding on a CPU.
+
+    Computes what ``Sam.mask_decoder`` computes (``MaskDecoder.predict_masks`` with
+    ``TwoWayTransformer``), with the same weights, up to float rounding (about 1e-6 relative):
+
+    * what does not depend on the prompt is computed once per image (the image tokens plus
+      ``no_mask_embed``, and the first block's projections of them, see :meth:`prepare`);
+    * attention between the few prompt tokens (T, about 7) and the image tokens (N = 4096) is
+      reassociated so no (N, C) projection of the image tokens is formed:
+      ``softmax(q (W_k x + b_k)) (W_v x + b_v) = (softmax((q W_k) x) x) W_v^T + b_v`` and
+      ``((W_q x + b_q) . k) = x . (W_q^T k) + b_q . k`` (and likewise for the output
+      projection), about 2.3x fewer multiply-adds there;
+    * the transposed convolutions of ``output_upscaling`` (kernel 2, stride 2) run as matrix
+      products over chunks of image tokens, so the large intermediate tensors stay in cache,
+      and only each group's selected mask is formed from them.
+
+    Only used for decoders built exactly from segment-anything's classes (:meth:`supports`);
+    others go through ``Sam.mask_decoder`` unchanged.
+    """
+
+    chunk = 512  # image tokens per upscaling step
+
+    def __init__(self, sam: Any):
+        self.sam = sam
+        self.decoder = sam.mask_decoder
+        self.transformer = sam.mask_decoder.transformer
+        self._key_pe = None
+
+    @staticmethod
+    def supports(sam: Any) -> bool:
+        """Whether ``sam``'s decoder is segment-anything's, unmodified in structure."""
+        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+        from segment_anything.modeling.common import LayerNorm2d
+        from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
+        from torch import nn
+
+        decoder = getattr(sam, "mask_decoder", None)
+        if type(decoder) is not MaskDecoder or type(sam.prompt_encoder) is not PromptEncoder:
+            return False
+        transformer = decoder.transformer
+        if type(transformer) is not TwoWayTransformer or len(transformer.layers) == 0:
+            return False
+        if not all(type(layer) is TwoWayAttentionBlock for layer in transformer.layers):
+            return False
+        attentions = [transformer.final_attn_token_to_image]
+        for layer in transformer.layers:
+            attentions += [layer.self_attn, layer.cross_attn_token_to_image,
+                           layer.cross_attn_image_to_token]
+        if not all(type(attn) is Attention for attn in attentions):
+            return False
+        upscaling = decoder.output_upscaling
+        if not (isinstance(upscaling, nn.Sequential) and len(upscaling) == 5
+                and type(upscaling[1]) is LayerNorm2d):
+            return False
+        for conv in (upscaling[0], upscaling[3]):
+            if not (type(conv) is nn.ConvTranspose2d and conv.kernel_size == (2, 2)
+                    and conv.stride == (2, 2) and conv.padding == (0, 0)
+                    and conv.output_padding == (0, 0) and conv.dilation == (1, 1)
+                    and conv.groups == 1 and conv.bias is not None):
+                return False
+        return upscaling[0].out_channels == upscaling[1].weight.shape[0]
+
+    def key_pe(self):
+        """(1, N, C) positional encoding of the image tokens (the same for every image)."""
+        if self._key_pe is None:
+            pe = self.sam.prompt_encoder.get_dense_pe()
+            self._key_pe = pe.flatten(2).transpose(1, 2).contiguous()
+        return self._key_pe
+
+    def prepare(self, features) -> dict[str, Any]:
+        """Per-image tensors: (1, C, h, w) embedding -> image tokens and first-block projections.
+
+        About 14 MiB for SAM's 64x64x256 embedding.
+        """
+        prompt_encoder = self.sam.prompt_encoder
+        _, c, h, w = features.shape
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # no mask prompt
+        keys = (features + dense).flatten(2).transpose(1, 2).contiguous()  # (1, N, C)
+        keys_pe = keys + self.key_pe()
+        first = self.transformer.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        return {
+            "size": (h, w),
+            "keys": keys,
+            "t2i_k": _heads(t2i.k_proj(keys_pe), t2i.num_heads).contiguous(),  # (1, nh, N, d)
+            "t2i_v": _heads(t2i.v_proj(keys), t2i.num_heads).contiguous(),
+            "i2t_q": _heads(i2t.q_proj(keys_pe), i2t.num_heads).contiguous(),
+        }
+
+    # -- attention between prompt tokens (queries) and image tokens (keys) ----------------
+    @staticmethod
+    def _token_to_image(attn, q, keys_pe, keys, k_heads=None, v_heads=None):
+        """``attn(q=q, k=keys_pe, v=keys)`` for T tokens q (B, T, C) and N image tokens."""
+        import torch
+
+        nh = attn.num_heads
+        d = attn.internal_dim // nh
+        b, t, c = q.shape
+        q_heads = _heads(attn.q_proj(q), nh)  # (B, nh, T, d)
+        if k_heads is not None:  # projections of the image tokens given (first block)
+            weights = torch.softmax((q_heads @ k_heads.transpose(-1, -2)) / math.sqrt(d), -1)
+            return attn.out_proj(_recombine(weights @ v_heads))
+        # softmax_n(q . (W_k x_n + b_k)): q . b_k is the same for every n, so it drops out.
+        q_k = torch.einsum("bhtd,hdc->bhtc", q_heads, attn.k_proj.weight.view(nh, d, c))
+        scores = q_k.reshape(b, nh * t, c) @ keys_pe.transpose(1, 2)  # (B, nh*T, N)
+        weights = torch.softmax(scores.mul_(1.0 / math.sqrt(d)), dim=-1)
+        pooled = (weights @ keys).view(b, nh, t, c)  # weights sum to 1: b_v passes through
+        values = torch.einsum("bhtc,hdc->bhtd", pooled, attn.v_proj.weight.view(nh, d, c))
+        values = values + attn.v_proj.bias.view(nh, 1, d)
+        return attn.out_proj(_recombine(values))
+
+    @staticmethod
+    def _image_to_token(attn, keys_pe, k, v, q_heads=None):
+        """``attn(q=keys_pe, k=k, v=v)`` for N image tokens (B, N, C) and T tokens (B, T, C)."""
+        import torch
+
+        nh = attn.num_heads
+        d = attn.internal_dim // nh
+        b, t, c = k.shape
+        k_heads = _heads(attn.k_proj(k), nh)  # (B, nh, T, d)
+        v_heads = _heads(attn.v_proj(v), nh)
+        scale = 1.0 / math.sqrt(d)
+        if q_heads is not None:  # (1, nh, N, d) given (first block)
+            scores = k_heads @ q_heads.transpose(-1, -2)  # (B, nh, T, N)
+        else:  # (W_q x + b_q) . k = x . (W_q^T k) + b_q . k
+            k_q = torch.einsum("bhtd,hdc->bhtc", k_heads, attn.q_proj.weight.view(nh, d, c))
+            scores = (k_q.reshape(b, nh * t, c) @ keys_pe.transpose(1, 2)).view(b, nh, t, -1)
+            scores += torch.einsum("bhtd,hd->bht", k_heads, attn.q_proj.bias.view(nh, d))[
+                ..., None]
+        # Softmax over the T tokens; the (.., T, N) layout keeps it fast.
+        weights = torch.softmax(scores.mul_(scale), dim=2)
+        # out_proj(recombine(weights^T v)) = sum_h weights_h^T (v_h W_o,h^T) + b_o
+        v_out = torch.einsum("bhtd,chd->bhtc", v_heads, attn.out_proj.weight.view(c, nh, d))
+        n = weights.shape[-1]
+        out = weights.reshape(-1, nh * t, n).transpose(1, 2) @ v_out.reshape(b, nh * t, c)
+        return out.add_(attn.out_proj.bias)  # (B, N, C)
+
+    def _block(self, layer, queries, keys, query_pe, cached=None):
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+        keys_pe = None if cached is not None else keys + self.key_pe()
+        attn_out = self._token_to_image(
+            layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys,
+            *((cached["t2i_k"], cached["t2i_v"]) if cached is not None else ()))
+        queries = layer.norm2(queries + attn_out)
+        queries = layer.norm3(queries + layer.mlp(queries))
+        attn_out = self._image_to_token(
+            layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries,
+            None if cached is None else cached["i2t_q"])
+        keys = layer.norm4(attn_out.add_(keys))
+        return queries, keys
+
+    def __call__(self, prepared: dict[str, Any], sparse, multimask_output: bool):
+        """Low-resolution logits of each group's mask and the predicted IoUs.
+
+        Parameters
+        ----------
+        prepared : dict
+            From :meth:`prepare`.
+        sparse : torch.Tensor
+            (B, P, C) sparse prompt embeddings (``PromptEncoder`` output, no mask prompt).
+        multimask_output : bool
+            Choose, per group, the best of the three multimask outputs by predicted IoU
+            (as when picking from ``MaskDecoder(multimask_output=True)``); else the single one.
+
+        Returns
+        -------
+        low_res : torch.Tensor
+            (B, 1, 4h, 4w) logits (256x256 for SAM).
+        iou : torch.Tensor
+            (B,) predicted IoU of the chosen masks.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        decoder, transformer = self.decoder, self.transformer
+        b = sparse.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        queries, keys = tokens, prepared["keys"]
+        for i, layer in enumerate(transformer.layers):
+            queries, keys = self._block(layer, queries, keys, tokens,
+                                        cached=prepared if i == 0 else None)
+        n_out = 1 + decoder.num_mask_tokens  # the other tokens' outputs are not used
+        attn_out = self._token_to_image(transformer.final_attn_token_to_image,
+                                        queries[:, :n_out] + tokens[:, :n_out],
+                                        keys + self.key_pe(), keys)
+        hs = transformer.norm_final_attn(queries[:, :n_out] + attn_out)
+
+        iou = decoder.iou_prediction_head(hs[:, 0])  # (B, num_mask_tokens)
+        if multimask_output:
+            chosen = iou[:, 1:].argmax(dim=1) + 1
+        else:
+            chosen = torch.zeros(b, dtype=torch.long, device=iou.device)
+        rows = torch.arange(b, device=iou.device)
+        hyper = torch.stack([mlp(hs[:, 1 + i])
+                             for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+        hyper = hyper[rows, chosen]  # (B, C2)
+
+        # output_upscaling = ConvT(2, 2) -> LayerNorm2d -> act -> ConvT(2, 2) -> act, as
+        # matrix products on token rows: row (n, a, c) is pixel (2i + a, 2j + c) of token
+        # n = i*w + j; weight (Cin, Cout, 2, 2) -> (Cin, [a, c, Cout]).
+        conv1, norm, act1, conv2, act2 = decoder.output_upscaling
+        c, c1, c2 = conv1.in_channels, conv1.out_channels, conv2.out_channels
+        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
+        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+        b1, b2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
+        h, w = prepared["size"]
+        n = h * w
+        logits = torch.empty(b, 16 * n, dtype=keys.dtype, device=keys.device)
+        for g in range(b):
+            for start in range(0, n, self.chunk):
+                stop = min(start + self.chunk, n)
+                x = torch.addmm(b1, keys[g, start:stop], w1).view(-1, c1)
+                x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+                x = act2(torch.addmm(b2, x, w2).view(-1, c2))
+                torch.mv(x, hyper[g], out=logits[g, 16 * start:16 * stop])
+        # rows (i, j, a, c, a2, c2) -> pixel (4i + 2a + a2, 4j + 2c + c2)
+        low_res = (logits.view(b, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+                   .reshape(b, 1, 4 * h, 4 * w))
+        return low_res, iou[rows, chosen]
+
+
+# --------------------------------------------------------------------------- session
+
+
+class SamSession:
+    """Computes an image's SAM embedding once, caches it, answers any number of prompts.
+
+    The image encoder (the slow part: about 20 s for ViT-B on two CPU cores) runs once per
+    distinct image; prompting afterwards only runs the prompt encoder and the mask decoder
+    (about 25 ms on the same CPU).
+
+    Parameters
+    ----------
+    sam : segment_anything.modeling.Sam
+        Already on its device and in eval mode.
+    model_id : str
+        Names the model and its weights (e.g. ``"vit_b:sha256:abcd..."``); part of each cache
+        key, so two models never share an embedding.
+    cache_size : int
+        How many image embeddings to keep (least recently used are dropped). ViT-B/L/H
+        embeddings are 1x256x64x64 float32, 4 MiB each.
+    fast : bool, optional
+        Decode with :class:`_FastMaskDecoder` (the same model rearranged: same masks up to
+        float rounding, 2-3x faster on a CPU). Default: on when the model is on the CPU and
+        its decoder is segment-anything's; ``False`` calls ``Sam.mask_decoder`` itself,
+        giving exactly ``SamPredictor.predict``'s masks.
+
+    Attributes
+    ----------
+    encoder_calls : int
+        How many times the image encoder actually ran.
+    predictor : segment_anything.SamPredictor
+        Holds the current image's embedding (``features``, ``original_size``, ``input_size``),
+        so code written for segment-anything's predictor can use it directly.
+
+    Notes
+    -----
+    Methods hold a lock, so one session can be shared by a GUI thread and a worker.
+    """
+
+    def __init__(self, sam: Any, model_id: str, cache_size: int = 16,
+                 fast: bool | None = None):
+        from segment_anything import SamPredictor
+
+        if int(cache_size) < 1:
+            raise ValueError(f"cache_size must be at least 1; got {cache_size}.")
+        self.sam = sam
+        self.model_id = str(model_id)
+        self.cache_size = int(cache_size)
+        self.predictor = SamPredictor(sam)
+        self.encoder_calls = 0
+        self._cache: OrderedDict[str, _Embedding] = OrderedDict()
+        self._current: str | None = None
+        self._lock = threading.RLock()
+        self._fast: _FastMaskDecoder | None = None
+        self._prepared: tuple[str, dict[str, Any]] | None = None  # one image's decoder cache
+        if fast is None:
+            fast = sam.device.type == "cpu" and _FastMaskDecoder.supports(sam)
+        self.fast = fast
+
+    @property
+    def fast(self) -> bool:
+        """Whether prompts are decoded by :class:`_FastMaskDecoder` (settable)."""
+        return self._fast is not None
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        with self._lock:
+            if value and not _FastMaskDecoder.supports(self.sam):
+                raise ValueError("fast=True needs segment-anything's own MaskDecoder and "
+                                 "TwoWayTransformer; use fast=False for this model.")
+            self._fast = _FastMaskDecoder(self.sam) if value else None
+            self._prepared = None
+
+    # -- embeddings -----------------------------------------------------------------------
+    def key_for(self, image: np.ndarray) -> str:
+        """Cache key of an HxWx3 uint8 image: ``f"{model_id}:{blake2b(bytes, shape)}"``."""
+        return f"{self.model_id}:{image_digest(_check_image(image))}"
+
+    @property
+    def current_key(self) -> str | None:
+        """Key of the image set last (``None`` before any)."""
+        return self._current
+
+    def cached_keys(self) -> list[str]:
+        """Keys held, least recently used first."""
+        with self._lock:
+            return list(self._cache)
+
+    def is_cached(self, key: str) -> bool:
+        with self._lock:
+            return key in self._cache
+
+    def set_image(self, image: np.ndarray) -> str:
+        """Make ``image`` the current image, running the encoder only if it is not cached.
+
+        Parameters
+        ----------
+        image : np.ndarray
+            HxWx3 uint8 RGB.
+
+        Returns
+        -------
+        str
+            The cache key (pass it to :meth:`predict` as ``image_key`` later).
+
+        Raises
+        ------
+        InputError
+            (a ``ValueError``) if the image is not HxWx3 uint8.
+        """
+        import torch
+
+        image = _check_image(image)
+        key = f"{self.model_id}:{image_digest(image)}"
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is None:
+                with torch.inference_mode():
+                    self.predictor.set_image(np.ascontiguousarray(image), image_format="RGB")
+                self.encoder_calls += 1
+                entry = _Embedding(self.predictor.features,
+                                   tuple(int(s) for s in self.predictor.original_size),
+                                   tuple(int(s) for s in self.predictor.input_size))
+                self._cache[key] = entry
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+                self._restore(entry)
+            self._current = key
+        return key
+
+    def _restore(self, entry: _Embedding) -> None:
+        """Put a cached embedding into the predictor, as ``SamPredictor.set_image`` would."""
+        predictor = self.predictor
+        predictor.reset_image()
+        predictor.features = entry.features
+        predictor.original_size = entry.original_size
+        predictor.input_size = entry.input_size
+        predictor.is_image_set = True
+
+    def clear_cache(self) -> None:
+        """Forget every embedding (the next :meth:`set_image` runs the encoder)."""
+        with self._lock:
+            self._cache.clear()
+            self._current = None
+            self._prepared = None
+            self.predictor.reset_image()
+
+    # -- prompts --------------------------------------------------------------------------
+    def predict(self, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
+                point_labels: np.ndarray | None = None, point_box: np.ndarray | None = None,
+                multimask_output: bool = False, image_key: str | None = None,
+                return_logits: bool = False) -> np.ndarray:
+        """SAM mask for box and/or point prompts, from the cached embedding only.
+
+        Parameters
+        ----------
+        boxes : array_like, optional
+            (N, 4) XYXY in image pixels (float). A single (4,) box is accepted.
+        points : array_like, optional
+            (M, 2) XY, i.e. (column, row), in image pixels.
+        point_labels : array_like, optional
+            (M,) 1 for a positive point, 0 for a negative one. Required with ``points``.
+        point_box : array_like of int, optional
+            (M,) index of the box each point belongs to; -1 (the default) = every box.
+        multimask_output : bool
+            Ask SAM for three masks per prompt group and keep the one with the highest
+            predicted IoU (helps single ambiguous points; boxes do better with False).
+        image_key : str, optional
+            A key returned by :meth:`set_image`; default the current image. Using it does not
+            change the current image.
+        return_logits : bool
+            Return the HxW float32 logits (the maximum over groups) instead of the mask;
+            the mask is ``logits > sam.mask_threshold`` (0).
+
+        Returns
+        -------
+        np.ndarray
+            HxW bool at the image's original size: the union of the groups' masks.
+
+        Notes
+        -----
+        Prompts form groups: with N > 0 boxes, one group per box holding that box and its
+        points (``point_box == i`` or -1); with no boxes, one group of all points. Groups of
+        equal point counts (e.g. boxes alone, or boxes sharing the same points) go through the
+        decoder as one batch; otherwise one decoder call per group. Thresholding is done on
+        the logits upsampled to the original size, as ``SamPredictor.predict`` does.
+
+        Raises
+        ------
+        ValueError
+            No prompts, or prompts of the wrong shape (:class:`InputError`).
+        KeyError
+            ``image_key`` is not (or no longer) cached.
+        RuntimeError
+            No image was set.
+        """
+        import torch
+
+        boxes, points, labels, owner = _check_prompts(boxes, points, point_labels, point_box)
+        if len(boxes) == 0 and len(points) == 0:
+            raise InputError("No prompts: give at least one box or one point (the coarse mask "
+                             "was probably empty, i.e. nothing was found).")
+        if len(boxes) == 0:
+            groups = [(None, np.arange(len(points)))]
+        else:
+            groups = [(boxes[i], np.flatnonzero((owner == i) | (owner == -1)))
+                      for i in range(len(boxes))]
+        if len({len(members) for _, members in groups}) == 1:
+            batches = [groups]
+        else:
+            batches = [[group] for group in groups]
+
+        with self._lock:
+            key = self._current if image_key is None else image_key
+            entry = self._entry(key)
+            transform = self.predictor.transform
+            size = entry.original_size
+            device = self.sam.device
+
+            def as_tensors(batch):
+                """Prompts of groups with equal point counts in the encoder's input frame."""
+                box_t = coords_t = labels_t = None
+                if batch[0][0] is not None:
+                    box_t = torch.as_tensor(
+                        transform.apply_boxes(np.stack([box for box, _ in batch]), size),
+                        dtype=torch.float, device=device)  # (B, 4)
+                if len(batch[0][1]):
+                    idx = np.stack([members for _, members in batch])  # (B, M)
+                    coords_t = torch.as_tensor(transform.apply_coords(points[idx], size),
+                                               dtype=torch.float, device=device)
+                    labels_t = torch.as_tensor(labels[idx], dtype=torch.int, device=device)
+                return coords_t, labels_t, box_t
+
+            with torch.inference_mode():
+                logits = None
+                for batch in batches:
+                    group_logits = self._decode(key, entry, *as_tensors(batch),
+                                                multimask_output=multimask_output)
+                    logits = (group_logits if logits is None
+                              else torch.maximum(logits, group_logits))
+                result = logits if return_logits else logits > self.sam.mask_threshold
+                return result.cpu().numpy()
+
+    def _entry(self, image_key: str | None) -> _Embedding:
+        if image_key is None:
+            raise RuntimeError("No image set: call set_image(image) before predict().")
+        entry = self._cache.get(image_key)
+        if entry is None:
+            raise KeyError(f"Image key {image_key!r} is not in the embedding cache (never set, "
+                           f"or dropped after {self.cache_size} newer images); call "
+                           "set_image(image) again.")
+        return entry
+
+    def _decode(self, key: str, entry: _Embedding, coords, labels, boxes,
+                multimask_output: bool):
+        """HxW logits (maximum over the batch) of a batch of B prompt groups.
+
+        ``coords`` (B, M, 2) and ``labels`` (B, M) or None; ``boxes`` (B, 4) or None; all
+        already in the encoder's input frame (ResizeLongestSide).
+        """
+        import torch
+
+        sam = self.sam
+        sparse, dense = sam.prompt_encoder(
+            points=None if coords is None else (coords, labels), boxes=boxes, masks=None)
+        if self._fast is not None:
+            if self._prepared is None or self._prepared[0] != key:
+                self._prepared = (key, self._fast.prepare(entry.features))
+            low_res, _ = self._fast(self._prepared[1], sparse, multimask_output)
+        else:
+            low_res, iou = sam.mask_decoder(
+                image_embeddings=entry.features,
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )  # low_res (B, C, 256, 256) logits, iou (B, C); C = 3 or 1
+            if low_res.shape[1] > 1:  # keep each group's best mask before upsampling
+                best = iou.argmax(dim=1)
+                low_res = low_res[torch.arange(len(best), device=best.device), best][:, None]
+        logits = sam.postprocess_masks(low_res, entry.input_size, entry.original_size)
+        return logits.amax(dim=0)[0] if len(logits) > 1 else logits[0, 0]
