@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny and toy models written to disk once per test session.
+
+Nothing here downloads anything; every model is built through open_clip's, timm's and
+segment-anything's own constructors.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A random-weight BiomedCLIP-shaped ``local-dir:`` folder (fast; knows nothing)."""
+    from tiny_clip import write_tiny_clip_dir
+
+    return write_tiny_clip_dir(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_checkpoint(tmp_path_factory):
+    """A random-weight tiny SAM checkpoint (state dict in SAM's format)."""
+    from tiny_sam import save_tiny_sam_checkpoint
+
+    return save_tiny_sam_checkpoint(tmp_path_factory.mktemp("tiny_sam") / "sam_tiny.pth")
+
+
+@pytest.fixture(scope="session")
+def toy_clip_dir(tmp_path_factory):
+    """A ``local-dir:`` folder holding the toy CLIP trained on disks and squares."""
+    from toy_clip import make_toy_clip_dir
+
+    return make_toy_clip_dir(tmp_path_factory.mktemp("toy_clip"))

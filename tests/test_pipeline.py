@@ -1,0 +1,111 @@
+"""The zero-shot chain as one call, on tiny models (no network, no real weights)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from napari_medclipsam.core.config import CoarseMaskConfig, PipelineConfig, SaliencyConfig
+from napari_medclipsam.core.errors import CancelledError
+from napari_medclipsam.core.models import clear_model_cache, load_clip, load_sam
+from napari_medclipsam.core.pipeline import ZeroShotPipeline
+from napari_medclipsam.core.postprocess import keep_largest_components
+
+
+@pytest.fixture
+def pipeline(tiny_clip_dir, tiny_sam_checkpoint):
+    from tiny_sam import build_tiny_sam
+
+    clear_model_cache()
+    config = PipelineConfig(clip_model=f"local-dir:{tiny_clip_dir}", device="cpu",
+                            saliency=SaliencyConfig(layer=2, steps=3, batch_size=2))
+    clip = load_clip(config.clip_model, "cpu")
+    sam = load_sam("vit_b", tiny_sam_checkpoint, "cpu", builder=build_tiny_sam)
+    yield ZeroShotPipeline(config, clip=clip, sam=sam)
+    clear_model_cache()
+
+
+def _image(h=48, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    img = (40 + 10 * rng.standard_normal((h, w))).clip(0, 255).astype(np.uint8)
+    img[10:25, 20:40] = 220
+    return img
+
+
+def test_segment_returns_every_stage_at_input_size(pipeline):
+    stages = []
+    result = pipeline.segment(_image(), "a disk", progress=lambda s, f: stages.append((s, f)))
+    assert result.saliency.shape == (48, 64) and result.saliency.dtype == np.float32
+    assert result.coarse.mask.shape == (48, 64) and result.mask.shape == (48, 64)
+    assert result.mask.dtype == bool
+    assert result.found and len(result.coarse.components) == 1  # top_k=1 by default
+    assert len(result.prompts.boxes) == 1
+    fractions = [f for _, f in stages]
+    assert fractions == sorted(fractions) and stages[-1] == ("done", 1.0)
+
+
+def test_sam_receives_the_coarse_box(pipeline):
+    """The chain's mask is exactly SAM's answer to the coarse component's box."""
+    from napari_medclipsam.core.io import to_rgb_uint8
+
+    image = _image()
+    result = pipeline.segment(image, "a disk")
+    x0, y0, x1, y1 = result.prompts.boxes[0]
+    ys, xs = np.nonzero(result.coarse.labels == 1)
+    assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max(), ys.max())
+    session = pipeline.session
+    session.set_image(to_rgb_uint8(image))
+    direct = session.predict(boxes=result.prompts.boxes)
+    assert (keep_largest_components(direct, 1) == result.mask).all()
+
+
+def test_encoder_runs_once_per_image(pipeline):
+    image = _image()
+    pipeline.segment(image, "a disk")
+    pipeline.segment(image, "a square")
+    pipeline.segment(image, ["a disk", "a round shape"])
+    assert pipeline.session.encoder_calls == 1
+    pipeline.segment(_image(seed=1), "a disk")
+    assert pipeline.session.encoder_calls == 2
+
+
+def test_nothing_found_skips_sam(pipeline):
+    pipeline.config = dataclasses.replace(pipeline.config,
+                                          coarse=CoarseMaskConfig(eta_c=1.0))
+    result = pipeline.segment(_image(), "a disk")
+    assert not result.found and "Nothing found" in result.message
+    assert not result.mask.any() and result.prompts.empty
+    assert pipeline._session is None or pipeline.session.encoder_calls == 0
+
+
+def test_cancel_stops_during_saliency(pipeline):
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(CancelledError):
+        pipeline.segment(_image(), "a disk", should_stop=should_stop)
+    assert len(calls) == 3
+
+
+def test_grayscale_16bit_and_rgb_inputs(pipeline):
+    gray16 = _image().astype(np.uint16) * 250
+    rgb = np.dstack([_image()] * 3)
+    a = pipeline.segment(gray16, "a disk")
+    b = pipeline.segment(rgb, "a disk")
+    assert a.mask.shape == b.mask.shape == (48, 64)
+
+
+def test_volume_slice_by_slice(pipeline):
+    vol = np.stack([_image(seed=z) for z in range(3)]).astype(np.int16) * 10
+    seen = []
+    result = pipeline.segment_volume(vol, "a disk", slices=[0, 2],
+                                     progress=lambda s, f: seen.append(s))
+    assert result.mask.shape == vol.shape and result.saliency.shape == vol.shape
+    assert seen == ["slice 0", "slice 2"]
+    assert not result.saliency[1].any()  # slice 1 was not requested
+    assert set(result.found_slices) <= {0, 2}
+    with pytest.raises(ValueError, match="out of range"):
+        pipeline.segment_volume(vol, "a disk", slices=[5])
