@@ -212,3 +212,32 @@ def test_coarse_mask_from_toy_saliency_finds_the_named_shape(toy_clip):
         assert dice(coarse.mask, masks["disk"]) > dice(coarse.mask, masks["square"])
     # Patch-level maps (8-pixel tokens) upsampled: coarse, but on target.
     assert np.mean(scores) > 0.5
+
+
+def test_whole_chain_from_toy_saliency_to_a_sam_mask(toy_clip, tiny_sam_checkpoint):
+    """Text -> toy saliency -> coarse mask -> box on the named shape -> (tiny) SAM -> mask.
+
+    The tiny SAM has random weights, so its mask is not judged; the box SAM is given is."""
+    from tiny_sam import build_tiny_sam
+
+    from napari_medclipsam.core.config import PipelineConfig
+    from napari_medclipsam.core.models import load_sam
+    from napari_medclipsam.core.pipeline import ZeroShotPipeline
+
+    sam = load_sam("vit_b", tiny_sam_checkpoint, "cpu", builder=build_tiny_sam)
+    pipeline = ZeroShotPipeline(PipelineConfig(device="cpu", saliency=TOY_CFG),
+                                clip=toy_clip, sam=sam)
+    for image, masks in _toy_cases(n=3, seed=31):
+        for prompt, kind, other in (("a disk", "disk", "square"), ("a square", "square", "disk")):
+            result = pipeline.segment(image[..., 0], prompt)  # grayscale in, as users give
+            assert result.found and result.mask.shape == image.shape[:2]
+            (x0, y0, x1, y1), = result.prompts.boxes
+            box = np.zeros(image.shape[:2], bool)
+            box[int(y0):int(y1) + 1, int(x0):int(x1) + 1] = True
+            # The box lies on the named shape, not on the other one. Measured on these 3
+            # images: disk boxes cover 72-86% of the disk, square boxes 19-29% of the square
+            # (the saliency peaks on parts of the outline and Otsu keeps those), and no box
+            # touches the other shape.
+            covered = (box & masks[kind]).sum() / masks[kind].sum()
+            assert covered > (0.5 if kind == "disk" else 0.1), (prompt, covered)
+            assert (box & masks[other]).sum() / masks[other].sum() < 0.05, prompt

@@ -7,6 +7,11 @@ on a noisy background, against the captions ``"a disk"`` and ``"a square"``. Aft
 image holding both shapes, a text-conditioned saliency method that works must put its
 mass on the named shape: that is what the saliency tests check.
 
+Why not single-shape images with a softmax over the two captions (the plainest CLIP
+recipe)? Then "a square" is learnt as "not a disk": measured on 20 two-shape images, M2IB
+for "a square" then favoured the square on only 3. Training on none/one/both shapes with a
+per-caption presence loss makes each caption mean its own shape.
+
 Everything is seeded; training takes well under a minute on two CPU cores.
 """
 
