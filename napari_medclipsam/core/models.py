@@ -179,13 +179,13 @@ def _offline_clip_message(source: str, error: BaseException) -> str:
         f"Could not download the CLIP model {source!r} ({type(error).__name__}: {error}).\n"
         "This machine seems to be offline (or the Hugging Face Hub is unreachable). To use the "
         "model without a network:\n"
-        f"  1. on a connected machine run:  huggingface-cli download {hub_id} --local-dir "
+        f"  1. on a connected machine run:  hf download {hub_id} --local-dir "
         "BiomedCLIP\n"
-        "     and  huggingface-cli download "
+        "     and  hf download "
         "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract config.json vocab.txt "
         "tokenizer_config.json --local-dir BiomedCLIP/text\n"
         "  2. copy the BiomedCLIP folder here and pass  --clip-model local-dir:/path/to/BiomedCLIP"
-        "  (in napari: choose that folder as the CLIP source).\n"
+        ".\n"
         f"Or copy a filled cache folder and point ${CACHE_ENV} at it."
     )
 

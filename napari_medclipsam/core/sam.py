@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .postprocess import _float_array
 
 __all__ = ["SamSession", "image_digest"]
 
@@ -65,23 +66,13 @@ def _check_image(image: Any) -> np.ndarray:
     return image
 
 
-def _as_float_array(value: Any, name: str) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be numeric; got {value!r}.") from exc
-    if not np.all(np.isfinite(array)):
-        raise InputError(f"{name} contains NaN or infinite values.")
-    return array
-
-
 def _check_prompts(boxes: Any, points: Any, point_labels: Any, point_box: Any
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Validate prompts; return boxes (N, 4), points (M, 2), labels (M,), point_box (M,)."""
     if boxes is None:
         boxes = np.zeros((0, 4))
     else:
-        boxes = _as_float_array(boxes, "boxes")
+        boxes = _float_array(boxes, "boxes")
         if boxes.shape == (4,):
             boxes = boxes[None]
         if boxes.ndim != 2 or boxes.shape[1] != 4:
@@ -96,7 +87,7 @@ def _check_prompts(boxes: Any, points: Any, point_labels: Any, point_box: Any
             raise InputError("point_labels were given without points.")
         points = np.zeros((0, 2))
     else:
-        points = _as_float_array(points, "points")
+        points = _float_array(points, "points")
         if points.size == 0:
             points = points.reshape(0, 2)
         if points.ndim != 2 or points.shape[1] != 2:
