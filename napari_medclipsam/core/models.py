@@ -253,6 +253,16 @@ def _read_state_dict(path: Path, device: str = "cpu") -> dict[str, Any]:
     return state
 
 
+def _open_clip_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """Rename a Hugging Face-layout CLIP state dict (MedCLIP-SAMv2's release) to open_clip's.
+
+    open_clip state dicts come back unchanged, less ``module.``/``model.`` prefixes.
+    """
+    from ..finetune.convert import hf_to_open_clip
+
+    return hf_to_open_clip(state)
+
+
 def _build_clip(config_dir: Path, weights: Path | None, source: str, device: str,
                 allow_download: bool) -> ClipBundle:
     import open_clip
@@ -285,7 +295,7 @@ def _build_clip(config_dir: Path, weights: Path | None, source: str, device: str
     model = model_cls(**model_cfg)
     sha = None
     if weights is not None:
-        state = _read_state_dict(weights)
+        state = _open_clip_keys(_read_state_dict(weights))
         missing, unexpected = model.load_state_dict(state, strict=False)
         # position_ids buffers differ between transformers versions; anything else is an error
         missing = [k for k in missing if not k.endswith("position_ids")]
@@ -313,7 +323,8 @@ def _build_clip(config_dir: Path, weights: Path | None, source: str, device: str
     std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
     return ClipBundle(model=model, tokenizer=tokenizer, image_size=int(image_size),
                       mean=mean, std=std, source=source, device=device,
-                      weights_sha256=sha, weights_path=str(weights))
+                      weights_sha256=sha, weights_path=str(weights),
+                      extra={"config_dir": str(config_dir), "text_dir": text_path})
 
 
 def _load_clip_uncached(source: str, device: str) -> ClipBundle:
