@@ -1,0 +1,1 @@
+"""napari reader / writer / sample-data contributions."""

@@ -1,0 +1,1 @@
+"""napari dock widgets (GUI only: they call ``napari_medclipsam.core``)."""

@@ -1,0 +1,151 @@
+"""The "Text-prompt segmentation" dock widget driven in a real napari viewer on tiny models.
+
+Needs a display with OpenGL: pytest-xvfb starts Xvfb (apt: xvfb, libgl1-mesa-dri, ...).
+"""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("qtpy.QtWidgets", exc_type=ImportError)
+
+from napari_medclipsam.core.config import PipelineConfig, SaliencyConfig  # noqa: E402
+from napari_medclipsam.core.models import clear_model_cache, load_clip, load_sam  # noqa: E402
+from napari_medclipsam.core.pipeline import ZeroShotPipeline  # noqa: E402
+
+SCALE, TRANSLATE = (2.0, 3.0), (5.0, 7.0)
+
+
+@pytest.fixture
+def pipeline(tiny_clip_dir, tiny_sam_checkpoint):
+    from tiny_sam import build_tiny_sam
+
+    clear_model_cache()
+    config = PipelineConfig(clip_model=f"local-dir:{tiny_clip_dir}", device="cpu",
+                            saliency=SaliencyConfig(layer=2, steps=2, batch_size=2))
+    clip = load_clip(config.clip_model, "cpu")
+    sam = load_sam("vit_b", tiny_sam_checkpoint, "cpu", builder=build_tiny_sam)
+    yield ZeroShotPipeline(config, clip=clip, sam=sam)
+    clear_model_cache()
+
+
+def _image(h=48, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    img = (40 + 10 * rng.standard_normal((h, w))).clip(0, 255).astype(np.uint8)
+    img[10:25, 20:40] = 220
+    return img
+
+
+@pytest.fixture
+def widget(make_napari_viewer, pipeline, qtbot):
+    from napari_medclipsam._widgets.segment_widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="scan", scale=SCALE, translate=TRANSLATE)
+    w = SegmentWidget(viewer, pipeline=pipeline)
+    viewer.window.add_dock_widget(w, name="Text-prompt segmentation")
+    return w
+
+
+def _run(widget, qtbot, prompt="a disk"):
+    widget.prompt_edit.setPlainText(prompt)
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+
+
+KINDS = ("saliency", "coarse mask", "boxes", "points", "SAM mask")
+
+
+def test_run_all_adds_every_stage_aligned_with_the_image(widget, qtbot):
+    viewer = widget.viewer
+    assert widget.image_combo.currentText() == "scan"
+    assert widget.layer_spin.value() == 2  # the injected pipeline's config is shown
+    _run(widget, qtbot)
+    assert widget.last_status and "error" not in widget.last_status.lower()
+    for kind in KINDS:
+        name = f"{kind} [a disk]"
+        assert name in viewer.layers, name
+        layer = viewer.layers[name]
+        np.testing.assert_allclose(layer.scale, SCALE)
+        np.testing.assert_allclose(layer.translate, TRANSLATE)
+    assert viewer.layers["SAM mask [a disk]"].data.shape == (48, 64)
+    assert viewer.layers["saliency [a disk]"].colormap.name == "inferno"
+    boxes = viewer.layers["boxes [a disk]"]
+    assert len(boxes.data) == 1 and boxes.shape_type == ["rectangle"]
+    assert widget.progress_bar.value() == 100
+
+    # a second run updates the layers in place
+    n_layers = len(viewer.layers)
+    _run(widget, qtbot)
+    assert len(viewer.layers) == n_layers
+
+
+def test_moving_the_box_reruns_only_sam(widget, qtbot):
+    _run(widget, qtbot)
+    pipe = widget._pipeline
+    calls = pipe.session.encoder_calls
+    assert calls == 1
+    boxes = widget.viewer.layers["boxes [a disk]"]
+    moved = [np.asarray(boxes.data[0]) + np.array([5.0, -8.0])]
+    boxes.data = moved
+    qtbot.waitUntil(lambda: widget.refine_count == 1, timeout=10_000)
+    assert pipe.session.encoder_calls == calls
+    prompts = widget.prompts_from_layers()
+    (y0, x0), (y1, x1) = moved[0].min(axis=0), moved[0].max(axis=0)
+    np.testing.assert_allclose(prompts.boxes[0], np.clip([x0, y0, x1, y1], 0, [63, 47, 63, 47]))
+    assert widget.viewer.layers["SAM mask [a disk]"].data.shape == (48, 64)
+    assert "SAM re-run" in widget.last_status
+
+
+def test_cancel_reports_cancelled(widget, qtbot):
+    widget.steps_spin.setValue(500)
+    widget.prompt_edit.setPlainText("a disk")
+    widget.run_button.click()
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.last_status == "cancelled"
+    assert "SAM mask [a disk]" not in widget.viewer.layers
+    assert widget.run_button.isEnabled()
+
+
+def test_user_mistakes_are_reported_not_raised(widget, qtbot):
+    widget.prompt_edit.setPlainText("")
+    widget.run_button.click()
+    assert not widget.running and "prompt" in widget.last_status.lower()
+    widget.layer_spin.setValue(40)  # the tiny ViT has 4 blocks
+    _run(widget, qtbot)
+    assert "layer must be between" in widget.last_status
+
+
+def test_volume_uses_current_slice(make_napari_viewer, pipeline, qtbot):
+    from napari_medclipsam._widgets.segment_widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_image(seed=s) for s in range(3)]), name="vol")
+    viewer.dims.set_current_step(0, 2)
+    w = SegmentWidget(viewer, pipeline=pipeline)
+    _run(w, qtbot)
+    assert w.viewer.layers["SAM mask [a disk]"].data.shape == (48, 64)
+
+
+def test_presets_fill_prompt_and_parameters(widget):
+    widget.preset_combo.setCurrentText("both lungs (chest X-ray)")
+    assert widget.prompt_edit.toPlainText().startswith("both lungs")
+    assert widget.topk_spin.value() == 2 and widget.box_mode_combo.currentText() == "per_component"
+    widget.preset_combo.setCurrentText("breast tumor (ultrasound)")
+    assert widget.layer_spin.value() == 9 and widget.beta_spin.value() == 1.0
+
+
+def test_box_conversions_round_trip():
+    from napari_medclipsam._widgets.segment_widget import boxes_to_rectangles, rectangles_to_boxes
+
+    boxes = np.array([[3, 4, 10, 20], [0, 0, 5, 5]], dtype=np.float32)
+    rects = boxes_to_rectangles(boxes)
+    assert rects[0].tolist() == [[4, 3], [4, 10], [20, 10], [20, 3]]
+    np.testing.assert_array_equal(rectangles_to_boxes(rects, (48, 64)), boxes)
+
+
+def test_sample_data_is_a_2d_image():
+    from napari_medclipsam._io.sample_data import head_phantom
+
+    [(data, meta)] = head_phantom()
+    assert data.ndim == 2 and min(data.shape) >= 64 and "phantom" in meta["name"]
