@@ -34,5 +34,6 @@ VENV=${VENV:-.venv}
 # Tests never download weights: make any accidental hub access fail at once.
 export HF_HUB_OFFLINE=1
 export MEDCLIPSAM_HOME="$(mktemp -d)"
+export MEDCLIPSAM_CONFIG_DIR="$MEDCLIPSAM_HOME/config"
 "$VENV/bin/python" -m ruff check napari_medclipsam tests benchmarks examples
 "$VENV/bin/python" -m pytest "$@"

@@ -3,6 +3,8 @@
 Needs a display with OpenGL: pytest-xvfb starts Xvfb (apt: xvfb, libgl1-mesa-dri, ...).
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,14 @@ from napari_medclipsam.core.models import clear_model_cache, load_clip, load_sam
 from napari_medclipsam.core.pipeline import ZeroShotPipeline  # noqa: E402
 
 SCALE, TRANSLATE = (2.0, 3.0), (5.0, 7.0)
+
+
+@pytest.fixture(autouse=True)
+def settings_dir(tmp_path, monkeypatch):
+    """Widget settings go to a temporary folder, never to the user's config folder."""
+    folder = tmp_path / "settings"
+    monkeypatch.setenv("MEDCLIPSAM_CONFIG_DIR", str(folder))
+    return folder
 
 
 @pytest.fixture
@@ -149,3 +159,112 @@ def test_sample_data_is_a_2d_image():
 
     [(data, meta)] = head_phantom()
     assert data.ndim == 2 and min(data.shape) >= 64 and "phantom" in meta["name"]
+
+
+def test_boxes_from_a_painted_mask(widget, qtbot):
+    _run(widget, qtbot)
+    calls = widget._pipeline.session.encoder_calls
+    coarse = widget.viewer.layers["coarse mask [a disk]"]
+    painted = np.zeros((48, 64), np.int32)
+    painted[5:15, 10:30] = 1  # the user paints a new region (label value irrelevant)
+    painted[30:40, 40:60] = 3
+    coarse.data = painted
+    widget.box_mode_combo.setCurrentText("per_component")
+    widget._last["pipe"].config = widget.build_config(widget._last["pipe"].config)
+    widget.mask_button.click()
+    prompts = widget.prompts_from_layers()
+    assert sorted(map(tuple, prompts.boxes.tolist())) == [(10, 5, 29, 14), (40, 30, 59, 39)]
+    assert widget.refine_count == 1 and widget._pipeline.session.encoder_calls == calls
+    coarse.data = np.zeros((48, 64), np.int32)
+    widget.mask_button.click()
+    assert "empty" in widget.last_status
+
+
+def test_gui_stays_responsive_while_running(widget, qtbot):
+    """The event loop keeps turning while the saliency runs in the worker."""
+    import time
+
+    from qtpy.QtCore import QTimer
+
+    widget.steps_spin.setValue(60)
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    start = time.perf_counter()
+    _run(widget, qtbot)
+    timer.stop()
+    elapsed = time.perf_counter() - start
+    during = [t for t in ticks if t <= start + elapsed]
+    gaps = np.diff([start, *during])
+    assert elapsed > 0.3 and len(during) >= 5, (elapsed, len(during))
+    assert gaps.max() < 0.5, f"the GUI froze for {gaps.max():.2f} s"
+    assert "SAM mask [a disk]" in widget.viewer.layers
+
+
+def test_all_slices_gives_3d_layers(make_napari_viewer, pipeline, qtbot):
+    from napari_medclipsam._widgets.segment_widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    volume = np.stack([_image(seed=s) for s in range(3)])
+    viewer.add_image(volume, name="vol", scale=(4.0, *SCALE), translate=(1.0, *TRANSLATE))
+    w = SegmentWidget(viewer, pipeline=pipeline)
+    w.all_slices_check.setChecked(True)
+    _run(w, qtbot)
+    mask = viewer.layers["SAM mask [a disk]"]
+    assert mask.data.shape == volume.shape
+    np.testing.assert_allclose(mask.scale, (4.0, *SCALE))
+    np.testing.assert_allclose(mask.translate, (1.0, *TRANSLATE))
+    assert viewer.layers["saliency [a disk]"].data.shape == volume.shape
+    boxes = viewer.layers["boxes [a disk]"]
+    assert boxes.ndim == 3 and len(boxes.data) == 3  # one box per slice (top-k 1)
+    assert sorted({int(r[0, 0]) for r in boxes.data}) == [0, 1, 2]
+    assert "of 3 slices" in w.last_status
+    # back to one slice: the 3-D layers are replaced by 2-D ones
+    w.all_slices_check.setChecked(False)
+    _run(w, qtbot)
+    assert viewer.layers["SAM mask [a disk]"].data.shape == volume.shape[1:]
+
+
+def test_save_load_run_and_settings_persist(make_napari_viewer, widget, qtbot, tmp_path,
+                                            settings_dir):
+    from napari_medclipsam._widgets.segment_widget import SegmentWidget
+
+    widget.prompt_edit.setPlainText("a disk\na round shape")
+    widget.beta_spin.setValue(1.5)
+    widget.topk_spin.setValue(2)
+    path = tmp_path / "run.json"
+    widget.save_run(path)
+    saved = json.loads(path.read_text())
+    assert saved["prompt"] == ["a disk", "a round shape"]
+    assert saved["config"]["saliency"]["beta"] == 1.5 and saved["config"]["coarse"]["top_k"] == 2
+
+    other = SegmentWidget(make_napari_viewer())
+    other.load_run(path)
+    assert other.prompt_edit.toPlainText() == "a disk\na round shape"
+    assert other.beta_spin.value() == 1.5 and other.topk_spin.value() == 2
+    assert other.clip_edit.text() == saved["config"]["clip_model"]
+    path.write_text("{not json")
+    other.load_run(path)
+    assert "Could not load" in other.last_status
+
+    _run(widget, qtbot, prompt="a square")  # a successful run remembers its settings
+    assert (settings_dir / "segment_widget.json").is_file()
+    fresh = SegmentWidget(make_napari_viewer())
+    assert fresh.prompt_edit.toPlainText() == "a square"
+    assert fresh.beta_spin.value() == 1.5
+
+
+def test_missing_model_is_an_actionable_message(make_napari_viewer, qtbot, tmp_path):
+    from napari_medclipsam._widgets.segment_widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="scan")
+    w = SegmentWidget(viewer)  # no injected pipeline: models come from the fields
+    w.clip_edit.setText(f"local-dir:{tmp_path / 'no_such_model'}")
+    w.device_combo.setCurrentText("cpu")
+    _run(w, qtbot)
+    assert "CLIP folder not found" in w.last_status
+    assert w.run_button.isEnabled() and not w.running
+    assert not any(layer.name.startswith("SAM mask") for layer in viewer.layers)

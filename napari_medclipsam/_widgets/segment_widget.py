@@ -14,15 +14,20 @@ layer's 2-D ``scale`` and ``translate`` so they overlay it exactly.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import threading
 import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -137,6 +142,7 @@ class SegmentWidget(QWidget):
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         self._refresh_layers()
+        self.load_settings()
         if pipeline is not None:
             self.set_pipeline(pipeline)
 
@@ -221,6 +227,22 @@ class SegmentWidget(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         layout.addLayout(buttons)
+        self.all_slices_check = QCheckBox("All slices (3D stacks)")
+        self.all_slices_check.setToolTip(
+            "Unchecked: only the slice on screen. Checked: every slice, with 3-D output layers "
+            "(SAM's image embedding is computed once per slice).")
+        layout.addWidget(self.all_slices_check)
+        more = QHBoxLayout()
+        self.mask_button = QPushButton("Boxes from mask")
+        self.mask_button.setToolTip("New boxes/points from the (painted) coarse mask, then SAM.")
+        self.mask_button.clicked.connect(self.prompts_from_mask)
+        self.save_button = QPushButton("Save run...")
+        self.save_button.clicked.connect(self._save_dialog)
+        self.load_button = QPushButton("Load run...")
+        self.load_button.clicked.connect(self._load_dialog)
+        for button in (self.mask_button, self.save_button, self.load_button):
+            more.addWidget(button)
+        layout.addLayout(more)
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 100)
         layout.addWidget(self.progress_bar)
@@ -349,8 +371,13 @@ class SegmentWidget(QWidget):
         return [line.strip() for line in self.prompt_edit.toPlainText().splitlines()
                 if line.strip()]
 
+    def _volume_mode(self, layer) -> bool:
+        return (self.all_slices_check.isChecked() and not layer.rgb
+                and np.asarray(layer.data).ndim == 3)
+
     def run_all(self) -> None:
-        """Start the whole chain on the chosen layer's (current slice of the) image."""
+        """Start the whole chain on the chosen layer's image: the slice on screen, or every
+        slice of a 3-D stack when "All slices" is checked."""
         if self.running:
             return
         from napari.qt.threading import create_worker
@@ -360,6 +387,9 @@ class SegmentWidget(QWidget):
             if not lines:
                 raise InputError("Type a prompt first (e.g. 'breast tumor'), or pick a preset.")
             layer, image = self._source()
+            volume = self._volume_mode(layer)
+            if volume:
+                image = np.asarray(layer.data)
             pipe = self.pipeline()
         except (InputError, ValueError) as exc:
             self._report(str(exc), error=True)
@@ -371,19 +401,24 @@ class SegmentWidget(QWidget):
         self.progress_bar.setValue(0)
         self._report("Running (the first run loads the models)...")
         text = lines[0] if len(lines) == 1 else lines
-        self._worker = create_worker(self._compute, pipe, image, text, _start_thread=False)
+        self._worker = create_worker(self._compute, pipe, image, text, volume,
+                                     _start_thread=False)
         self._worker.returned.connect(
             lambda out: self._on_returned(out, layer, _prompt_label(lines), pipe))
         self._worker.errored.connect(self._on_errored)
         self._worker.finished.connect(self._on_finished)
         self._worker.start()
 
-    def _compute(self, pipe, image: np.ndarray, text) -> tuple[str, Any]:
+    def _compute(self, pipe, image: np.ndarray, text, volume: bool = False) -> tuple[str, Any]:
         """Runs in the worker thread; returns ``(kind, payload)``, never raises."""
         from napari_medclipsam.core.io import to_rgb_uint8
         from napari_medclipsam.core.models import ModelUnavailableError
 
         try:
+            if volume:
+                result = pipe.segment_volume(image, text, progress=self._progress_signal.emit,
+                                             should_stop=self._stop.is_set)
+                return "volume", (None, result)
             rgb = to_rgb_uint8(image)
             result = pipe.segment(image, text, progress=self._progress_signal.emit,
                                   should_stop=self._stop.is_set)
@@ -426,9 +461,17 @@ class SegmentWidget(QWidget):
             self._report(payload, error=True)
             return
         rgb, result = payload
-        self._last = {"rgb": rgb, "label": label, "pipe": pipe}
-        self._show_result(result, layer, label)
-        self._report(result.message)
+        if kind == "volume":
+            self._last = None  # live editing works on single slices
+            self._show_volume(result, layer, label)
+            self._report(f"Something found on {len(result.found_slices)} of "
+                         f"{result.mask.shape[0]} slices; mask of {int(result.mask.sum())} "
+                         "voxels. Edit a slice by running it alone (All slices unchecked).")
+        else:
+            self._last = {"rgb": rgb, "label": label, "pipe": pipe}
+            self._show_result(result, layer, label)
+            self._report(result.message)
+        self.save_settings()
 
     # ----------------------------------------------------------------------- layers
     def layer_name(self, kind: str, label: str | None = None) -> str:
@@ -439,7 +482,10 @@ class SegmentWidget(QWidget):
     def _put(self, kind: str, cls, data, geometry: dict, **kwargs):
         name = self.layer_name(kind)
         layers = self.viewer.layers
-        if name in layers and isinstance(layers[name], cls):
+        ndim = len(geometry["scale"])
+        if name in layers and (not isinstance(layers[name], cls) or layers[name].ndim != ndim):
+            layers.remove(name)  # another kind, or 2-D vs 3-D output of an earlier run
+        if name in layers:
             layer = layers[name]
             if kind == "boxes":  # keep every shape a rectangle
                 layer.selected_data = set()
@@ -537,3 +583,153 @@ class SegmentWidget(QWidget):
         self.refine_count += 1
         self._report(f"SAM re-run from {len(prompts.boxes)} box(es) and "
                      f"{len(prompts.points)} point(s): mask of {int(mask.sum())} pixels.")
+
+    # ----------------------------------------------------------------------- 3-D output
+    def _show_volume(self, result, source, label: str) -> None:
+        from napari.layers import Image, Labels, Points, Shapes
+
+        geometry = {"scale": tuple(source.scale[-3:]), "translate": tuple(source.translate[-3:])}
+        rects, points, point_labels = [], [], []
+        for z, prompts in sorted(result.prompts.items()):
+            for rect in boxes_to_rectangles(prompts.boxes):
+                rects.append(np.column_stack([np.full(4, z, np.float32), rect]))
+            for (x, y), value in zip(prompts.points, prompts.point_labels, strict=True):
+                points.append([z, y, x])
+                point_labels.append(value)
+        point_labels = np.asarray(point_labels, np.int32)
+        self._updating_layers = True
+        try:
+            self._last = {"label": label}
+            self._put("saliency", Image, result.saliency, geometry, colormap="inferno",
+                      opacity=0.5, blending="additive")
+            self._put("coarse mask", Labels, result.coarse.astype(np.int32), geometry,
+                      opacity=0.4)
+            self._put("boxes", Shapes, rects, geometry, shape_type="rectangle", ndim=3,
+                      edge_color="yellow", face_color="transparent", edge_width=2)
+            self._put("points", Points, np.asarray(points, np.float32).reshape(-1, 3),
+                      geometry, ndim=3, features={"label": point_labels}, size=6,
+                      face_color=self._point_colors(point_labels) if len(points) else "lime")
+            self._put("SAM mask", Labels, result.mask.astype(np.int32), geometry, opacity=0.6)
+        finally:
+            self._updating_layers = False
+            self._last = None
+
+    # ----------------------------------------------------------------------- mask -> prompts
+    def prompts_from_mask(self) -> None:
+        """Regenerate boxes and points from the (edited) ``coarse mask`` layer, then run SAM.
+
+        Every connected region painted in the coarse mask counts as a component, whatever
+        its label value; the prompt settings (mode, box mode, points) apply as in a run.
+        """
+        from skimage.measure import label as label_components
+
+        from napari_medclipsam.core.postprocess import make_prompts
+
+        if self._last is None or "rgb" not in self._last:
+            self._report("Run a single slice first; then paint the coarse mask and press "
+                         "Boxes from mask.", error=True)
+            return
+        name = self.layer_name("coarse mask")
+        if name not in self.viewer.layers:
+            self._report(f"No layer {name!r} to read the mask from.", error=True)
+            return
+        mask = np.asarray(self.viewer.layers[name].data) > 0
+        if not mask.any():
+            self._report("The coarse mask is empty: paint the target first.", error=True)
+            return
+        labels = label_components(mask, connectivity=2).astype(np.int32)
+        config = self._last["pipe"].config
+        prompts = make_prompts(labels, config.prompts)
+        self._updating_layers = True
+        try:
+            boxes = self.viewer.layers[self.layer_name("boxes")]
+            boxes.selected_data = set()
+            boxes.data = []
+            if len(prompts.boxes):
+                boxes.add_rectangles(boxes_to_rectangles(prompts.boxes))
+            points = self.viewer.layers[self.layer_name("points")]
+            points.data = prompts.points[:, ::-1]
+            points.features = {"label": prompts.point_labels}
+            if len(prompts.point_labels):
+                points.face_color = self._point_colors(prompts.point_labels)
+        finally:
+            self._updating_layers = False
+        self.refine_from_layers()
+
+    # ----------------------------------------------------------------------- runs and settings
+    def run_state(self) -> dict[str, Any]:
+        """What reproduces a run: prompt lines, every parameter and the models."""
+        from napari_medclipsam import __version__
+
+        base = self._pipeline.config if self._pipeline is not None else None
+        return {"prompt": self._prompt_lines(), "config": self.build_config(base).to_dict(),
+                "all_slices": self.all_slices_check.isChecked(),
+                "napari_medclipsam": __version__}
+
+    def apply_state(self, state: dict[str, Any]) -> None:
+        """Fill the widget from :meth:`run_state`'s dictionary (e.g. a saved run)."""
+        config = PipelineConfig.from_dict(state.get("config", {}))
+        self.prompt_edit.setPlainText("\n".join(state.get("prompt", [])))
+        self.set_fields_from_config(config)
+        self.all_slices_check.setChecked(bool(state.get("all_slices", False)))
+        if not self._injected:
+            self.clip_edit.setText(config.clip_model)
+            self.sam_combo.setCurrentText(config.sam_model)
+            self.checkpoint_edit.setText(config.sam_checkpoint or "")
+            self.device_combo.setCurrentText(config.device or "auto")
+
+    def save_run(self, path: str | Path) -> None:
+        """Write the run's prompt, models and parameters as JSON (atomically)."""
+        from napari_medclipsam.core.io import write_text
+
+        write_text(path, json.dumps(self.run_state(), indent=2) + "\n")
+
+    def load_run(self, path: str | Path) -> None:
+        """Fill the widget from a saved run (or a ``medclipsam segment`` manifest's config)."""
+        try:
+            data = json.loads(Path(path).read_text())
+            if "config" not in data and "saliency" in data:  # a bare PipelineConfig
+                data = {"config": data}
+            self.apply_state(data)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            self._report(f"Could not load {path}: {exc}", error=True)
+            return
+        self._report(f"Loaded {path}.")
+
+    def _save_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save run", "medclipsam_run.json",
+                                              "JSON (*.json)")
+        if path:
+            self.save_run(path)
+            self._report(f"Saved {path}.")
+
+    def _load_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load run", "", "JSON (*.json)")
+        if path:
+            self.load_run(path)
+
+    @staticmethod
+    def settings_path() -> Path:
+        """``$MEDCLIPSAM_CONFIG_DIR`` or the user's config folder, ``segment_widget.json``."""
+        folder = os.environ.get("MEDCLIPSAM_CONFIG_DIR")
+        if not folder:
+            import platformdirs
+
+            folder = platformdirs.user_config_dir("napari-medclipsam")
+        return Path(folder) / "segment_widget.json"
+
+    def save_settings(self) -> None:
+        """Remember the prompt, models and parameters for the next session."""
+        try:
+            self.save_run(self.settings_path())
+        except OSError as exc:  # a read-only home must not break a run
+            self._report(f"{self.last_status} (settings not saved: {exc})")
+
+    def load_settings(self) -> None:
+        path = self.settings_path()
+        if not path.is_file():
+            return
+        try:
+            self.apply_state(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            self._report(f"Ignored unreadable settings in {path}.")
