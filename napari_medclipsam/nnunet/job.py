@@ -372,7 +372,7 @@ def _run(job_dir: Path) -> int:
         update_status(job_dir, phase="training", device=str(device))
         if job.get("data_workers") is not None:
             # Only now: nnU-Net's planner also reads it and fails on 0.
-            os.environ["nnUNet_n_proc_DA"] = str(int(job["data_workers"]))
+            os.environ["nnUNet_n_proc_DA"] = str(int(job["data_workers"]))  # noqa: SIM112
         from nnunetv2.run.run_training import run_training
 
         run_training(str(job["dataset_id"]), job["configuration"], FOLD,

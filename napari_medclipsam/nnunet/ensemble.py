@@ -1,0 +1,427 @@
+"""Checkpoint-ensemble prediction and its uncertainty (MedCLIP-SAMv2 eqs. 21-22).
+
+For G checkpoints with softmax outputs ``p_g`` the prediction is the mean
+``p = (1/G) sum_g p_g`` (eq. 21), the mask is ``p[target] > threshold`` (default 0.5; with more
+than one foreground label, the argmax), and the uncertainty is the entropy of the mean
+probabilities per pixel/voxel (eq. 22)::
+
+    H = -sum_r p_r ln p_r          in nats (natural log), 0 <= H <= ln(C)
+
+with C the number of classes (background included): 0 where every checkpoint agrees with
+certainty, ln 2 = 0.693 for a binary task where the mean is 50/50. ``0 ln 0`` is taken as 0.
+
+:class:`EnsemblePredictor` (a subclass of nnU-Net's ``nnUNetPredictor``) loads the G checkpoints
+once (``weights_only=True``), preprocesses each case once, runs every checkpoint on it and
+averages the softmax in the network's space, then resamples the mean probabilities back to the
+image (nnU-Net's own resampling, cropping and transposition).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import CancelledError, InputError
+
+# --------------------------------------------------------------------------- maths
+
+
+def mean_probabilities(probabilities: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Eq. 21: the mean over checkpoints of (C, ...) softmax maps -> (C, ...) float32."""
+    stack = np.asarray(probabilities, dtype=np.float64)
+    if stack.ndim < 2:
+        raise InputError("Expected (G, C, ...) probabilities.")
+    return stack.mean(axis=0).astype(np.float32)
+
+
+def entropy(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Eq. 22: ``-sum_r p_r ln p_r`` over ``axis`` (the classes), in nats, float32.
+
+    Ranges from 0 (certain) to ln(C) (uniform over C classes); ``0 ln 0 = 0``.
+    """
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(axis=axis).astype(np.float32)
+
+
+def max_entropy(n_classes: int) -> float:
+    """Largest possible entropy (nats) for ``n_classes`` classes: ln(C)."""
+    return math.log(n_classes)
+
+
+def rank_by_uncertainty(entropies: dict[str, np.ndarray], *, slice_axis: int | None = 0
+                        ) -> list[dict]:
+    """Cases sorted by mean entropy, most uncertain first.
+
+    Parameters
+    ----------
+    entropies : dict
+        case -> entropy map ((Y, X) or (Z, Y, X)).
+    slice_axis : int or None
+        For volumes, also report the slice (along this axis) with the highest mean entropy.
+
+    Returns
+    -------
+    list of dict
+        ``{"case", "mean_entropy", "max_entropy", "worst_slice", "worst_slice_entropy"}``
+        (the slice fields are None for 2-D maps).
+    """
+    rows = []
+    for case, h in entropies.items():
+        h = np.asarray(h, dtype=np.float64)
+        row = {"case": case, "mean_entropy": float(h.mean()), "max_entropy": float(h.max()),
+               "worst_slice": None, "worst_slice_entropy": None}
+        if h.ndim == 3 and slice_axis is not None and h.shape[slice_axis] > 1:
+            per_slice = h.mean(axis=tuple(a for a in range(3) if a != slice_axis))
+            row["worst_slice"] = int(per_slice.argmax())
+            row["worst_slice_entropy"] = float(per_slice.max())
+        rows.append(row)
+    rows.sort(key=lambda r: r["mean_entropy"], reverse=True)
+    return rows
+
+
+def rank_slices(entropy_volume: np.ndarray, axis: int = 0) -> list[tuple[int, float]]:
+    """(slice index, mean entropy) of a volume's slices, most uncertain first."""
+    h = np.asarray(entropy_volume, dtype=np.float64)
+    per_slice = h.mean(axis=tuple(a for a in range(h.ndim) if a != axis))
+    order = np.argsort(-per_slice, kind="stable")
+    return [(int(i), float(per_slice[i])) for i in order]
+
+
+@dataclass
+class EnsemblePrediction:
+    """The ensemble's output for one image, in the image's own grid.
+
+    Attributes
+    ----------
+    probabilities : np.ndarray
+        (C, *spatial) float32 mean softmax (eq. 21); sums to 1 over C.
+    mask : np.ndarray
+        *spatial uint8 label map (0 background, 1 target for binary tasks).
+    entropy : np.ndarray
+        *spatial float32 entropy of ``probabilities`` in nats, in [0, ln C] (eq. 22).
+    n_checkpoints : int
+    """
+
+    probabilities: np.ndarray
+    mask: np.ndarray
+    entropy: np.ndarray
+    n_checkpoints: int
+
+    @property
+    def foreground(self) -> np.ndarray:
+        """Probability of any foreground label: 1 - p(background)."""
+        return (1.0 - self.probabilities[0]).astype(np.float32)
+
+    @property
+    def mean_entropy(self) -> float:
+        return float(self.entropy.mean())
+
+
+def probabilities_to_mask(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Binary: ``p[1] > threshold``; more classes: the argmax. -> uint8 label map."""
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"The threshold must lie in [0, 1]; got {threshold}.")
+    if probabilities.shape[0] == 2:
+        return (probabilities[1] > threshold).astype(np.uint8)
+    return probabilities.argmax(axis=0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+def list_checkpoints(model_dir: str | Path) -> list[Path]:
+    """The ensemble checkpoints of a training (``fold_all/ensemble/*.pth``), in epoch order."""
+    folder = Path(model_dir) / "fold_all" / "ensemble"
+    found = sorted(folder.glob("*.pth"), key=lambda p: (
+        int(m.group(1)) if (m := re.search(r"epoch(\d+)", p.name)) else 0, p.name))
+    return found
+
+
+def _make_predictor_class():
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    class EnsemblePredictor(nnUNetPredictor):
+        """nnU-Net's predictor, with the mean of the softmax of G checkpoints."""
+
+        threshold: float = 0.5
+
+        def load_checkpoints(self, model_dir: str | Path,
+                             checkpoints: Sequence[str | Path] | None = None) -> None:
+            """Build the network once and load every checkpoint's weights (CPU memory)."""
+            import inspect
+
+            from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+            from nnunetv2.utilities.label_handling.label_handling import (
+                determine_num_input_channels,
+            )
+            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+            from .trainer import load_checkpoint_file, nnUNetTrainerCheckpointEnsemble
+
+            model_dir = Path(model_dir)
+            for f in ("plans.json", "dataset.json"):
+                if not (model_dir / f).is_file():
+                    raise InputError(f"{model_dir} is not a trained nnU-Net model folder "
+                                     f"({f} missing): train first, or point at the folder "
+                                     "that holds plans.json and fold_all/.")
+            paths = [Path(c) for c in checkpoints] if checkpoints else list_checkpoints(
+                model_dir)
+            if not paths:
+                raise InputError(f"No ensemble checkpoints in {model_dir}/fold_all/ensemble: "
+                                 "the training has not reached the end of a cycle yet.")
+            dataset_json = json.loads((model_dir / "dataset.json").read_text())
+            plans_manager = PlansManager(json.loads((model_dir / "plans.json").read_text()))
+            parameters, first = [], None
+            for p in paths:
+                ckpt = load_checkpoint_file(p, "cpu")
+                first = first or ckpt
+                parameters.append(ckpt["network_weights"])
+            configuration_manager = plans_manager.get_configuration(
+                first["init_args"]["configuration"])
+            trainer_name = first["trainer_name"]
+            trainer_class = (nnUNetTrainerCheckpointEnsemble
+                             if trainer_name == nnUNetTrainerCheckpointEnsemble.__name__
+                             else recursive_find_trainer_class_by_name(trainer_name))
+            n_in = determine_num_input_channels(plans_manager, configuration_manager,
+                                                dataset_json)
+            n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+            assert "plans_manager" in inspect.signature(
+                trainer_class.build_network_architecture).parameters
+            network = trainer_class.build_network_architecture(
+                plans_manager, configuration_manager, n_in, n_out,
+                enable_deep_supervision=False)
+            network.load_state_dict(parameters[0])
+            self.manual_initialization(network, plans_manager, configuration_manager,
+                                       parameters, dataset_json, trainer_name,
+                                       first.get("inference_allowed_mirroring_axes"))
+            self.checkpoint_paths = paths
+
+        @property
+        def n_classes(self) -> int:
+            return self.label_manager.num_segmentation_heads
+
+        def ensemble_probabilities(self, data, should_stop=None, progress=None):
+            """Preprocessed (C, ...) tensor -> mean softmax over checkpoints (CPU tensor)."""
+            import torch
+
+            total = None
+            for i, params in enumerate(self.list_of_parameters):
+                if should_stop is not None and should_stop():
+                    raise CancelledError("Prediction cancelled.")
+                self.network.load_state_dict(params)
+                logits = self.predict_sliding_window_return_logits(data).to("cpu")
+                probs = self.label_manager.apply_inference_nonlin(logits.float())
+                total = probs.double() if total is None else total + probs
+                if progress is not None:
+                    progress(i + 1, len(self.list_of_parameters))
+            return (total / len(self.list_of_parameters)).float() if total is not None \
+                else torch.zeros(0)
+
+        def predict_nnunet_array(self, image: np.ndarray, spacing: Sequence[float], *,
+                                 should_stop=None, progress=None) -> EnsemblePrediction:
+            """Predict an image in nnU-Net's layout.
+
+            Parameters
+            ----------
+            image : np.ndarray
+                (C, Z, Y, X); 2-D images are (C, 1, Y, X).
+            spacing : sequence of 3 floats
+                (Z, Y, X) spacing; 2-D images use nnU-Net's (999, 1, 1) convention.
+            """
+            import torch
+
+            preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+            data, _, props = preprocessor.run_case_npy(
+                np.asarray(image, dtype=np.float32), None, {"spacing": list(spacing)},
+                self.plans_manager, self.configuration_manager, self.dataset_json)
+            data = torch.from_numpy(data).contiguous().float()
+            mean = self.ensemble_probabilities(data, should_stop, progress)
+            probs = self._to_image_grid(mean, props)
+            return EnsemblePrediction(probs, probabilities_to_mask(probs, self.threshold),
+                                      entropy(probs, axis=0), len(self.list_of_parameters))
+
+        def _to_image_grid(self, probs, props: dict) -> np.ndarray:
+            """Mean probabilities in the network's grid -> the image's grid (C, Z, Y, X)."""
+            pm, cm = self.plans_manager, self.configuration_manager
+            spacing_t = [props["spacing"][i] for i in pm.transpose_forward]
+            shape = props["shape_after_cropping_and_before_resampling"]
+            current = cm.spacing if len(cm.spacing) == len(shape) else \
+                [spacing_t[0], *cm.spacing]
+            probs = cm.resampling_fn_probabilities(probs, shape, current, spacing_t)
+            if not isinstance(probs, np.ndarray):
+                probs = probs.cpu().numpy()
+            probs = self.label_manager.revert_cropping_on_probabilities(
+                np.asarray(probs, dtype=np.float32), props["bbox_used_for_cropping"],
+                props["shape_before_cropping"])
+            probs = probs.transpose([0] + [i + 1 for i in pm.transpose_backward])
+            # interpolation may leave values slightly outside the simplex
+            probs = np.clip(probs, 0.0, 1.0)
+            probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-12)
+            return np.ascontiguousarray(probs, dtype=np.float32)
+
+        # -------------------------------------------------------------- our conventions
+        def predict_image(self, image: np.ndarray, spacing: Sequence[float] | None = None, *,
+                          rgb: bool | None = None, should_stop=None,
+                          progress=None) -> EnsemblePrediction:
+            """Predict an image in this package's conventions; outputs drop the channel axis.
+
+            ``image`` is (Y, X), (Y, X, 3) RGB or (Z, Y, X); ``spacing`` per spatial axis
+            (e.g. a napari layer's ``scale``). A 3-D stack with a 2-D model is predicted
+            slice by slice. Returned maps have the image's spatial shape.
+            """
+            image = np.asarray(image)
+            n_in = len(self.dataset_json["channel_names"])
+            if rgb is None:
+                rgb = image.ndim == 3 and image.shape[-1] in (3, 4) and n_in == 3
+            if rgb or (image.ndim == 3 and image.shape[-1] in (3, 4) and n_in == 1
+                       and image.shape[0] > 4):
+                chans = image[..., :3]
+                if n_in == 1:
+                    if not ((chans[..., 0] == chans[..., 1]).all()
+                            and (chans[..., 0] == chans[..., 2]).all()):
+                        raise InputError("This model takes one channel but the image is in "
+                                         "colour: convert it to grayscale first.")
+                    data = chans[..., 0][None, None]
+                else:
+                    data = chans.transpose(2, 0, 1)[:, None]
+                spatial_ndim = 2
+            elif image.ndim == 2:
+                if n_in != 1:
+                    raise InputError(f"This model takes {n_in} channels; the image has one.")
+                data, spatial_ndim = image[None, None], 2
+            elif image.ndim == 3:
+                if n_in != 1:
+                    raise InputError(f"This model takes {n_in} channels (RGB); got a 3-D "
+                                     "grayscale stack.")
+                data, spatial_ndim = image[None], 3
+            else:
+                raise InputError(f"Expected (Y, X), (Y, X, 3) or (Z, Y, X); got {image.shape}.")
+            sp = [float(s) for s in spacing] if spacing is not None else [1.0] * spatial_ndim
+            sp = [999.0, *sp[-2:]] if spatial_ndim == 2 else sp[-3:]
+            out = self.predict_nnunet_array(data, sp, should_stop=should_stop,
+                                            progress=progress)
+            if spatial_ndim == 2:
+                out = EnsemblePrediction(out.probabilities[:, 0], out.mask[0], out.entropy[0],
+                                         out.n_checkpoints)
+            return out
+
+    return EnsemblePredictor
+
+
+_PREDICTOR_CLASS = None
+
+
+def load_ensemble(model_dir: str | Path, checkpoints: Sequence[str | Path] | None = None, *,
+                  device: str = "auto", threshold: float = 0.5, use_mirroring: bool = True,
+                  tile_step_size: float = 0.5):
+    """An :class:`EnsemblePredictor` with every checkpoint of ``model_dir`` loaded.
+
+    Parameters
+    ----------
+    model_dir : path
+        The trainer's output folder (``.../nnUNetTrainerCheckpointEnsemble__nnUNetPlans__2d``).
+    checkpoints : paths, optional
+        Default: all of ``fold_all/ensemble/*.pth``.
+    device : str
+        "auto" (CUDA, then MPS, then CPU), "cuda", "mps" or "cpu".
+    threshold : float
+        Foreground probability above which a pixel is in the mask.
+    use_mirroring : bool
+        nnU-Net's mirroring test-time augmentation (its default; 4x the work in 2-D).
+    """
+    global _PREDICTOR_CLASS
+    from .job import _pick_device
+
+    if _PREDICTOR_CLASS is None:
+        _PREDICTOR_CLASS = _make_predictor_class()
+    dev = _pick_device(device)
+    predictor = _PREDICTOR_CLASS(tile_step_size=tile_step_size, use_gaussian=True,
+                                 use_mirroring=use_mirroring,
+                                 perform_everything_on_device=dev.type == "cuda",
+                                 device=dev, verbose=False, verbose_preprocessing=False,
+                                 allow_tqdm=False)
+    predictor.threshold = float(threshold)
+    if not 0.0 <= predictor.threshold <= 1.0:
+        raise InputError(f"The threshold must lie in [0, 1]; got {threshold}.")
+    predictor.load_checkpoints(model_dir, checkpoints)
+    return predictor
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _case_name(path: Path, file_ending: str) -> str:
+    name = path.name[: -len(file_ending)]
+    return re.sub(r"_0000$", "", name)
+
+
+def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
+                   overwrite: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Predict every image of ``input_dir`` (the dataset's file type); write per case::
+
+        OUT/masks/CASE.{png|nii.gz}           the thresholded mask (PNG 0/255; NIfTI 0/1)
+        OUT/probability/CASE.tif              float32 foreground probability (Z, Y, X)
+        OUT/uncertainty/CASE.tif              float32 entropy in nats, [0, ln C]
+        OUT/uncertainty_ranking.csv           cases by mean entropy, most uncertain first
+        OUT/ensemble.json                     checkpoints, threshold, entropy units
+
+    Returns the ranking rows.
+    """
+    from ..core.io import atomic_path, write_float_tiff, write_mask_png, write_text
+
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    ending = predictor.dataset_json["file_ending"]
+    files = sorted(p for p in input_dir.glob(f"*{ending}") if not p.name.startswith("."))
+    if not files:
+        raise InputError(f"No {ending} images in {input_dir}: the model was trained on "
+                         f"{ending} files; convert the images (or export them) first.")
+    names = [_case_name(p, ending) for p in files]
+    if len(set(names)) != len(names):
+        raise InputError(f"Two files in {input_dir} give the same case name.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"{out_dir} is not empty: choose a new folder or pass --overwrite.")
+    reader = predictor.plans_manager.image_reader_writer_class()
+    entropies, foregrounds = {}, {}
+    for i, (path, case) in enumerate(zip(files, names, strict=True)):
+        data, props = reader.read_images([str(path)])
+        out = predictor.predict_nnunet_array(data, props["spacing"])
+        fg, mask, h = out.foreground, out.mask, out.entropy
+        if fg.shape[0] == 1:   # a 2-D image is (1, Y, X) in nnU-Net's layout
+            fg, mask, h = fg[0], mask[0], h[0]
+        if mask.ndim == 2:
+            write_mask_png(out_dir / "masks" / f"{case}.png", mask)
+        else:
+            with atomic_path(out_dir / "masks" / f"{case}{ending}") as tmp:
+                reader.write_seg(mask, str(tmp), props)
+        write_float_tiff(out_dir / "probability" / f"{case}.tif", fg)
+        write_float_tiff(out_dir / "uncertainty" / f"{case}.tif", h)
+        entropies[case] = h
+        foregrounds[case] = float((mask > 0).mean())
+        if progress:
+            progress(i + 1, len(files))
+    rows = rank_by_uncertainty(entropies)
+    for r in rows:
+        r["foreground_fraction"] = foregrounds[r["case"]]
+    with atomic_path(out_dir / "uncertainty_ranking.csv") as tmp, open(tmp, "w",
+                                                                        newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    write_text(out_dir / "ensemble.json", json.dumps({
+        "checkpoints": [str(p) for p in predictor.checkpoint_paths],
+        "threshold": predictor.threshold, "mirroring": predictor.use_mirroring,
+        "entropy": {"units": "nats", "min": 0.0,
+                    "max": max_entropy(predictor.n_classes), "n_classes": predictor.n_classes},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    return rows
