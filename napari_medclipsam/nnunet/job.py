@@ -238,7 +238,7 @@ def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
     env = dict(os.environ)
     env.update(folders.env())
     env["nnUNet_extTrainer"] = os.pathsep.join(
-        p for p in (_trainer_path(), os.environ.get("nnUNet_extTrainer")) if p)  # noqa: SIM112
+        p for p in (_trainer_path(), os.environ.get("nnUNet_extTrainer")) if p)
     env[SCHEDULE_ENV] = schedule.to_json()
     env[JOB_DIR_ENV] = str(job_dir)
     env["PYTHONUNBUFFERED"] = "1"
@@ -246,10 +246,12 @@ def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
     log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} "
               f"{'resume' if resume else 'start'} {name}\n".encode())
     log.flush()
+    kept = {k: status[k] for k in ("epoch", "cycle", "train_losses", "checkpoints", "lr",
+                                   "train_loss", "pseudo_dice") if resume and k in status}
     _write_json(job_dir / "status.json", {
         "phase": "starting", "dataset": name, "epoch": 0, "epochs": schedule.epochs,
         "cycle": 0, "cycles": schedule.cycles, "started": time.time(), "updated": time.time(),
-        **({"train_losses": status.get("train_losses", [])} if resume else {})})
+        **kept})
     kwargs = {"start_new_session": True} if os.name == "posix" else {
         "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
     proc = subprocess.Popen([sys.executable, "-m", "napari_medclipsam.nnunet.job", str(job_dir)],
@@ -372,7 +374,7 @@ def _run(job_dir: Path) -> int:
         update_status(job_dir, phase="training", device=str(device))
         if job.get("data_workers") is not None:
             # Only now: nnU-Net's planner also reads it and fails on 0.
-            os.environ["nnUNet_n_proc_DA"] = str(int(job["data_workers"]))  # noqa: SIM112
+            os.environ["nnUNet_n_proc_DA"] = str(int(job["data_workers"]))
         from nnunetv2.run.run_training import run_training
 
         run_training(str(job["dataset_id"]), job["configuration"], FOLD,

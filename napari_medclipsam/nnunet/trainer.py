@@ -13,7 +13,8 @@ What changes against ``nnUNetTrainer``:
   ``fold_all/ensemble/cycle{c}_epoch{e}.pth`` (weights and the inference metadata only; loadable
   with ``weights_only=True``);
 * ``checkpoint_latest.pth`` is written after every epoch, atomically, so a crash or a cancel
-  loses at most one epoch; checkpoints are read back with ``weights_only=True``;
+  loses at most one epoch; a checkpoint must load with ``weights_only=True`` before nnU-Net
+  reads it back;
 * the final validation is skipped for fold ``all`` (it would score the network on its own
   pseudo-labels);
 * progress goes to the job's ``status.json`` when run by our job.
@@ -174,7 +175,10 @@ class nnUNetTrainerCheckpointEnsemble(nnUNetTrainer):  # noqa: N801 (nnU-Net nam
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if isinstance(filename_or_checkpoint, (str, os.PathLike)):
-            filename_or_checkpoint = load_checkpoint_file(filename_or_checkpoint, self.device)
+            # nnU-Net 2.8.1 unpickles with weights_only=False and its dict branch is broken
+            # (``checkpoint`` unbound), so: refuse anything that does not load safely first.
+            load_checkpoint_file(filename_or_checkpoint, "cpu")
+            filename_or_checkpoint = str(filename_or_checkpoint)
         super().load_checkpoint(filename_or_checkpoint)
 
     def perform_actual_validation(self, save_probabilities: bool = False):

@@ -1,0 +1,184 @@
+"""Export of pseudo-labels as a raw nnU-Net v2 dataset: round trips read back with nnU-Net's own
+readers, nnU-Net's integrity check, refusal to overwrite, atomicity."""
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from napari_medclipsam.core.errors import InputError
+from napari_medclipsam.nnunet.export import (
+    CASES_FILE,
+    ExportCase,
+    _verify,
+    cases_from_arrays,
+    cases_from_folders,
+    export_dataset,
+    pair_images_and_masks,
+    read_case_list,
+)
+
+
+def disk_image(seed, size=48, dtype=np.uint8):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+    mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 6) ** 2
+    img = (rng.normal(60, 15, (size, size)) + 120 * mask).clip(0, 255).astype(dtype)
+    return img, mask.astype(np.uint8)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_2d_round_trip_passes_nnunets_check(tmp_path):
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+
+    cases = []
+    for i in range(3):
+        img, mask = disk_image(i)
+        cases += cases_from_arrays(img, mask * 2, f"us {i}", corrected=i == 0)  # label 2 -> 1
+    res = export_dataset(cases, tmp_path, 12, "Breast", label_name="tumor")
+    ds = tmp_path / "Dataset012_Breast"
+    assert res.folder == ds and res.file_ending == ".png"
+    assert res.cases == ["us_0", "us_1", "us_2"]
+    meta = json.loads((ds / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "tumor": 1}
+    assert meta["numTraining"] == 3 and meta["channel_names"] == {"0": "image"}
+    rw = NaturalImage2DIO()
+    for i, case in enumerate(res.cases):
+        img, mask = disk_image(i)
+        data, props = rw.read_images([str(ds / "imagesTr" / f"{case}_0000.png")])
+        seg, _ = rw.read_seg(str(ds / "labelsTr" / f"{case}.png"))
+        np.testing.assert_array_equal(data[0, 0], img)
+        np.testing.assert_array_equal(seg[0, 0], mask)         # binary 0/1
+    record = read_case_list(ds)
+    assert [record[c]["corrected"] for c in res.cases] == [True, False, False]
+    assert (res.n_corrected, res.n_zero_shot) == (1, 2)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_3d_volume_round_trip_keeps_spacing_and_passes_check(tmp_path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0, 100, (6, 20, 24)).astype(np.int16)   # CT-like, signed
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[2:4, 5:12, 6:15] = 1
+    cases = cases_from_arrays(vol, lab, "ct01", spacing=(3.0, 0.8, 0.7),
+                              origin=(10.0, -5.0, 2.5))
+    res = export_dataset(cases, tmp_path, 5, "Lung", channel_name="CT")
+    ds = tmp_path / "Dataset005_Lung"
+    assert res.file_ending == ".nii.gz"
+    assert json.loads((ds / "dataset.json").read_text())["channel_names"] == {"0": "CT"}
+    data, props = SimpleITKIO().read_images([str(ds / "imagesTr" / "ct01_0000.nii.gz")])
+    np.testing.assert_array_equal(data[0], vol)
+    np.testing.assert_allclose(props["spacing"], (3.0, 0.8, 0.7))          # (Z, Y, X)
+    np.testing.assert_allclose(props["sitk_stuff"]["origin"], (2.5, -5.0, 10.0))  # (X, Y, Z)
+    seg, _ = SimpleITKIO().read_seg(str(ds / "labelsTr" / "ct01.nii.gz"))
+    np.testing.assert_array_equal(seg[0], lab)
+
+
+def test_stack_as_2d_slices_exports_labelled_slices_only(tmp_path):
+    vol = np.stack([disk_image(i)[0] for i in range(5)])
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[1] = disk_image(1)[1]
+    lab[3] = disk_image(3)[1]
+    cases = cases_from_arrays(vol, lab, "stack", spacing=(2.0, 1.0, 1.0), as_slices=True)
+    assert [c.case_id for c in cases] == ["stack_z001", "stack_z003"]
+    assert len(cases_from_arrays(vol, lab, "stack", as_slices=True, slices="all")) == 5
+    res = export_dataset(cases, tmp_path, 3, "Stack", verify=False)
+    assert res.file_ending == ".png" and len(res.cases) == 2
+    with pytest.raises(InputError, match="No slice"):
+        cases_from_arrays(vol, np.zeros_like(lab), "stack", as_slices=True)
+
+
+def test_rgb_with_equal_channels_becomes_grayscale_and_colour_stays_rgb(tmp_path):
+    img, mask = disk_image(0)
+    gray_rgb = np.repeat(img[..., None], 3, axis=2)
+    export_dataset(cases_from_arrays(gray_rgb, mask, "g"), tmp_path, 1, "Gray", verify=False)
+    assert iio.imread(tmp_path / "Dataset001_Gray/imagesTr/g_0000.png").ndim == 2
+    colour = gray_rgb.copy()
+    colour[..., 0] //= 2
+    export_dataset(cases_from_arrays(colour, mask, "c"), tmp_path, 2, "Colour", verify=False)
+    meta = json.loads((tmp_path / "Dataset002_Colour/dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "R", "1": "G", "2": "B"}
+
+
+def test_existing_dataset_is_never_overwritten_and_append_adds(tmp_path):
+    img, mask = disk_image(0)
+    export_dataset(cases_from_arrays(img, mask, "a"), tmp_path, 7, "X", verify=False)
+    ds = tmp_path / "Dataset007_X"
+    before = snapshot(ds)
+    with pytest.raises(InputError, match="exists already"):
+        export_dataset(cases_from_arrays(img, mask, "b"), tmp_path, 7, "X", verify=False)
+    with pytest.raises(InputError, match="exists already"):   # same ID, other name
+        export_dataset(cases_from_arrays(img, mask, "b"), tmp_path, 7, "Y", verify=False)
+    with pytest.raises(InputError, match="never overwritten"):  # same case on append
+        export_dataset(cases_from_arrays(img, 1 - mask, "a"), tmp_path, 7, "X", append=True,
+                       verify=False)
+    assert snapshot(ds) == before
+    img2, mask2 = disk_image(1)
+    res = export_dataset(cases_from_arrays(img2, mask2, "b", corrected=False), tmp_path, 7,
+                         "X", append=True)
+    assert res.appended and res.cases == ["b"]
+    meta = json.loads((ds / "dataset.json").read_text())
+    assert meta["numTraining"] == 2
+    assert set(json.loads((ds / CASES_FILE).read_text())) == {"a", "b"}
+    assert (ds / "labelsTr/a.png").read_bytes() == before[ds.relative_to(ds) / "labelsTr/a.png"]
+
+
+def test_interrupted_export_leaves_nothing(tmp_path):
+    def cases():
+        for i in range(3):
+            img, mask = disk_image(i)
+            yield ExportCase(f"c{i}", img, mask)
+        raise KeyboardInterrupt   # the user stops it half way
+
+    with pytest.raises(KeyboardInterrupt):
+        export_dataset(cases(), tmp_path, 9, "Half", verify=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_are_refused_with_a_reason(tmp_path):
+    img, mask = disk_image(0)
+    with pytest.raises(InputError, match="do not match"):
+        cases_from_arrays(img, mask[:10], "x")
+    with pytest.raises(InputError, match="empty"):
+        export_dataset(cases_from_arrays(img, 0 * mask, "x"), tmp_path, 4, "E", verify=False)
+    with pytest.raises(InputError, match="dataset ID"):
+        export_dataset(cases_from_arrays(img, mask, "x"), tmp_path, 1000, "E", verify=False)
+    # a float slice cannot join a PNG dataset
+    mixed = [ExportCase("u8", img, mask), ExportCase("f32", img.astype(np.float32), mask)]
+    with pytest.raises(InputError, match="PNG"):
+        export_dataset(mixed, tmp_path, 4, "Mixed", verify=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_nnunet_check_catches_a_broken_dataset(tmp_path):
+    img, mask = disk_image(0)
+    export_dataset(cases_from_arrays(img, mask, "a"), tmp_path, 8, "Broken", verify=False)
+    ds = tmp_path / "Dataset008_Broken"
+    iio.imwrite(ds / "labelsTr/a.png", np.zeros((10, 10), np.uint8))   # wrong shape
+    with pytest.raises(InputError, match="dataset check failed"):
+        _verify(ds)
+
+
+def test_folders_are_paired_by_name_not_listing_order(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    for i, name in enumerate(["zeta", "alpha", "mid"]):
+        img, mask = disk_image(i)
+        iio.imwrite(tmp_path / "img" / f"{name}.png", img)
+        iio.imwrite(tmp_path / "msk" / f"{name}_mask.png", mask * 255)
+    pairs = pair_images_and_masks(tmp_path / "img", tmp_path / "msk")
+    assert [(a.stem, b.stem) for a, b in pairs] == [
+        ("alpha", "alpha_mask"), ("mid", "mid_mask"), ("zeta", "zeta_mask")]
+    cases = list(cases_from_folders(tmp_path / "img", tmp_path / "msk", corrected=True))
+    np.testing.assert_array_equal(cases[2].mask > 0, disk_image(0)[1] > 0)   # zeta = seed 0
+    iio.imwrite(tmp_path / "img" / "lonely.png", disk_image(5)[0])
+    with pytest.raises(InputError, match="lonely.png"):
+        pair_images_and_masks(tmp_path / "img", tmp_path / "msk")
