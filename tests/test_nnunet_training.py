@@ -112,6 +112,16 @@ def test_ensemble_prediction_is_the_mean_softmax_with_its_entropy(trained):
     np.testing.assert_array_equal(out.mask, out.probabilities[1] > 0.5)
     # after a few iterations the network already sees the disk
     assert out.foreground[disk].mean() > out.foreground[~disk].mean() + 0.1
+    # our batched mirroring averages exactly what nnU-Net's one-flip-at-a-time loop does
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    mirrored = load_ensemble(model_dir, device="cpu", use_mirroring=True)
+    x = torch.randn(1, 1, *mirrored.configuration_manager.patch_size)
+    np.testing.assert_allclose(
+        mirrored._internal_maybe_mirror_and_predict(x).numpy(),
+        nnUNetPredictor._internal_maybe_mirror_and_predict(mirrored, x).numpy(),
+        rtol=1e-4, atol=1e-4)
     # a stack of three copies with a 2-D model: slice by slice, same maps
     stack = ens.predict_image(np.stack([img] * 3), spacing=(5.0, 1.0, 1.0))
     np.testing.assert_allclose(stack.probabilities[:, 1], out.probabilities, atol=1e-5)
