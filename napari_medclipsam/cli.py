@@ -814,12 +814,10 @@ def run_nnunet(args: argparse.Namespace) -> int:
                   "val_iterations_per_epoch": args.val_iterations_per_epoch,
                   "lr_max": args.lr, "lr_min": args.lr_min}
         given = {k: v for k, v in values.items() if v is not None}
-        saved = {}
-        if args.resume:
-            job_json = job.job_dir_for(folders, args.dataset_id) / "job.json"
-            if job_json.is_file():
-                saved = json.loads(job_json.read_text()).get("schedule", {})
-        schedule = EnsembleSchedule(**{**saved, **given})
+        saved = job.saved_schedule(job.job_dir_for(folders, args.dataset_id)) \
+            if args.resume else None
+        schedule = EnsembleSchedule(**{**(dataclasses.asdict(saved) if saved else {}),
+                                       **given})
         job_dir = job.start_training(args.dataset_id, schedule, folders=folders,
                                      configuration=args.configuration, device=args.device,
                                      resume=args.resume, restart=args.restart,

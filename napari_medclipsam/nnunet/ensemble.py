@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import CancelledError, InputError
+
+NATURAL_ENDINGS = (".png", ".bmp", ".tif")
 
 # --------------------------------------------------------------------------- maths
 
@@ -137,6 +140,30 @@ def probabilities_to_mask(probabilities: np.ndarray, threshold: float = 0.5) -> 
 
 
 # --------------------------------------------------------------------------- predictor
+
+
+def avoid_triton_llvm_clash() -> bool:
+    """Hide ``triton`` from this process when Mesa's ``libLLVM`` is loaded; True if hidden.
+
+    nnU-Net's predictor imports ``torch._dynamo``, which imports ``triton`` if it is
+    installed (CUDA builds of torch on Linux ship it). ``triton``'s own statically linked LLVM
+    crashes the process (segmentation fault) when Mesa's ``libLLVM`` is already loaded, which
+    is the case in napari with software OpenGL (llvmpipe) or radeonsi. Triton is only used by
+    ``torch.compile``, which the prediction does not use; with ``sys.modules['triton'] = None``
+    torch sees no triton.
+    """
+    if "triton" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    if "libLLVM" not in maps:
+        return False
+    sys.modules["triton"] = None
+    return True
+
+
 
 
 def list_checkpoints(model_dir: str | Path) -> list[Path]:
@@ -301,8 +328,9 @@ def _make_predictor_class():
             """Predict an image in this package's conventions; outputs drop the channel axis.
 
             ``image`` is (Y, X), (Y, X, 3) RGB or (Z, Y, X); ``spacing`` per spatial axis
-            (e.g. a napari layer's ``scale``). A 3-D stack with a 2-D model is predicted
-            slice by slice. Returned maps have the image's spatial shape.
+            (e.g. a napari layer's ``scale``; ignored for models trained on PNG/BMP/TIFF
+            images, which carry no spacing). A 3-D stack with a 2-D model is predicted slice
+            by slice. Returned maps have the image's spatial shape.
             """
             image = np.asarray(image)
             n_in = len(self.dataset_json["channel_names"])
@@ -332,6 +360,10 @@ def _make_predictor_class():
             else:
                 raise InputError(f"Expected (Y, X), (Y, X, 3) or (Z, Y, X); got {image.shape}.")
             sp = [float(s) for s in spacing] if spacing is not None else [1.0] * spatial_ndim
+            if self.dataset_json.get("file_ending") in NATURAL_ENDINGS:
+                # Trained on PNG/BMP/TIFF: nnU-Net saw no spacing (1 per pixel), so a layer's
+                # scale must not make it resample; predict in pixels.
+                sp = [1.0] * spatial_ndim
             sp = [999.0, *sp[-2:]] if spatial_ndim == 2 else sp[-3:]
             out = self.predict_nnunet_array(data, sp, should_stop=should_stop,
                                             progress=progress)
@@ -365,6 +397,7 @@ def load_ensemble(model_dir: str | Path, checkpoints: Sequence[str | Path] | Non
         nnU-Net's mirroring test-time augmentation (its default; 4x the work in 2-D).
     """
     global _PREDICTOR_CLASS
+    avoid_triton_llvm_clash()   # before nnU-Net's predictor imports torch._dynamo
     from .job import _pick_device
 
     if _PREDICTOR_CLASS is None:

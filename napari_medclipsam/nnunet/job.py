@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ PLANS = "nnUNetPlans"
 FOLD = "all"
 JOB_DIR_ENV = "MEDCLIPSAM_NNUNET_JOB_DIR"
 RUNNING_PHASES = ("starting", "planning", "preprocessing", "training")
+_BARE_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+:\s*$")
 ENV_NAMES = {"raw": "nnUNet_raw", "preprocessed": "nnUNet_preprocessed",
              "results": "nnUNet_results"}
 
@@ -71,7 +73,7 @@ class NnUNetFolders:
 
 def dataset_name_for(folders: NnUNetFolders, dataset_id: int) -> str:
     """``Dataset{ID:03d}_{Name}`` as found in the raw (or preprocessed) folder."""
-    for base in (folders.raw, folders.preprocessed):
+    for base in (folders.raw, folders.preprocessed, folders.results):
         hits = sorted(base.glob(f"Dataset{dataset_id:03d}_*")) if base.is_dir() else []
         if hits:
             return hits[0].name
@@ -158,9 +160,11 @@ def tail(path: Path, lines: int = 20) -> str:
             text = f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-    # progress bars rewrite their line with \r: keep the last state of each line
+    # progress bars rewrite their line with \r: keep the last state of each line; drop
+    # nnU-Net's empty log lines (a bare timestamp)
     rows = [row.split("\r")[-1] for row in text.splitlines()]
-    return "\n".join([r for r in rows if r.strip()][-lines:])
+    rows = [r for r in rows if r.strip() and not _BARE_TIMESTAMP.match(r)]
+    return "\n".join(rows[-lines:]) if lines > 0 else ""
 
 
 # --------------------------------------------------------------------------- start / cancel
@@ -309,6 +313,12 @@ def cancel(job_dir: str | Path, timeout: float = 10.0) -> bool:
     psutil.wait_procs(alive, timeout=timeout)
     update_status(job_dir, phase="cancelled", cancelled=time.time())
     return True
+
+
+def saved_schedule(job_dir: str | Path) -> EnsembleSchedule | None:
+    """The schedule a job was started with (what ``resume`` must be given), if any."""
+    data = _read_json(Path(job_dir) / "job.json").get("schedule")
+    return EnsembleSchedule(**data) if data else None
 
 
 def wait(job_dir: str | Path, timeout: float | None = None, poll: float = 0.5) -> dict:
