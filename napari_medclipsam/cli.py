@@ -748,36 +748,6 @@ def _folders(args: argparse.Namespace, raw: str | None = None):
                                  args.results)
 
 
-def _fmt_duration(seconds) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def format_status(status: dict) -> str:
-    """One line: phase, epoch, cycle, loss, pseudo-Dice, ETA."""
-    parts = [status.get("phase", "none")]
-    if status.get("epochs"):
-        parts.append(f"epoch {status.get('epoch', 0)}/{status['epochs']}")
-    if status.get("cycles"):
-        parts.append(f"cycle {status.get('cycle', 0)}/{status['cycles']}")
-    if status.get("train_loss") is not None:
-        parts.append(f"loss {status['train_loss']:.4f}")
-    if status.get("pseudo_dice") is not None:
-        parts.append(f"pseudo-Dice {status['pseudo_dice']:.3f}")
-    if status.get("lr") is not None:
-        parts.append(f"lr {status['lr']:.2e}")
-    if status.get("running") and status.get("eta_s") is not None:
-        parts.append(f"ETA {_fmt_duration(status['eta_s'])}")
-    if status.get("checkpoints"):
-        parts.append(f"{len(status['checkpoints'])} ensemble checkpoints")
-    if status.get("error"):
-        parts.append(f"error: {status['error']}")
-    return " | ".join(parts)
-
-
 def run_nnunet(args: argparse.Namespace) -> int:
     import os
 
@@ -850,7 +820,7 @@ def run_nnunet(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(status, indent=2, default=str))
             return 0
-        print(format_status(status))
+        print(job.format_status(status, details=True))
         if status.get("log_tail"):
             print(status["log_tail"])
         return 0 if status.get("phase") != "failed" else 1
@@ -871,7 +841,7 @@ def _follow(job_dir) -> int:
     try:
         while True:
             status = job.read_status(job_dir, log_lines=0)
-            line = format_status(status)
+            line = job.format_status(status, details=True)
             if line != last:
                 print(line, file=sys.stderr)
                 last = line

@@ -22,10 +22,10 @@ from napari_medclipsam._widgets.training_widget import (  # noqa: E402
     PROBABILITY,
     UNCERTAINTY,
     TrainingWidget,
-    format_eta,
     label_name_from_layer,
     status_line,
 )
+from napari_medclipsam.nnunet.job import format_eta  # noqa: E402
 
 SCALE3, TRANSLATE3 = (2.0, 0.5, 0.75), (10.0, 5.0, -3.0)
 FINAL = ("done", "failed", "cancelled", "crashed")
@@ -188,6 +188,8 @@ def test_export_train_and_predict(make_napari_viewer, folders, qtbot):
     w.predict()
     assert w.wait(180)
     assert "Ensemble of 2 checkpoint(s)" in w.last_status, w.last_status
+    worst = int(np.argmax(viewer.layers[UNCERTAINTY].data.mean(axis=(1, 2))))
+    assert f"Most uncertain slices: z={worst} " in w.last_status, w.last_status
     prob, mask, unc = (viewer.layers[n] for n in (PROBABILITY, MASK, UNCERTAINTY))
     for layer in (prob, mask, unc):
         assert layer.data.shape == stack.shape

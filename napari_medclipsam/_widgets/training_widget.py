@@ -50,7 +50,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from napari_medclipsam.core.errors import InputError
-from napari_medclipsam.nnunet.job import ENV_NAMES
+from napari_medclipsam.nnunet.job import ENV_NAMES, format_status
 
 if TYPE_CHECKING:
     import napari
@@ -65,36 +65,12 @@ RESUMABLE_PHASES = ("cancelled", "crashed", "failed")
 SETTINGS_FILE = "training_widget.json"
 
 
-def format_eta(seconds: float | None) -> str:
-    """``3 h 05 min``, ``12 min 40 s`` or ``9 s`` ('' when unknown)."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return ""
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600} h {(s % 3600) // 60:02d} min"
-    if s >= 60:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s} s"
-
-
 def status_line(status: dict) -> str:
     """``phase · epoch e/E · cycle c/D · loss · pseudo-Dice · ETA`` (known parts only)."""
     phase = status.get("phase", "none")
     if phase == "none":
         return "No training for this dataset yet."
-    parts = [phase]
-    if status.get("epochs"):
-        parts.append(f"epoch {status.get('epoch') or 0}/{status['epochs']}")
-    if status.get("cycles"):
-        parts.append(f"cycle {status.get('cycle') or 0}/{status['cycles']}")
-    if status.get("train_loss") is not None:
-        parts.append(f"loss {status['train_loss']:.4f}")
-    if status.get("pseudo_dice") is not None:
-        parts.append(f"pseudo-Dice {status['pseudo_dice']:.3f}")
-    eta = format_eta(status.get("eta_s")) if status.get("running") else ""
-    if eta:
-        parts.append(f"ETA {eta}")
-    line = " · ".join(parts)
+    line = format_status(status, sep=" · ")
     if phase == "failed" and status.get("error"):
         line += f"\n{status['error']}"
     elif phase == "crashed":
@@ -701,7 +677,18 @@ class TrainingWidget(QWidget):
         fg = float((result.mask > 0).mean())
         self._report(f"Ensemble of {result.n_checkpoints} checkpoint(s): {100 * fg:.1f}% "
                      f"foreground, mean uncertainty {float(result.entropy.mean()):.3f} nats "
-                     f"(max ln {predictor.n_classes} = {math.log(predictor.n_classes):.3f}).")
+                     f"(max ln {predictor.n_classes} = {math.log(predictor.n_classes):.3f})."
+                     + self._worst_slices(result.entropy, source))
+
+    @staticmethod
+    def _worst_slices(entropy, source) -> str:
+        """For a (Z, Y, X) prediction: the slices to correct first (highest mean entropy)."""
+        from napari_medclipsam.nnunet.ensemble import rank_slices
+
+        if entropy.ndim != 3 or getattr(source, "rgb", False) or entropy.shape[0] < 2:
+            return ""
+        worst = rank_slices(entropy)[:3]
+        return " Most uncertain slices: " + ", ".join(f"z={z} ({h:.3f})" for z, h in worst)
 
     def show_prediction(self, result, source, n_classes: int) -> None:
         """Add (or update) the probability, mask and uncertainty layers over ``source``."""

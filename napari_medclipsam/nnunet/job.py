@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -149,6 +150,42 @@ def read_status(job_dir: str | Path, log_lines: int = 20) -> dict:
     status["running"] = running and status.get("phase") in RUNNING_PHASES
     status["log_tail"] = tail(job_dir / "log.txt", log_lines)
     return status
+
+
+def format_eta(seconds: float | None) -> str:
+    """``3 h 05 min``, ``12 min 40 s`` or ``9 s`` ('' when unknown)."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return ""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
+
+
+def format_status(status: dict, sep: str = " | ", details: bool = False) -> str:
+    """One line: phase, epoch e/E, cycle c/D, loss, pseudo-Dice, ETA (known parts only);
+    with ``details`` also the learning rate, the ensemble checkpoints so far and the error."""
+    parts = [status.get("phase", "none")]
+    if status.get("epochs"):
+        parts.append(f"epoch {status.get('epoch') or 0}/{status['epochs']}")
+    if status.get("cycles"):
+        parts.append(f"cycle {status.get('cycle') or 0}/{status['cycles']}")
+    if status.get("train_loss") is not None:
+        parts.append(f"loss {status['train_loss']:.4f}")
+    if status.get("pseudo_dice") is not None:
+        parts.append(f"pseudo-Dice {status['pseudo_dice']:.3f}")
+    if details and status.get("lr") is not None:
+        parts.append(f"lr {status['lr']:.2e}")
+    eta = format_eta(status.get("eta_s")) if status.get("running") else ""
+    if eta:
+        parts.append(f"ETA {eta}")
+    if details and status.get("checkpoints"):
+        parts.append(f"{len(status['checkpoints'])} ensemble checkpoints")
+    if details and status.get("error"):
+        parts.append(f"error: {status['error']}")
+    return sep.join(parts)
 
 
 def tail(path: Path, lines: int = 20) -> str:
