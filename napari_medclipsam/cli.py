@@ -774,6 +774,11 @@ def run_nnunet(args: argparse.Namespace) -> int:
               f"({res.n_corrected} corrected, {res.n_zero_shot} zero-shot, "
               f"{res.file_ending}) to {res.folder}"
               + ("" if args.no_verify else "; nnU-Net's integrity check passed") + ".")
+        if res.converted:
+            shown = ", ".join(res.converted[:5]) + (" ..." if len(res.converted) > 5 else "")
+            print(f"Note: {len(res.converted)} image(s) had other channels than the dataset "
+                  f"(set by the first image) and were converted (colour -> gray by luminance, "
+                  f"or gray -> RGB): {shown}. See medclipsam_cases.json.")
         print(f"Next: medclipsam nnunet train --dataset-id {args.dataset_id}")
         return 0
     folders = _folders(args)

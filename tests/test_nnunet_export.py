@@ -108,6 +108,21 @@ def test_rgb_with_equal_channels_becomes_grayscale_and_colour_stays_rgb(tmp_path
     assert meta["channel_names"] == {"0": "R", "1": "G", "2": "B"}
 
 
+def test_a_colour_image_in_a_grayscale_dataset_is_converted_and_recorded(tmp_path):
+    # an ultrasound frame with coloured overlays among grayscale frames (as in BUSI)
+    img, mask = disk_image(0)
+    overlay = np.repeat(disk_image(1)[0][..., None], 3, axis=2)
+    overlay[5:10, 5:40] = (255, 255, 0)
+    cases = [*cases_from_arrays(img, mask, "gray"), *cases_from_arrays(overlay, mask, "over")]
+    res = export_dataset(cases, tmp_path, 6, "US", verify=False)
+    assert res.converted == ["over"]
+    out = iio.imread(tmp_path / "Dataset006_US/imagesTr/over_0000.png")
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert out[7, 20] == round(0.299 * 255 + 0.587 * 255)          # luminance of yellow
+    np.testing.assert_array_equal(out[20:, :], disk_image(1)[0][20:, :])   # gray part intact
+    assert read_case_list(tmp_path / "Dataset006_US")["over"]["converted"] == "colour->gray"
+
+
 def test_existing_dataset_is_never_overwritten_and_append_adds(tmp_path):
     img, mask = disk_image(0)
     export_dataset(cases_from_arrays(img, mask, "a"), tmp_path, 7, "X", verify=False)

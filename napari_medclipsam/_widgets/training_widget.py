@@ -484,7 +484,9 @@ class TrainingWidget(QWidget):
         self.last_export = payload
         verb = "Added" if payload.appended else "Exported"
         self._report(f"{verb} {len(payload.cases)} case(s) ({payload.n_corrected} corrected, "
-                     f"{payload.n_zero_shot} zero-shot) to {payload.folder}.")
+                     f"{payload.n_zero_shot} zero-shot) to {payload.folder}."
+                     + (" Converted to the dataset's channels: " + ", ".join(payload.converted)
+                        if payload.converted else ""))
         self.locate_job()
 
     # ----------------------------------------------------------------------- training

@@ -99,6 +99,8 @@ class ExportResult:
     n_zero_shot: int
     file_ending: str
     appended: bool
+    converted: list[str] = field(default_factory=list)
+    """Cases converted to the dataset's kind (colour -> gray by luminance, or gray -> RGB)."""
 
 
 # --------------------------------------------------------------------------- names
@@ -293,6 +295,19 @@ def _prepare(case: ExportCase) -> tuple[np.ndarray, np.ndarray, int, bool]:
     return image, (mask > 0).astype(np.uint8), n_channels, natural
 
 
+def _convert_channels(prepared: tuple, n_channels: int) -> tuple[tuple, str]:
+    """Convert a 2-D case to 1 channel (ITU-R BT.601 luminance) or to 3 (replicated)."""
+    image, mask, _, natural = prepared
+    if n_channels == 1:
+        rgb = image[..., :3].astype(np.float64)
+        gray = rgb @ np.array([0.299, 0.587, 0.114])
+        if image.dtype.kind in "ui":
+            info = np.iinfo(image.dtype)
+            gray = np.clip(np.rint(gray), info.min, info.max)
+        return (gray.astype(image.dtype), mask, 1, natural), "colour->gray"
+    return (np.repeat(image[..., None], 3, axis=2), mask, 3, natural), "gray->rgb"
+
+
 def _write_png(path: Path, data: np.ndarray) -> None:
     import imageio.v3 as iio
 
@@ -419,6 +434,7 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
         file_ending = old_json["file_ending"] if old_json else None
         n_channels = len(old_json["channel_names"]) if old_json else None
         written: dict[str, dict] = {}
+        converted: list[str] = []
         total = len(cases) if isinstance(cases, Sequence) else None
         for done, case in enumerate(cases, 1):
             if case.case_id in written or case.case_id in old_cases or (
@@ -426,11 +442,16 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
                 raise InputError(f"Case {case.case_id!r} exists already in {folder_name}: "
                                  "cases are never overwritten; rename it.")
             prepared = _prepare(case)
+            conversion = None
             if n_channels is None:
                 n_channels = prepared[2]
             elif prepared[2] != n_channels:
-                raise InputError(f"{case.case_id} has {prepared[2]} channel(s), the dataset "
-                                 f"{n_channels}: convert the images to the same kind.")
+                if case.is_volume:
+                    raise InputError(f"{case.case_id} has {prepared[2]} channel(s), the "
+                                     f"dataset {n_channels}: export it to a new dataset.")
+                # One image of another kind in a dataset (an ultrasound frame with coloured
+                # overlays among grayscale ones): convert it, and say so.
+                prepared, conversion = _convert_channels(prepared, n_channels)
             if file_ending is None:
                 # Decided by the first case: PNG only for 2-D natural (8/16-bit) images.
                 file_ending = ".png" if prepared[3] else ".nii.gz"
@@ -443,6 +464,9 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
                 "corrected": bool(case.corrected), "source": case.source,
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "foreground_fraction": round(float(prepared[1].mean()), 6)}
+            if conversion:
+                written[case.case_id]["converted"] = conversion
+                converted.append(case.case_id)
             if progress:
                 progress(done, total)
         if not written:
@@ -490,7 +514,7 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
                 raise
         n_corr = sum(v["corrected"] for v in written.values())
         return ExportResult(target, folder_name, list(written), n_corr, len(written) - n_corr,
-                            file_ending, existing is not None)
+                            file_ending, existing is not None, converted)
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
