@@ -107,3 +107,19 @@ def test_ranking_puts_the_most_uncertain_case_and_slice_first():
     assert rows[1]["worst_slice"] == 3
     assert rows[0]["worst_slice"] is None
     assert [i for i, _ in rank_slices(vol)[:2]] == [3, 1]
+
+
+def test_images_are_matched_to_the_models_channels_as_the_export_did():
+    from napari_medclipsam.nnunet.ensemble import match_channels
+
+    gray = np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4)
+    rgb_equal = np.repeat(gray, 3, axis=0)
+    np.testing.assert_array_equal(match_channels(rgb_equal, 1), gray)   # gray saved as RGB
+    rgba = np.concatenate([rgb_equal, np.full_like(gray, 255)])
+    np.testing.assert_array_equal(match_channels(rgba, 1), gray)        # alpha ignored
+    np.testing.assert_array_equal(match_channels(gray, 3), rgb_equal)
+    yellow = np.zeros((3, 1, 1, 1), np.uint8)
+    yellow[:2] = 255
+    assert match_channels(yellow, 1)[0, 0, 0, 0] == round(0.299 * 255 + 0.587 * 255)
+    with pytest.raises(InputError, match="2 channel"):
+        match_channels(np.zeros((2, 1, 2, 2)), 1)

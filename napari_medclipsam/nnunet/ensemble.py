@@ -423,6 +423,21 @@ def _case_name(path: Path, file_ending: str) -> str:
     return re.sub(r"_0000$", "", name)
 
 
+def match_channels(data: np.ndarray, n_in: int, name: str = "image") -> np.ndarray:
+    """(C, ...) image -> the model's channel count, as the export did: RGB(A) -> 1 channel by
+    luminance (exact for gray stored as RGB), 1 -> 3 by replication; alpha dropped."""
+    from .export import luminance
+
+    c = data.shape[0]
+    if c == n_in:
+        return data
+    if n_in == 1 and c in (3, 4):
+        return luminance(data, axis=0)[None]
+    if n_in == 3 and c in (1, 4):
+        return data[:3] if c == 4 else np.repeat(data, 3, axis=0)
+    raise InputError(f"{name} has {c} channel(s); the model takes {n_in}.")
+
+
 def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
                    overwrite: bool = False,
                    progress: Callable[[int, int], None] | None = None) -> list[dict]:
@@ -450,10 +465,12 @@ def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"{out_dir} is not empty: choose a new folder or pass --overwrite.")
     reader = predictor.plans_manager.image_reader_writer_class()
+    n_in = len(predictor.dataset_json["channel_names"])
     entropies, foregrounds = {}, {}
     for i, (path, case) in enumerate(zip(files, names, strict=True)):
         data, props = reader.read_images([str(path)])
-        out = predictor.predict_nnunet_array(data, props["spacing"])
+        out = predictor.predict_nnunet_array(match_channels(data, n_in, path.name),
+                                             props["spacing"])
         fg, mask, h = out.foreground, out.mask, out.entropy
         if fg.shape[0] == 1:   # a 2-D image is (1, Y, X) in nnU-Net's layout
             fg, mask, h = fg[0], mask[0], h[0]

@@ -295,16 +295,21 @@ def _prepare(case: ExportCase) -> tuple[np.ndarray, np.ndarray, int, bool]:
     return image, (mask > 0).astype(np.uint8), n_channels, natural
 
 
+def luminance(rgb: np.ndarray, axis: int = -1) -> np.ndarray:
+    """ITU-R BT.601 luminance of RGB(A) along ``axis``, in the input's dtype (rounded)."""
+    rgb = np.moveaxis(np.asarray(rgb), axis, -1)
+    gray = rgb[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if rgb.dtype.kind in "ui":
+        info = np.iinfo(rgb.dtype)
+        gray = np.clip(np.rint(gray), info.min, info.max)
+    return gray.astype(rgb.dtype)
+
+
 def _convert_channels(prepared: tuple, n_channels: int) -> tuple[tuple, str]:
     """Convert a 2-D case to 1 channel (ITU-R BT.601 luminance) or to 3 (replicated)."""
     image, mask, _, natural = prepared
     if n_channels == 1:
-        rgb = image[..., :3].astype(np.float64)
-        gray = rgb @ np.array([0.299, 0.587, 0.114])
-        if image.dtype.kind in "ui":
-            info = np.iinfo(image.dtype)
-            gray = np.clip(np.rint(gray), info.min, info.max)
-        return (gray.astype(image.dtype), mask, 1, natural), "colour->gray"
+        return (luminance(image), mask, 1, natural), "colour->gray"
     return (np.repeat(image[..., None], 3, axis=2), mask, 3, natural), "gray->rgb"
 
 
