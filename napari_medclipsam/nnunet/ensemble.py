@@ -338,15 +338,8 @@ def _make_predictor_class():
                 rgb = image.ndim == 3 and image.shape[-1] in (3, 4) and n_in == 3
             if rgb or (image.ndim == 3 and image.shape[-1] in (3, 4) and n_in == 1
                        and image.shape[0] > 4):
-                chans = image[..., :3]
-                if n_in == 1:
-                    if not ((chans[..., 0] == chans[..., 1]).all()
-                            and (chans[..., 0] == chans[..., 2]).all()):
-                        raise InputError("This model takes one channel but the image is in "
-                                         "colour: convert it to grayscale first.")
-                    data = chans[..., 0][None, None]
-                else:
-                    data = chans.transpose(2, 0, 1)[:, None]
+                # (Y, X, C) -> (C, 1, Y, X), then to the model's channels as the export did
+                data = match_channels(image[..., :3].transpose(2, 0, 1)[:, None], n_in)
                 spatial_ndim = 2
             elif image.ndim == 2:
                 if n_in != 1:
