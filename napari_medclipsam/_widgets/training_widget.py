@@ -511,7 +511,11 @@ class TrainingWidget(QWidget):
             job = json.loads((job_dir / "job.json").read_text())
         except (OSError, ValueError):
             return
-        sched = job.get("schedule") or {}
+        self._apply_run_fields(job)
+
+    def _apply_run_fields(self, run: dict[str, Any]) -> None:
+        """Schedule, device, configuration and data workers from a job.json or settings."""
+        sched = run.get("schedule") or {}
         for key, spin in (("epochs", self.epochs_spin), ("cycles", self.cycles_spin),
                           ("checkpoints_per_cycle", self.checkpoints_spin),
                           ("iterations_per_epoch", self.iterations_spin),
@@ -520,14 +524,14 @@ class TrainingWidget(QWidget):
                 spin.setValue(int(sched[key]))
         if "lr_max" in sched:
             self.lr_spin.setValue(float(sched["lr_max"]))
-        if "lr_min" in sched:
+        if "lr_min" in sched:   # job.json only: the settings do not keep it
             self.lr_min = float(sched["lr_min"])
-        if job.get("device") in DEVICES:
-            self.device_combo.setCurrentText(job["device"])
-        if job.get("configuration") in CONFIGURATIONS:
-            self.configuration_combo.setCurrentText(job["configuration"])
-        if "data_workers" in job:
-            self.data_workers = job["data_workers"]
+        if run.get("device") in DEVICES:
+            self.device_combo.setCurrentText(run["device"])
+        if run.get("configuration") in CONFIGURATIONS:
+            self.configuration_combo.setCurrentText(run["configuration"])
+        if "data_workers" in run:
+            self.data_workers = run["data_workers"]
 
     def start(self) -> None:
         """Start a training (deleting the previous one only if "start over" is ticked)."""
@@ -764,21 +768,7 @@ class TrainingWidget(QWidget):
             self._label_name_edited = state["label_name"] != "target"
         self.corrected_check.setChecked(bool(state.get("corrected", True)))
         self.slices_check.setChecked(bool(state.get("as_slices", True)))
-        sched = state.get("schedule") or {}
-        for key, spin in (("epochs", self.epochs_spin), ("cycles", self.cycles_spin),
-                          ("checkpoints_per_cycle", self.checkpoints_spin),
-                          ("iterations_per_epoch", self.iterations_spin),
-                          ("val_iterations_per_epoch", self.val_iterations_spin)):
-            if key in sched:
-                spin.setValue(int(sched[key]))
-        if "lr_max" in sched:
-            self.lr_spin.setValue(float(sched["lr_max"]))
-        if state.get("device") in DEVICES:
-            self.device_combo.setCurrentText(state["device"])
-        if state.get("configuration") in CONFIGURATIONS:
-            self.configuration_combo.setCurrentText(state["configuration"])
-        if "data_workers" in state:
-            self.data_workers = state["data_workers"]
+        self._apply_run_fields(state)
 
     def save_settings(self) -> None:
         """Remember folders, dataset and schedule for the next session."""

@@ -73,11 +73,13 @@ class NnUNetFolders:
 
 
 def dataset_name_for(folders: NnUNetFolders, dataset_id: int) -> str:
-    """``Dataset{ID:03d}_{Name}`` as found in the raw (or preprocessed) folder."""
+    """``Dataset{ID:03d}_{Name}`` as found in the raw, preprocessed or results folder."""
+    from .export import find_dataset
+
     for base in (folders.raw, folders.preprocessed, folders.results):
-        hits = sorted(base.glob(f"Dataset{dataset_id:03d}_*")) if base.is_dir() else []
-        if hits:
-            return hits[0].name
+        found = find_dataset(base, dataset_id)
+        if found is not None:
+            return found.name
     raise InputError(f"No Dataset{dataset_id:03d}_* in {folders.raw}: export the "
                      f"pseudo-labels first (medclipsam nnunet export).")
 
@@ -96,9 +98,9 @@ def model_dir_for(folders: NnUNetFolders, dataset_id: int, configuration: str = 
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from ..core.io import write_text
+
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def update_status(job_dir: str | Path, **fields) -> dict:
@@ -256,9 +258,9 @@ def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
         if status.get("phase") == "done":
             raise InputError(f"The training of {name} is finished already: predict with it, or "
                              "start over with restart.")
-        old = _read_json(job_dir / "job.json")
-        if old.get("schedule") and EnsembleSchedule(**old["schedule"]) != schedule:
-            raise InputError(f"The run was started with {EnsembleSchedule(**old['schedule'])}; "
+        old = saved_schedule(job_dir)
+        if old is not None and old != schedule:
+            raise InputError(f"The run was started with {old}; "
                              "resume it with the same schedule (or start over with restart).")
     elif has_previous and not restart:
         raise InputError(f"{name} has a training already ({model_dir}): resume it, or start "
@@ -374,17 +376,12 @@ def wait(job_dir: str | Path, timeout: float | None = None, poll: float = 0.5) -
 
 
 def _pick_device(name: str):
+    """``auto``/``cpu``/``cuda``/``mps`` -> torch.device (the package's device choice)."""
     import torch
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda was asked for but CUDA is not available here.")
-    return torch.device(name)
+    from ..core.models import resolve_device
+
+    return torch.device(resolve_device(name))
 
 
 def _plan_and_preprocess(job: dict, job_dir: Path) -> None:
