@@ -1,0 +1,243 @@
+"""``medclipsam nnunet export|train|predict|status|cancel``: weak supervision with nnU-Net v2
+(pseudo-label export, background training with checkpoint ensembling, ensemble prediction)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+from ..nnunet.schedule import EnsembleSchedule
+from .common import CLIError, tqdm_progress
+
+__all__ = ["add_parser", "run_nnunet"]
+
+
+def add_parser(sub) -> None:
+    """Register ``nnunet`` and its actions on the top-level subparsers."""
+    nn = sub.add_parser(
+        "nnunet", help="weak supervision: export pseudo-labels, train nnU-Net with checkpoint "
+                       "ensembling, predict with an uncertainty map.",
+        description="nnU-Net v2 weak supervision (MedCLIP-SAMv2). nnU-Net's folders come from "
+                    "--raw/--preprocessed/--results or $nnUNet_raw, $nnUNet_preprocessed, "
+                    "$nnUNet_results.")
+    nn.set_defaults(func=run_nnunet)
+    nsub = nn.add_subparsers(dest="nnunet_command", metavar="ACTION")
+
+    def folders(p, raw=True):
+        g = p.add_argument_group("nnU-Net folders (default: the nnUNet_* environment variables)")
+        if raw:
+            g.add_argument("--raw", metavar="DIR", help="nnUNet_raw.")
+        g.add_argument("--preprocessed", metavar="DIR", help="nnUNet_preprocessed.")
+        g.add_argument("--results", metavar="DIR", help="nnUNet_results.")
+
+    def dataset(p):
+        p.add_argument("--dataset-id", type=int, required=True, metavar="N",
+                       help="the dataset's number (Dataset{N:03d}_NAME).")
+
+    ex = nsub.add_parser("export", help="images + masks -> a raw nnU-Net v2 dataset.",
+                         description="Pair images with masks by file name (case.png <-> "
+                                     "case.png or case_mask.png) and write "
+                                     "OUT/Dataset{ID:03d}_{NAME}; nnU-Net's integrity check "
+                                     "runs on it. Nothing is overwritten.")
+    ex.add_argument("--images", required=True, metavar="DIR", help="folder of images.")
+    ex.add_argument("--masks", required=True, metavar="DIR",
+                    help="folder of masks (e.g. medclipsam segment's OUT/masks).")
+    dataset(ex)
+    ex.add_argument("--name", required=True, help="dataset name (letters, digits, _ and -).")
+    ex.add_argument("--out", metavar="RAW_DIR", help="nnU-Net raw folder (default $nnUNet_raw).")
+    ex.add_argument("--label-name", default="target", help="name of label 1 (e.g. tumor).")
+    ex.add_argument("--channel-name", default=None,
+                    help="input channel name; 'CT' makes nnU-Net use CT normalisation (HU "
+                         "data), anything else z-score (default 'image').")
+    ex.add_argument("--corrected", action="store_true",
+                    help="record these masks as corrected by hand (default: raw zero-shot).")
+    ex.add_argument("--append", action="store_true",
+                    help="add the cases to an existing dataset with this ID.")
+    ex.add_argument("--no-verify", action="store_true",
+                    help="skip nnU-Net's verify_dataset_integrity.")
+
+    d = EnsembleSchedule()
+    tr = nsub.add_parser("train", help="plan, preprocess and train in the background.",
+                         description="Start nnU-Net planning, preprocessing and training with "
+                                     "checkpoint ensembling as a background process (it goes "
+                                     "on after this command returns; watch it with 'status', "
+                                     "stop it with 'cancel', continue with --resume).")
+    dataset(tr)
+    g = tr.add_argument_group("checkpoint ensembling")
+    g.add_argument("--epochs", type=int, help=f"E, total epochs (default {d.epochs}).")
+    g.add_argument("--cycles", type=int, help=f"D, learning-rate cycles (default {d.cycles}).")
+    g.add_argument("--checkpoints-per-cycle", type=int,
+                   help=f"G_d, last checkpoints kept per cycle (default "
+                        f"{d.checkpoints_per_cycle}).")
+    g.add_argument("--iterations-per-epoch", type=int,
+                   help=f"default {d.iterations_per_epoch} (nnU-Net's).")
+    g.add_argument("--val-iterations-per-epoch", type=int,
+                   help=f"default {d.val_iterations_per_epoch}.")
+    g.add_argument("--lr", type=float, help=f"maximum learning rate (default {d.lr_max}).")
+    g.add_argument("--lr-min", type=float,
+                   help=f"learning rate at the end of each cycle (default {d.lr_min}).")
+    tr.add_argument("--configuration", default="2d", choices=("2d", "3d_fullres"),
+                    help="nnU-Net configuration (default 2d, the paper's).")
+    tr.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                    help="default auto: CUDA, then MPS, then CPU.")
+    tr.add_argument("--data-workers", type=int, default=None,
+                    help="nnU-Net's augmentation processes (nnUNet_n_proc_DA; default: "
+                         "nnU-Net's choice).")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue a cancelled or crashed run from its last epoch.")
+    tr.add_argument("--restart", action="store_true",
+                    help="delete this dataset's previous training and start over.")
+    tr.add_argument("--wait", action="store_true",
+                    help="follow the progress here until the run ends (Ctrl-C stops "
+                         "following, not the training).")
+    folders(tr)
+
+    pr = nsub.add_parser("predict", help="ensemble prediction + uncertainty of a folder.",
+                         description="Predict every image in INPUT with all ensemble "
+                                     "checkpoints: OUT/masks, OUT/probability (mean softmax), "
+                                     "OUT/uncertainty (entropy in nats, 0..ln C) and "
+                                     "OUT/uncertainty_ranking.csv (most uncertain first).")
+    dataset(pr)
+    pr.add_argument("--input", required=True, metavar="DIR",
+                    help="images of the dataset's file type (case.png or case_0000.png).")
+    pr.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder.")
+    pr.add_argument("--threshold", type=float, default=0.5,
+                    help="foreground probability threshold (default 0.5).")
+    pr.add_argument("--checkpoints", nargs="+", metavar="PTH",
+                    help="use these checkpoints (default: all of fold_all/ensemble).")
+    pr.add_argument("--configuration", default="2d", choices=("2d", "3d_fullres"))
+    pr.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    pr.add_argument("--no-mirroring", action="store_true",
+                    help="no mirroring test-time augmentation (4x faster in 2-D).")
+    pr.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT.")
+    folders(pr)
+
+    st = nsub.add_parser("status", help="phase, epoch, cycle, loss, ETA and log tail.")
+    dataset(st)
+    st.add_argument("--json", action="store_true", help="print the status as JSON.")
+    st.add_argument("--lines", type=int, default=10, help="log lines to show (default 10).")
+    folders(st)
+
+    ca = nsub.add_parser("cancel", help="stop a running training (its whole process tree).")
+    dataset(ca)
+    folders(ca)
+
+
+def _folders(args: argparse.Namespace, raw: str | None = None):
+    from ..nnunet.job import NnUNetFolders
+
+    return NnUNetFolders.resolve(raw or getattr(args, "raw", None), args.preprocessed,
+                                 args.results)
+
+
+def run_nnunet(args: argparse.Namespace) -> int:
+    import os
+
+    from ..nnunet import job
+
+    cmd = args.nnunet_command
+    if cmd is None:
+        raise CLIError("choose an action: export, train, predict, status or cancel "
+                       "(medclipsam nnunet --help).")
+    if cmd == "export":
+        from ..nnunet.export import cases_from_folders, export_dataset, pair_images_and_masks
+
+        raw = args.out or os.environ.get("nnUNet_raw")
+        if not raw:
+            raise CLIError("where to write the dataset: pass --out RAW_DIR or set nnUNet_raw.")
+        n = len(pair_images_and_masks(args.images, args.masks))
+        print(f"Exporting {n} image/mask pairs ...", file=sys.stderr)
+        res = export_dataset(cases_from_folders(args.images, args.masks,
+                                                corrected=args.corrected),
+                             raw, args.dataset_id, args.name, label_name=args.label_name,
+                             channel_name=args.channel_name, append=args.append,
+                             verify=not args.no_verify)
+        print(f"{'Added' if res.appended else 'Wrote'} {len(res.cases)} cases "
+              f"({res.n_corrected} corrected, {res.n_zero_shot} zero-shot, "
+              f"{res.file_ending}) to {res.folder}"
+              + ("" if args.no_verify else "; nnU-Net's integrity check passed") + ".")
+        if res.converted:
+            shown = ", ".join(res.converted[:5]) + (" ..." if len(res.converted) > 5 else "")
+            print(f"Note: {len(res.converted)} image(s) had other channels than the dataset "
+                  f"(set by the first image) and were converted (colour -> gray by luminance, "
+                  f"or gray -> RGB): {shown}. See medclipsam_cases.json.")
+        print(f"Next: medclipsam nnunet train --dataset-id {args.dataset_id}")
+        return 0
+    folders = _folders(args)
+    if cmd == "train":
+        values = {"epochs": args.epochs, "cycles": args.cycles,
+                  "checkpoints_per_cycle": args.checkpoints_per_cycle,
+                  "iterations_per_epoch": args.iterations_per_epoch,
+                  "val_iterations_per_epoch": args.val_iterations_per_epoch,
+                  "lr_max": args.lr, "lr_min": args.lr_min}
+        given = {k: v for k, v in values.items() if v is not None}
+        saved = job.saved_schedule(job.job_dir_for(folders, args.dataset_id)) \
+            if args.resume else None
+        schedule = EnsembleSchedule(**{**(dataclasses.asdict(saved) if saved else {}),
+                                       **given})
+        job_dir = job.start_training(args.dataset_id, schedule, folders=folders,
+                                     configuration=args.configuration, device=args.device,
+                                     resume=args.resume, restart=args.restart,
+                                     data_workers=args.data_workers)
+        print(f"{'Resumed' if args.resume else 'Started'} training in the background: "
+              f"{schedule.epochs} epochs in {schedule.cycles} cycles, "
+              f"{schedule.n_checkpoints} ensemble checkpoints. Job folder: {job_dir}")
+        print(f"Watch: medclipsam nnunet status --dataset-id {args.dataset_id}   "
+              f"Stop: medclipsam nnunet cancel --dataset-id {args.dataset_id}")
+        if args.wait:
+            return _follow(job_dir)
+        return 0
+    if cmd == "predict":
+        from ..nnunet.ensemble import load_ensemble, predict_folder
+
+        model_dir = job.model_dir_for(folders, args.dataset_id, args.configuration)
+        predictor = load_ensemble(model_dir, args.checkpoints, device=args.device,
+                                  threshold=args.threshold,
+                                  use_mirroring=not args.no_mirroring)
+        rows = predict_folder(predictor, args.input, args.out, overwrite=args.overwrite,
+                              progress=tqdm_progress("predicting"))
+        print(f"Predicted {len(rows)} images with {len(predictor.checkpoint_paths)} "
+              f"checkpoints into {args.out}. Most uncertain first (mean entropy, nats):")
+        for r in rows[:5]:
+            print(f"  {r['case']}: {r['mean_entropy']:.4f}")
+        return 0
+    job_dir = job.job_dir_for(folders, args.dataset_id)
+    if cmd == "status":
+        status = job.read_status(job_dir, log_lines=args.lines)
+        if args.json:
+            print(json.dumps(status, indent=2, default=str))
+            return 0
+        print(job.format_status(status, details=True))
+        if status.get("log_tail"):
+            print(status["log_tail"])
+        return 0 if status.get("phase") != "failed" else 1
+    if cmd == "cancel":
+        if job.cancel(job_dir):
+            print(f"Cancelled. Continue later with: medclipsam nnunet train --dataset-id "
+                  f"{args.dataset_id} --resume")
+        else:
+            print("No training of this dataset is running.")
+        return 0
+    raise CLIError(f"unknown action {cmd}")
+
+
+def _follow(job_dir) -> int:
+    from ..nnunet import job
+
+    last = None
+    try:
+        while True:
+            status = job.read_status(job_dir, log_lines=0)
+            line = job.format_status(status, details=True)
+            if line != last:
+                print(line, file=sys.stderr)
+                last = line
+            if not status["running"]:
+                return 0 if status.get("phase") == "done" else 1
+            time.sleep(2.0)
+    except KeyboardInterrupt:
+        print("Stopped following; the training goes on.", file=sys.stderr)
+        return 0
