@@ -13,6 +13,7 @@ pytest.importorskip("qtpy.QtWidgets", exc_type=ImportError)
 from napari_medclipsam.core.config import PipelineConfig, SaliencyConfig  # noqa: E402
 from napari_medclipsam.core.models import clear_model_cache, load_clip, load_sam  # noqa: E402
 from napari_medclipsam.core.pipeline import ZeroShotPipeline  # noqa: E402
+from napari_helpers import SEGMENT, dock  # noqa: E402
 
 SCALE, TRANSLATE = (2.0, 3.0), (5.0, 7.0)
 
@@ -45,15 +46,19 @@ def _image(h=48, w=64, seed=0):
     return img
 
 
+def _dock(viewer, pipeline=None):
+    """Plugins > Text-prompt segmentation, then (tests only) the tiny models."""
+    w = dock(viewer, SEGMENT)
+    if pipeline is not None:
+        w.set_pipeline(pipeline)
+    return w
+
+
 @pytest.fixture
 def widget(make_napari_viewer, pipeline, qtbot):
-    from napari_medclipsam._widgets.segment_widget import SegmentWidget
-
     viewer = make_napari_viewer()
     viewer.add_image(_image(), name="scan", scale=SCALE, translate=TRANSLATE)
-    w = SegmentWidget(viewer, pipeline=pipeline)
-    viewer.window.add_dock_widget(w, name="Text-prompt segmentation")
-    return w
+    return _dock(viewer, pipeline)
 
 
 def _run(widget, qtbot, prompt="a disk"):
@@ -91,7 +96,7 @@ def test_run_all_adds_every_stage_aligned_with_the_image(widget, qtbot):
 
 def test_moving_the_box_reruns_only_sam(widget, qtbot):
     _run(widget, qtbot)
-    pipe = widget._pipeline
+    pipe = widget.controller.pipeline
     calls = pipe.session.encoder_calls
     assert calls == 1
     boxes = widget.viewer.layers["boxes [a disk]"]
@@ -112,7 +117,7 @@ def test_cancel_reports_cancelled(widget, qtbot):
     widget.run_button.click()
     widget.cancel_button.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
-    assert widget.last_status == "cancelled"
+    assert widget.last_status == "Cancelled."
     assert "SAM mask [a disk]" not in widget.viewer.layers
     assert widget.run_button.isEnabled()
 
@@ -127,14 +132,31 @@ def test_user_mistakes_are_reported_not_raised(widget, qtbot):
 
 
 def test_volume_uses_current_slice(make_napari_viewer, pipeline, qtbot):
-    from napari_medclipsam._widgets.segment_widget import SegmentWidget
-
     viewer = make_napari_viewer()
-    viewer.add_image(np.stack([_image(seed=s) for s in range(3)]), name="vol")
+    vol = np.stack([_image(seed=s) for s in range(3)])
+    viewer.add_image(vol, name="vol")
     viewer.dims.set_current_step(0, 2)
-    w = SegmentWidget(viewer, pipeline=pipeline)
+    w = _dock(viewer, pipeline)
     _run(w, qtbot)
+    run = w.controller.state.run
+    assert run.slice_index == 2
+    np.testing.assert_array_equal(run.result.rgb[..., 0], vol[2])
     assert w.viewer.layers["SAM mask [a disk]"].data.shape == (48, 64)
+
+
+def test_slice_of_the_chosen_layer_not_the_tallest(make_napari_viewer, pipeline, qtbot):
+    """An 8-slice stack beside a 40-slice one, the viewer on slice 30: the chosen layer's
+    own world-to-data mapping picks its last slice (no IndexError)."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((40, 48, 64), np.uint8), name="tall")
+    short = np.stack([_image(seed=s) for s in range(8)])
+    viewer.add_image(short, name="short")
+    viewer.dims.set_current_step(0, 30)
+    w = _dock(viewer, pipeline)
+    w.image_combo.setCurrentText("short")
+    _run(w, qtbot)
+    assert w.controller.state.run.slice_index == 7, w.last_status
+    np.testing.assert_array_equal(w.controller.state.run.result.rgb[..., 0], short[7])
 
 
 def test_presets_fill_prompt_and_parameters(widget):
@@ -146,7 +168,7 @@ def test_presets_fill_prompt_and_parameters(widget):
 
 
 def test_box_conversions_round_trip():
-    from napari_medclipsam._widgets.segment_widget import boxes_to_rectangles, rectangles_to_boxes
+    from napari_medclipsam._widgets.layer_prompts import boxes_to_rectangles, rectangles_to_boxes
 
     boxes = np.array([[3, 4, 10, 20], [0, 0, 5, 5]], dtype=np.float32)
     rects = boxes_to_rectangles(boxes)
@@ -154,27 +176,28 @@ def test_box_conversions_round_trip():
     np.testing.assert_array_equal(rectangles_to_boxes(rects, (48, 64)), boxes)
 
 
-def test_sample_data_is_a_2d_image():
-    from napari_medclipsam._io.sample_data import head_phantom
+def test_sample_opens_from_the_menu_as_a_2d_image(make_napari_viewer):
+    from napari_helpers import open_sample
 
-    [(data, meta)] = head_phantom()
-    assert data.ndim == 2 and min(data.shape) >= 64 and "phantom" in meta["name"]
+    viewer = make_napari_viewer()
+    [layer] = open_sample(viewer, "head_phantom")
+    assert layer.data.ndim == 2 and min(layer.data.shape) >= 64 and "phantom" in layer.name
 
 
 def test_boxes_from_a_painted_mask(widget, qtbot):
     _run(widget, qtbot)
-    calls = widget._pipeline.session.encoder_calls
+    calls = widget.controller.pipeline.session.encoder_calls
     coarse = widget.viewer.layers["coarse mask [a disk]"]
     painted = np.zeros((48, 64), np.int32)
     painted[5:15, 10:30] = 1  # the user paints a new region (label value irrelevant)
     painted[30:40, 40:60] = 3
     coarse.data = painted
     widget.box_mode_combo.setCurrentText("per_component")
-    widget._last["pipe"].config = widget.build_config(widget._last["pipe"].config)
     widget.mask_button.click()
     prompts = widget.prompts_from_layers()
     assert sorted(map(tuple, prompts.boxes.tolist())) == [(10, 5, 29, 14), (40, 30, 59, 39)]
-    assert widget.refine_count == 1 and widget._pipeline.session.encoder_calls == calls
+    assert widget.refine_count == 1
+    assert widget.controller.pipeline.session.encoder_calls == calls
     coarse.data = np.zeros((48, 64), np.int32)
     widget.mask_button.click()
     assert "empty" in widget.last_status
@@ -208,12 +231,10 @@ def test_gui_stays_responsive_while_running(widget, qtbot):
 
 
 def test_all_slices_gives_3d_layers(make_napari_viewer, pipeline, qtbot):
-    from napari_medclipsam._widgets.segment_widget import SegmentWidget
-
     viewer = make_napari_viewer()
     volume = np.stack([_image(seed=s) for s in range(3)])
     viewer.add_image(volume, name="vol", scale=(4.0, *SCALE), translate=(1.0, *TRANSLATE))
-    w = SegmentWidget(viewer, pipeline=pipeline)
+    w = _dock(viewer, pipeline)
     w.all_slices_check.setChecked(True)
     _run(w, qtbot)
     mask = viewer.layers["SAM mask [a disk]"]
@@ -233,8 +254,6 @@ def test_all_slices_gives_3d_layers(make_napari_viewer, pipeline, qtbot):
 
 def test_save_load_run_and_settings_persist(make_napari_viewer, widget, qtbot, tmp_path,
                                             settings_dir):
-    from napari_medclipsam._widgets.segment_widget import SegmentWidget
-
     widget.prompt_edit.setPlainText("a disk\na round shape")
     widget.beta_spin.setValue(1.5)
     widget.topk_spin.setValue(2)
@@ -244,7 +263,7 @@ def test_save_load_run_and_settings_persist(make_napari_viewer, widget, qtbot, t
     assert saved["prompt"] == ["a disk", "a round shape"]
     assert saved["config"]["saliency"]["beta"] == 1.5 and saved["config"]["coarse"]["top_k"] == 2
 
-    other = SegmentWidget(make_napari_viewer())
+    other = _dock(make_napari_viewer())
     other.load_run(path)
     assert other.prompt_edit.toPlainText() == "a disk\na round shape"
     assert other.beta_spin.value() == 1.5 and other.topk_spin.value() == 2
@@ -255,17 +274,15 @@ def test_save_load_run_and_settings_persist(make_napari_viewer, widget, qtbot, t
 
     _run(widget, qtbot, prompt="a square")  # a successful run remembers its settings
     assert (settings_dir / "segment_widget.json").is_file()
-    fresh = SegmentWidget(make_napari_viewer())
+    fresh = _dock(make_napari_viewer())
     assert fresh.prompt_edit.toPlainText() == "a square"
     assert fresh.beta_spin.value() == 1.5
 
 
 def test_missing_model_is_an_actionable_message(make_napari_viewer, qtbot, tmp_path):
-    from napari_medclipsam._widgets.segment_widget import SegmentWidget
-
     viewer = make_napari_viewer()
     viewer.add_image(_image(), name="scan")
-    w = SegmentWidget(viewer)  # no injected pipeline: models come from the fields
+    w = _dock(viewer)  # no injected pipeline: models come from the fields
     w.clip_edit.setText(f"local-dir:{tmp_path / 'no_such_model'}")
     w.device_combo.setCurrentText("cpu")
     _run(w, qtbot)

@@ -1,23 +1,23 @@
-"""The "Text-prompt segmentation" dock widget.
+"""The "Text-prompt segmentation" dock widget: a thin Qt view over
+:class:`~napari_medclipsam._widgets.segment_controller.SegmentController`.
 
 Image layer + text prompt -> BiomedCLIP M2IB saliency -> coarse mask -> boxes/points -> SAM
-mask, run by :class:`~napari_medclipsam.core.pipeline.ZeroShotPipeline` in a napari
-``thread_worker``. Five layers show every stage (``saliency [prompt]``, ``coarse mask
-[prompt]``, ``boxes [prompt]``, ``points [prompt]``, ``SAM mask [prompt]``); editing the
-``boxes`` or ``points`` layer re-runs only SAM's decoder from the cached image embedding.
+mask, computed by the controller in a napari worker thread. Five layers per target show every
+stage (``saliency [prompt]``, ``coarse mask [prompt]``, ``boxes [prompt]``, ``points
+[prompt]``, ``SAM mask [prompt]``), aligned with the source image (its scale and translate);
+a rerun of a target updates its layers in place. Editing the ``boxes`` or ``points`` layer
+re-runs only SAM's decoder from the cached image embedding. **Accept into label map** writes
+the SAM mask into one ``label map`` Labels layer where each target has its own value and
+name (shown by napari as the label's ``name`` feature), undoably.
 
-Coordinates: napari layers hold (row, col); the core's boxes are XYXY ``(x0, y0, x1, y1)``
-and its points XY ``(column, row)``, both in image pixels. Output layers copy the source
-layer's 2-D ``scale`` and ``translate`` so they overlay it exactly.
+napari opens this class from the Plugins menu and passes the viewer as ``napari_viewer``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,27 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from napari_medclipsam._widgets.common import (
+    Outcome,
+    SettingsStore,
+    find_layer,
+    geometry_of,
+    is_stack,
+    layer_names,
+    put_layer,
+    report,
+    set_combo_items,
+    slice_index,
+    start_worker,
+)
+from napari_medclipsam._widgets.layer_prompts import (
+    boxes_to_rectangles,
+    point_colors,
+    points_to_layer,
+    prompts_from_layer_data,
+    volume_prompts_to_layers,
+)
+from napari_medclipsam._widgets.segment_controller import Run, SegmentController, Target
 from napari_medclipsam.core.config import (
     BOX_MODES,
     DEFAULT_CLIP_MODEL,
@@ -51,7 +72,7 @@ from napari_medclipsam.core.config import (
     PromptConfig,
     SaliencyConfig,
 )
-from napari_medclipsam.core.errors import CancelledError, InputError
+from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.core.postprocess import Prompts
 
 if TYPE_CHECKING:
@@ -59,6 +80,8 @@ if TYPE_CHECKING:
 
 SAM_BACKBONES = ("vit_b", "vit_l", "vit_h", "medsam")
 CUSTOM = "(custom)"
+LABEL_MAP = "label map"
+SETTINGS = SettingsStore("segment_widget.json")
 
 # Preset -> prompt ensemble and stage parameters (MedCLIP-SAMv2 scripts' values).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -75,34 +98,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layer": 9, "beta": 2.0, "top_k": 1, "box_mode": "single",
     },
 }
+KINDS = ("saliency", "coarse mask", "boxes", "points", "SAM mask")
 
 
-def boxes_to_rectangles(boxes: np.ndarray) -> list[np.ndarray]:
-    """XYXY pixel boxes (N, 4) -> napari rectangles, each (4, 2) in (row, col) order."""
-    out = []
-    for x0, y0, x1, y1 in np.asarray(boxes, dtype=float).reshape(-1, 4):
-        out.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], dtype=float))
-    return out
-
-
-def rectangles_to_boxes(shapes: list[np.ndarray], shape_hw: tuple[int, int]) -> np.ndarray:
-    """napari shapes (each (k, 2) (row, col) vertices) -> (N, 4) XYXY boxes clipped to the image.
-
-    Each box is the min/max of its shape's vertices; empty input gives a (0, 4) array.
-    """
-    h, w = shape_hw
-    boxes = []
-    for verts in shapes:
-        verts = np.asarray(verts, dtype=float)[:, -2:]
-        y0, x0 = verts.min(axis=0)
-        y1, x1 = verts.max(axis=0)
-        boxes.append([np.clip(x0, 0, w - 1), np.clip(y0, 0, h - 1),
-                      np.clip(x1, 0, w - 1), np.clip(y1, 0, h - 1)])
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-
-
-def _prompt_label(lines: list[str]) -> str:
-    return lines[0] if len(lines) == 1 else f"{lines[0]} +{len(lines) - 1}"
+def output_name(kind: str, target: str) -> str:
+    """``'<kind> [<target>]'``, e.g. ``'SAM mask [breast tumor]'``."""
+    return f"{kind} [{target}]"
 
 
 class SegmentWidget(QWidget):
@@ -110,27 +111,31 @@ class SegmentWidget(QWidget):
 
     Parameters
     ----------
-    viewer : napari.Viewer
-    pipeline : ZeroShotPipeline, optional
-        A ready pipeline (tests pass one built on tiny models). Without it, a pipeline is
-        built lazily from the model fields when "Run all" is pressed (models are cached by
-        :mod:`napari_medclipsam.core.models`).
+    napari_viewer : napari.viewer.Viewer
+        Passed by napari when the widget is opened from the Plugins menu.
+
+    Attributes
+    ----------
+    controller : SegmentController
+        The Qt-free state and actions; :meth:`set_pipeline` gives it ready models.
+    running : bool
+        True while a Run all computes.
+    last_status : str
+        The last message shown.
     """
 
     _progress_signal = Signal(str, float)
 
-    def __init__(self, viewer: napari.Viewer, pipeline=None):
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
-        self.viewer = viewer
-        self._pipeline = None
-        self._injected = False
+        self.viewer = napari_viewer
+        self.controller = SegmentController()
         self._worker = None
         self._stop = threading.Event()
         self._updating_layers = False
-        self._last: dict[str, Any] | None = None  # rgb, label, names of the last run
+        self._connected: set[str] = set()  # prompt layers whose edits re-run SAM
         self.running = False
         self.last_status = ""
-        self.refine_count = 0
 
         self._build_ui()
         self._progress_signal.connect(self._on_progress)
@@ -139,12 +144,10 @@ class SegmentWidget(QWidget):
         self._refine_timer.setInterval(150)
         self._refine_timer.timeout.connect(self.refine_from_layers)
 
-        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         self._refresh_layers()
         self.load_settings()
-        if pipeline is not None:
-            self.set_pipeline(pipeline)
 
     # ----------------------------------------------------------------------- UI
     def _build_ui(self) -> None:
@@ -243,6 +246,18 @@ class SegmentWidget(QWidget):
         for button in (self.mask_button, self.save_button, self.load_button):
             more.addWidget(button)
         layout.addLayout(more)
+        accept = QHBoxLayout()
+        self.accept_button = QPushButton("Accept into label map")
+        self.accept_button.setToolTip(
+            f"Write the SAM mask into the '{LABEL_MAP}' layer as this target's label "
+            "(Ctrl+Z in that layer undoes it).")
+        self.accept_button.clicked.connect(self.accept_mask)
+        self.overwrite_check = QCheckBox("Overwrite other targets")
+        self.overwrite_check.setToolTip(
+            "Unchecked: voxels already labelled as another target are kept.")
+        accept.addWidget(self.accept_button)
+        accept.addWidget(self.overwrite_check)
+        layout.addLayout(accept)
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 100)
         layout.addWidget(self.progress_bar)
@@ -253,17 +268,13 @@ class SegmentWidget(QWidget):
         self.set_fields_from_config(PipelineConfig())
 
     def _refresh_layers(self, event=None) -> None:
-        from napari.layers import Image
+        set_combo_items(self.image_combo, layer_names(
+            self.viewer, "image", skip=lambda name: name.startswith("saliency [")))
 
-        current = self.image_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers
-                 if isinstance(layer, Image) and not layer.name.startswith("saliency [")]
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        self.image_combo.addItems(names)
-        if current in names:
-            self.image_combo.setCurrentText(current)
-        self.image_combo.blockSignals(False)
+    @property
+    def refine_count(self) -> int:
+        """How many times SAM re-ran from edited prompts (tests and benchmarks read it)."""
+        return self.controller.state.refine_count
 
     def apply_preset(self, name: str) -> None:
         """Fill the prompt and parameters of a preset (``(custom)`` changes nothing)."""
@@ -287,15 +298,16 @@ class SegmentWidget(QWidget):
         self.mode_combo.setCurrentText(config.prompts.mode)
         self.box_mode_combo.setCurrentText(config.prompts.box_mode)
 
-    # ----------------------------------------------------------------------- pipeline
+    # ----------------------------------------------------------------------- models
     def set_pipeline(self, pipeline) -> None:
-        """Use this pipeline (its models) instead of building one from the model fields."""
-        self._pipeline = pipeline
-        self._injected = True
+        """Use this pipeline's models (e.g. tiny test models, or models already loaded)
+        instead of loading them from the model fields."""
+        self.controller = SegmentController(pipeline)
         self.set_fields_from_config(pipeline.config)
-        for field in (self.clip_edit, self.sam_combo, self.checkpoint_edit, self.device_combo):
-            field.setEnabled(False)
-            field.setToolTip("Set by the pipeline given to the widget (set_pipeline).")
+        for widget in (self.clip_edit, self.sam_combo, self.checkpoint_edit,
+                       self.device_combo):
+            widget.setEnabled(False)
+            widget.setToolTip("Set by the pipeline given to the widget (set_pipeline).")
 
     def _model_config(self) -> dict[str, Any]:
         device = self.device_combo.currentText().strip()
@@ -307,12 +319,11 @@ class SegmentWidget(QWidget):
         }
 
     def build_config(self, base: PipelineConfig | None = None) -> PipelineConfig:
-        """A PipelineConfig from the fields (model fields ignored for an injected pipeline)."""
+        """A PipelineConfig from the fields."""
         base = base or PipelineConfig()
-        models = {} if self._injected else self._model_config()
         top_k = self.topk_spin.value() or None
         return dataclasses.replace(
-            base, **models,
+            base, **self._model_config(),
             saliency=dataclasses.replace(base.saliency or SaliencyConfig(),
                                          layer=self.layer_spin.value(),
                                          beta=self.beta_spin.value(),
@@ -325,111 +336,68 @@ class SegmentWidget(QWidget):
                                         box_mode=self.box_mode_combo.currentText()),
         )
 
-    def pipeline(self):
-        """The pipeline for the next run, configured from the fields (built lazily)."""
-        from napari_medclipsam.core.pipeline import ZeroShotPipeline
+    def _base_config(self) -> PipelineConfig | None:
+        pipeline = self.controller.pipeline
+        return pipeline.config if pipeline is not None else None
 
-        if self._injected:
-            self._pipeline.config = self.build_config(self._pipeline.config)
-            return self._pipeline
-        config = self.build_config()
-        old = self._pipeline
-        same_models = old is not None and all(
-            getattr(old.config, k) == v for k, v in self._model_config().items())
-        if same_models:
-            old.config = config
-            return old
-        self._pipeline = ZeroShotPipeline(config)
-        return self._pipeline
-
-    # ----------------------------------------------------------------------- run
-    def _source(self):
-        name = self.image_combo.currentText()
-        if not name or name not in self.viewer.layers:
-            raise InputError("Choose an image layer first (open one, or File > Open Sample).")
-        layer = self.viewer.layers[name]
-        data = np.asarray(layer.data)
-        if layer.rgb:
-            if data.ndim == 4:
-                data = data[self.viewer.dims.current_step[0]]
-        elif data.ndim == 3:
-            data = data[self.viewer.dims.current_step[0]]
-        elif data.ndim != 2:
-            raise InputError(f"Layer {name!r} has shape {data.shape}; expected a 2-D image or "
-                             "a (Z, Y, X) volume (the current slice is processed).")
-        return layer, np.asarray(data)
-
-    def _report(self, message: str, error: bool = False) -> None:
-        self.last_status = message
-        self.status_label.setText(message)
-        if error:
-            from napari.utils.notifications import show_error
-
-            show_error(message)
-
+    # ----------------------------------------------------------------------- run all
     def _prompt_lines(self) -> list[str]:
         return [line.strip() for line in self.prompt_edit.toPlainText().splitlines()
                 if line.strip()]
 
-    def _volume_mode(self, layer) -> bool:
-        return (self.all_slices_check.isChecked() and not layer.rgb
-                and np.asarray(layer.data).ndim == 3)
+    def _source(self) -> tuple[Any, np.ndarray, int | None, bool]:
+        """The chosen layer, the array to process, its slice index and volume mode."""
+        name = self.image_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise InputError("Choose an image layer first (open one, or File > Open Sample).")
+        layer = self.viewer.layers[name]
+        data = layer.data
+        if getattr(layer, "multiscale", False):
+            raise InputError(f"Layer {name!r} is multiscale; open it at one resolution.")
+        spatial = layer.ndim
+        if spatial == 2:
+            return layer, np.asarray(data), None, False
+        if spatial == 3 and is_stack(layer):
+            if self.all_slices_check.isChecked():
+                return layer, np.asarray(data), None, True
+            z = slice_index(self.viewer, layer)
+            return layer, np.asarray(data[z]), z, False
+        raise InputError(f"Layer {name!r} has shape {np.shape(data)}; expected a 2-D image, "
+                         "an RGB image or a (Z, Y, X) volume.")
+
+    def _report(self, message: str, error: bool = False) -> None:
+        self.last_status = message
+        report(self.status_label, message, error)
 
     def run_all(self) -> None:
-        """Start the whole chain on the chosen layer's image: the slice on screen, or every
-        slice of a 3-D stack when "All slices" is checked."""
+        """Start the whole chain on the chosen layer: the slice on screen, or every slice of
+        a 3-D stack when "All slices" is checked."""
         if self.running:
             return
-        from napari.qt.threading import create_worker
-
         lines = self._prompt_lines()
         try:
+            layer, image, z, volume = self._source()
             if not lines:
                 raise InputError("Type a prompt first (e.g. 'breast tumor'), or pick a preset.")
-            layer, image = self._source()
-            volume = self._volume_mode(layer)
-            if volume:
-                image = np.asarray(layer.data)
-            pipe = self.pipeline()
+            self.controller.configure(self.build_config(self._base_config()))
         except (InputError, ValueError) as exc:
             self._report(str(exc), error=True)
             return
         self._stop.clear()
-        self.running = True
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self._set_running(True)
         self.progress_bar.setValue(0)
         self._report("Running (the first run loads the models)...")
-        text = lines[0] if len(lines) == 1 else lines
-        self._worker = create_worker(self._compute, pipe, image, text, volume,
-                                     _start_thread=False)
-        self._worker.returned.connect(
-            lambda out: self._on_returned(out, layer, _prompt_label(lines), pipe))
-        self._worker.errored.connect(self._on_errored)
-        self._worker.finished.connect(self._on_finished)
-        self._worker.start()
+        self._worker = start_worker(
+            self.controller.run_all, image, lines, source=layer.name, slice_index=z,
+            volume=volume, progress=self._progress_signal.emit, should_stop=self._stop.is_set,
+            on_done=self._on_done, on_finished=lambda: self._set_running(False))
 
-    def _compute(self, pipe, image: np.ndarray, text, volume: bool = False) -> tuple[str, Any]:
-        """Runs in the worker thread; returns ``(kind, payload)``, never raises."""
-        from napari_medclipsam.core.io import to_rgb_uint8
-        from napari_medclipsam.core.models import ModelUnavailableError
-
-        try:
-            if volume:
-                result = pipe.segment_volume(image, text, progress=self._progress_signal.emit,
-                                             should_stop=self._stop.is_set)
-                return "volume", (None, result)
-            rgb = to_rgb_uint8(image)
-            result = pipe.segment(image, text, progress=self._progress_signal.emit,
-                                  should_stop=self._stop.is_set)
-            return "ok", (rgb, result)
-        except CancelledError:
-            return "cancelled", "Cancelled."
-        except (ModelUnavailableError, InputError, ValueError) as exc:
-            return "error", str(exc)
-        except Exception as exc:  # a bug: report it, never crash napari
-            traceback.print_exc()
-            return "error", f"Unexpected error: {type(exc).__name__}: {exc}"
+    def _set_running(self, running: bool) -> None:
+        self.running = running
+        if not running:
+            self._worker = None
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
 
     def cancel(self) -> None:
         """Ask the running computation to stop at its next check."""
@@ -442,227 +410,217 @@ class SegmentWidget(QWidget):
         self.progress_bar.setValue(int(round(100 * fraction)))
         self.progress_bar.setFormat(f"{stage} %p%")
 
-    def _on_errored(self, exc: Exception) -> None:
-        self._report(f"Unexpected error: {type(exc).__name__}: {exc}", error=True)
-
-    def _on_finished(self) -> None:
-        self.running = False
-        self._worker = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-
-    def _on_returned(self, out: tuple[str, Any], layer, label: str, pipe) -> None:
-        kind, payload = out
-        if kind == "cancelled":
+    def _on_done(self, outcome: Outcome) -> None:
+        if outcome.cancelled:
             self.progress_bar.setValue(0)
-            self._report("cancelled")
+            self._report("Cancelled.")
             return
-        if kind == "error":
-            self._report(payload, error=True)
+        if not outcome.ok:
+            self._report(outcome.error, error=True)
             return
-        rgb, result = payload
-        if kind == "volume":
-            self._last = None  # live editing works on single slices
-            self._show_volume(result, layer, label)
-            self._report(f"Something found on {len(result.found_slices)} of "
-                         f"{result.mask.shape[0]} slices; mask of {int(result.mask.sum())} "
-                         "voxels. Edit a slice by running it alone (All slices unchecked).")
+        run: Run = outcome.value
+        source = find_layer(self.viewer, run.source)
+        if source is None:
+            self._report(f"The image layer {run.source!r} was removed during the run.",
+                         error=True)
+            return
+        if run.volume is not None:
+            self._show_volume(run, source)
+            self._report(f"Something found on {len(run.volume.found_slices)} of "
+                         f"{run.mask.shape[0]} slices; mask of {int(run.mask.sum())} voxels. "
+                         "Edit a slice by running it alone (All slices unchecked).")
         else:
-            self._last = {"rgb": rgb, "label": label, "pipe": pipe}
-            self._show_result(result, layer, label)
-            self._report(result.message)
+            self._show_result(run, source)
+            self._report(run.result.message)
         self.save_settings()
 
     # ----------------------------------------------------------------------- layers
-    def layer_name(self, kind: str, label: str | None = None) -> str:
-        """``'<kind> [<prompt>]'``, e.g. ``'SAM mask [breast tumor]'``."""
-        label = label if label is not None else (self._last or {}).get("label", "")
-        return f"{kind} [{label}]"
-
-    def _put(self, kind: str, cls, data, geometry: dict, **kwargs):
-        name = self.layer_name(kind)
-        layers = self.viewer.layers
-        ndim = len(geometry["scale"])
-        if name in layers and (not isinstance(layers[name], cls) or layers[name].ndim != ndim):
-            layers.remove(name)  # another kind, or 2-D vs 3-D output of an earlier run
-        if name in layers:
-            layer = layers[name]
-            if kind == "boxes":  # keep every shape a rectangle
-                layer.selected_data = set()
-                layer.data = []
-                if len(data):
-                    layer.add_rectangles(data)
-            else:
-                layer.data = data
-        else:
-            if name in layers:
-                layers.remove(name)
-            layer = cls(data, name=name, **geometry, **kwargs)
-            layers.append(layer)
-        layer.scale = geometry["scale"]
-        layer.translate = geometry["translate"]
-        return layer
-
-    def _show_result(self, result, source, label: str) -> None:
-        from napari.layers import Image, Labels, Points, Shapes
-
-        geometry = {"scale": tuple(source.scale[-2:]),
-                    "translate": tuple(source.translate[-2:])}
+    def _show_result(self, run: Run, source) -> None:
+        result, name = run.result, run.target.name
+        geometry = geometry_of(source, 2)
+        prompts = result.prompts
         self._updating_layers = True
         try:
-            self._put("saliency", Image, result.saliency, geometry, colormap="inferno",
-                      opacity=0.5, blending="additive")
-            self._put("coarse mask", Labels, result.coarse.labels.astype(np.int32), geometry,
-                      opacity=0.4)
-            boxes = self._put("boxes", Shapes, boxes_to_rectangles(result.prompts.boxes),
-                              geometry, shape_type="rectangle", edge_color="yellow",
+            put_layer(self.viewer, output_name("saliency", name), "image", result.saliency,
+                      geometry, colormap="inferno", opacity=0.5, blending="additive")
+            put_layer(self.viewer, output_name("coarse mask", name), "labels",
+                      result.coarse.labels.astype(np.int32), geometry, opacity=0.4)
+            boxes = put_layer(self.viewer, output_name("boxes", name), "shapes",
+                              boxes_to_rectangles(prompts.boxes), geometry,
+                              shape_type="rectangle", edge_color="yellow",
                               face_color="transparent", edge_width=2)
-            pts = result.prompts.points[:, ::-1]
-            labels = result.prompts.point_labels
-            points = self._put("points", Points, pts, geometry,
+            labels = prompts.point_labels
+            points = put_layer(self.viewer, output_name("points", name), "points",
+                               points_to_layer(prompts.points), geometry,
                                features={"label": labels}, size=6,
-                               face_color=self._point_colors(labels) if len(labels) else "lime")
-            if len(labels):
-                points.features = {"label": labels}
-                points.face_color = self._point_colors(labels)
-            self._put("SAM mask", Labels, result.mask.astype(np.int32), geometry, opacity=0.6)
+                               face_color=point_colors(labels) if len(labels) else "lime")
+            put_layer(self.viewer, output_name("SAM mask", name), "labels",
+                      result.mask.astype(np.int32), geometry, opacity=0.6)
         finally:
             self._updating_layers = False
         for layer in (boxes, points):
-            if not getattr(layer, "_medclipsam_connected", False):
+            if layer.name not in self._connected:
                 layer.events.data.connect(self._on_prompt_edit)
-                layer._medclipsam_connected = True
+                self._connected.add(layer.name)
 
-    @staticmethod
-    def _point_colors(labels: np.ndarray) -> np.ndarray:
-        pos, neg = np.array([0.0, 1.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0, 1.0])
-        return np.array([pos if v == 1 else neg for v in labels]).reshape(-1, 4)
+    def _show_volume(self, run: Run, source) -> None:
+        vol, name = run.volume, run.target.name
+        geometry = geometry_of(source, 3)
+        rects, points, labels = volume_prompts_to_layers(vol.prompts)
+        self._updating_layers = True
+        try:
+            put_layer(self.viewer, output_name("saliency", name), "image", vol.saliency,
+                      geometry, colormap="inferno", opacity=0.5, blending="additive")
+            put_layer(self.viewer, output_name("coarse mask", name), "labels",
+                      vol.coarse.astype(np.int32), geometry, opacity=0.4)
+            put_layer(self.viewer, output_name("boxes", name), "shapes", rects, geometry,
+                      shape_type="rectangle", ndim=3, edge_color="yellow",
+                      face_color="transparent", edge_width=2)
+            put_layer(self.viewer, output_name("points", name), "points", points, geometry,
+                      ndim=3, features={"label": labels}, size=6,
+                      face_color=point_colors(labels) if len(labels) else "lime")
+            put_layer(self.viewer, output_name("SAM mask", name), "labels",
+                      vol.mask.astype(np.int32), geometry, opacity=0.6)
+        finally:
+            self._updating_layers = False
 
     # ----------------------------------------------------------------------- live refine
+    def _current_run(self) -> Run | None:
+        run = self.controller.state.run
+        return run if run is not None and run.editable else None
+
     def _on_prompt_edit(self, event=None) -> None:
-        if self._updating_layers or self._last is None:
+        if self._updating_layers or getattr(event, "action", None) == "changing":
             return
-        if getattr(event, "action", None) == "changing":
-            return
+        run = self._current_run()
+        source = getattr(event, "source", None)
+        if run is None or (source is not None and not source.name.endswith(
+                f"[{run.target.name}]")):
+            return  # an older target's prompt layer: not the run that is cached
         self._refine_timer.start()  # restarts: edits within 150 ms coalesce
 
     def prompts_from_layers(self) -> Prompts:
-        """Boxes and points as they are now in the ``boxes`` / ``points`` layers."""
-        rgb = self._last["rgb"]
-        layers = self.viewer.layers
-        boxes = np.zeros((0, 4), np.float32)
-        name = self.layer_name("boxes")
-        if name in layers:
-            boxes = rectangles_to_boxes(layers[name].data, rgb.shape[:2])
-        points = np.zeros((0, 2), np.float32)
-        labels = np.zeros((0,), np.int32)
-        name = self.layer_name("points")
-        if name in layers and len(layers[name].data):
-            layer = layers[name]
-            points = np.asarray(layer.data, dtype=np.float32)[:, -2:][:, ::-1]
-            feats = layer.features
-            if "label" in feats and len(feats) == len(points):
-                labels = np.asarray(feats["label"], dtype=np.int32)
-            else:
-                labels = np.ones(len(points), np.int32)
-        return Prompts(boxes=boxes, points=points, point_labels=labels)
+        """Boxes and points of the current target as they are now in its layers."""
+        run = self._current_run()
+        if run is None:
+            raise InputError("Run a single slice first (All slices unchecked).")
+        boxes = find_layer(self.viewer, output_name("boxes", run.target.name))
+        points = find_layer(self.viewer, output_name("points", run.target.name))
+        return prompts_from_layer_data(
+            boxes.data if boxes is not None else None,
+            np.asarray(points.data) if points is not None else None,
+            points.features if points is not None else None, run.result.rgb.shape[:2])
 
     def refine_from_layers(self) -> None:
         """Re-run only SAM (cached embedding) from the edited prompt layers."""
-        if self._last is None or self.running:
+        run = self._current_run()
+        if run is None or self.running:
             return
         try:
             prompts = self.prompts_from_layers()
-            mask = self._last["pipe"].refine(self._last["rgb"], prompts)
+            mask = self.controller.refine(prompts)
         except (InputError, ValueError) as exc:
             self._report(str(exc), error=True)
             return
-        name = self.layer_name("SAM mask")
+        name = output_name("SAM mask", run.target.name)
         if name in self.viewer.layers:
             self.viewer.layers[name].data = mask.astype(np.int32)
-        self.refine_count += 1
         self._report(f"SAM re-run from {len(prompts.boxes)} box(es) and "
                      f"{len(prompts.points)} point(s): mask of {int(mask.sum())} pixels.")
 
-    # ----------------------------------------------------------------------- 3-D output
-    def _show_volume(self, result, source, label: str) -> None:
-        from napari.layers import Image, Labels, Points, Shapes
-
-        geometry = {"scale": tuple(source.scale[-3:]), "translate": tuple(source.translate[-3:])}
-        rects, points, point_labels = [], [], []
-        for z, prompts in sorted(result.prompts.items()):
-            for rect in boxes_to_rectangles(prompts.boxes):
-                rects.append(np.column_stack([np.full(4, z, np.float32), rect]))
-            for (x, y), value in zip(prompts.points, prompts.point_labels, strict=True):
-                points.append([z, y, x])
-                point_labels.append(value)
-        point_labels = np.asarray(point_labels, np.int32)
-        self._updating_layers = True
-        try:
-            self._last = {"label": label}
-            self._put("saliency", Image, result.saliency, geometry, colormap="inferno",
-                      opacity=0.5, blending="additive")
-            self._put("coarse mask", Labels, result.coarse.astype(np.int32), geometry,
-                      opacity=0.4)
-            self._put("boxes", Shapes, rects, geometry, shape_type="rectangle", ndim=3,
-                      edge_color="yellow", face_color="transparent", edge_width=2)
-            self._put("points", Points, np.asarray(points, np.float32).reshape(-1, 3),
-                      geometry, ndim=3, features={"label": point_labels}, size=6,
-                      face_color=self._point_colors(point_labels) if len(points) else "lime")
-            self._put("SAM mask", Labels, result.mask.astype(np.int32), geometry, opacity=0.6)
-        finally:
-            self._updating_layers = False
-            self._last = None
-
-    # ----------------------------------------------------------------------- mask -> prompts
     def prompts_from_mask(self) -> None:
         """Regenerate boxes and points from the (edited) ``coarse mask`` layer, then run SAM.
 
         Every connected region painted in the coarse mask counts as a component, whatever
         its label value; the prompt settings (mode, box mode, points) apply as in a run.
         """
-        from skimage.measure import label as label_components
-
-        from napari_medclipsam.core.postprocess import make_prompts
-
-        if self._last is None or "rgb" not in self._last:
-            self._report("Run a single slice first; then paint the coarse mask and press "
-                         "Boxes from mask.", error=True)
+        run = self._current_run()
+        try:
+            if run is None:
+                raise InputError("Run a single slice first; then paint the coarse mask and "
+                                 "press Boxes from mask.")
+            name = output_name("coarse mask", run.target.name)
+            if name not in self.viewer.layers:
+                raise InputError(f"No layer {name!r} to read the mask from.")
+            prompts = self.controller.prompts_from_mask(
+                np.asarray(self.viewer.layers[name].data), self.build_config().prompts)
+        except InputError as exc:
+            self._report(str(exc), error=True)
             return
-        name = self.layer_name("coarse mask")
-        if name not in self.viewer.layers:
-            self._report(f"No layer {name!r} to read the mask from.", error=True)
-            return
-        mask = np.asarray(self.viewer.layers[name].data) > 0
-        if not mask.any():
-            self._report("The coarse mask is empty: paint the target first.", error=True)
-            return
-        labels = label_components(mask, connectivity=2).astype(np.int32)
-        config = self._last["pipe"].config
-        prompts = make_prompts(labels, config.prompts)
+        target = run.target.name
         self._updating_layers = True
         try:
-            boxes = self.viewer.layers[self.layer_name("boxes")]
-            boxes.selected_data = set()
-            boxes.data = []
-            if len(prompts.boxes):
-                boxes.add_rectangles(boxes_to_rectangles(prompts.boxes))
-            points = self.viewer.layers[self.layer_name("points")]
-            points.data = prompts.points[:, ::-1]
-            points.features = {"label": prompts.point_labels}
-            if len(prompts.point_labels):
-                points.face_color = self._point_colors(prompts.point_labels)
+            geometry = geometry_of(self.viewer.layers[name], 2)
+            put_layer(self.viewer, output_name("boxes", target), "shapes",
+                      boxes_to_rectangles(prompts.boxes), geometry, shape_type="rectangle",
+                      edge_color="yellow", face_color="transparent", edge_width=2)
+            put_layer(self.viewer, output_name("points", target), "points",
+                      points_to_layer(prompts.points), geometry,
+                      features={"label": prompts.point_labels}, size=6,
+                      face_color=point_colors(prompts.point_labels))
         finally:
             self._updating_layers = False
         self.refine_from_layers()
+
+    # ----------------------------------------------------------------------- label map
+    def label_map_layer(self, create: bool = True):
+        """The ``label map`` Labels layer of the current run's image (created on demand,
+        aligned with it, with a ``name`` feature per label value)."""
+        run = self.controller.state.run
+        if run is None:
+            raise InputError("Nothing to accept yet: press Run all first.")
+        if run.source not in self.viewer.layers:
+            raise InputError(f"The image layer {run.source!r} is gone.")
+        source = self.viewer.layers[run.source]
+        spatial = source.data.shape[:-1] if source.rgb else source.data.shape
+        if LABEL_MAP in self.viewer.layers:
+            layer = self.viewer.layers[LABEL_MAP]
+            if tuple(layer.data.shape) != tuple(spatial):
+                raise InputError(f"The '{LABEL_MAP}' layer {tuple(layer.data.shape)} belongs "
+                                 f"to another image ({tuple(spatial)}): rename or remove it.")
+            return layer
+        if not create:
+            return None
+        return put_layer(self.viewer, LABEL_MAP, "labels", np.zeros(spatial, np.int32),
+                         geometry_of(source, len(spatial)), opacity=0.5)
+
+    def _name_labels(self, layer) -> None:
+        """Give the label map a ``name`` feature: napari shows it for the label under the
+        cursor, and the training widget exports it as the class names."""
+        import pandas as pd
+
+        targets: list[Target] = self.controller.state.targets
+        known = {t.value: t.name for t in targets}
+        existing = layer.features
+        if "index" in existing and "name" in existing:
+            for value, name in zip(existing["index"], existing["name"], strict=True):
+                known.setdefault(int(value), str(name))
+        values = sorted(known)
+        layer.features = pd.DataFrame({"index": [0, *values],
+                                       "name": ["background", *(known[v] for v in values)]})
+
+    def accept_mask(self) -> None:
+        """Write the current SAM mask into the label map as its target's label (undoable)."""
+        try:
+            layer = self.label_map_layer()
+            index, values = self.controller.accept(
+                layer.data, overwrite=self.overwrite_check.isChecked())
+        except InputError as exc:
+            self._report(str(exc), error=True)
+            return
+        self._name_labels(layer)
+        layer.data_setitem(index, values)
+        target = self.controller.state.run.target
+        self._report(f"Accepted '{target.name}' as label {target.value} of '{LABEL_MAP}' "
+                     f"({len(values)} voxel(s) changed; Ctrl+Z in that layer undoes it).")
 
     # ----------------------------------------------------------------------- runs and settings
     def run_state(self) -> dict[str, Any]:
         """What reproduces a run: prompt lines, every parameter and the models."""
         from napari_medclipsam import __version__
 
-        base = self._pipeline.config if self._pipeline is not None else None
-        return {"prompt": self._prompt_lines(), "config": self.build_config(base).to_dict(),
+        return {"prompt": self._prompt_lines(),
+                "config": self.build_config(self._base_config()).to_dict(),
                 "all_slices": self.all_slices_check.isChecked(),
                 "napari_medclipsam": __version__}
 
@@ -672,7 +630,7 @@ class SegmentWidget(QWidget):
         self.prompt_edit.setPlainText("\n".join(state.get("prompt", [])))
         self.set_fields_from_config(config)
         self.all_slices_check.setChecked(bool(state.get("all_slices", False)))
-        if not self._injected:
+        if not self.controller.injected:
             self.clip_edit.setText(config.clip_model)
             self.sam_combo.setCurrentText(config.sam_model)
             self.checkpoint_edit.setText(config.sam_checkpoint or "")
@@ -711,25 +669,20 @@ class SegmentWidget(QWidget):
     @staticmethod
     def settings_path() -> Path:
         """``$MEDCLIPSAM_CONFIG_DIR`` or the user's config folder, ``segment_widget.json``."""
-        folder = os.environ.get("MEDCLIPSAM_CONFIG_DIR")
-        if not folder:
-            import platformdirs
-
-            folder = platformdirs.user_config_dir("napari-medclipsam")
-        return Path(folder) / "segment_widget.json"
+        return SETTINGS.path
 
     def save_settings(self) -> None:
         """Remember the prompt, models and parameters for the next session."""
         try:
-            self.save_run(self.settings_path())
+            SETTINGS.save(self.run_state())
         except OSError as exc:  # a read-only home must not break a run
             self._report(f"{self.last_status} (settings not saved: {exc})")
 
     def load_settings(self) -> None:
-        path = self.settings_path()
-        if not path.is_file():
-            return
         try:
-            self.apply_state(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError, KeyError):
-            self._report(f"Ignored unreadable settings in {path}.")
+            state = SETTINGS.load()
+            if state is not None:
+                self.apply_state(state)
+        except (ValueError, TypeError, KeyError) as exc:
+            self._report(str(exc) if isinstance(exc, ValueError)
+                         else f"Ignored unreadable settings in {SETTINGS.path}.")

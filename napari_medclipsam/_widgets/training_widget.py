@@ -49,6 +49,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from napari_medclipsam._widgets.common import avoid_triton_llvm_clash  # noqa: F401
 from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.nnunet.job import ENV_NAMES, format_status
 
@@ -89,7 +90,8 @@ class TrainingWidget(QWidget):
 
     Parameters
     ----------
-    viewer : napari.Viewer
+    napari_viewer : napari.viewer.Viewer
+        Passed by napari when the widget is opened from the Plugins menu.
 
     Attributes
     ----------
@@ -106,9 +108,9 @@ class TrainingWidget(QWidget):
 
     _message = Signal(str)
 
-    def __init__(self, viewer: napari.Viewer):
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
-        self.viewer = viewer
+        self.viewer = viewer = napari_viewer
         self.job_dir: Path | None = None
         self.status: dict[str, Any] = {"phase": "none", "running": False}
         self.last_status = ""

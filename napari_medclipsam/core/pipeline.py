@@ -50,6 +50,10 @@ class SegmentationResult:
         False when the coarse mask was empty (then SAM was not called).
     message : str
         A human-readable summary ("nothing found" explains what to try).
+    rgb : np.ndarray or None
+        HxWx3 uint8, the image exactly as CLIP and SAM saw it (after windowing); SAM's
+        cached embedding belongs to it, so re-prompting (:meth:`ZeroShotPipeline.refine`)
+        must pass this array.
     """
 
     saliency: np.ndarray
@@ -59,6 +63,7 @@ class SegmentationResult:
     found: bool
     message: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    rgb: np.ndarray | None = None
 
 
 @dataclass
@@ -196,13 +201,13 @@ class ZeroShotPipeline:
             report("done", 1.0)
             return SegmentationResult(saliency, coarse, prompts,
                                       np.zeros(rgb.shape[:2], dtype=bool), False, NOTHING_FOUND,
-                                      {"saliency_steps": steps})
+                                      {"saliency_steps": steps}, rgb=rgb)
         _check_stop(should_stop)
         mask = self.refine(rgb, prompts)
         report("done", 1.0)
         message = (f"{len(coarse.components)} component(s) kept of {coarse.n_candidates}; "
                    f"mask of {int(mask.sum())} pixels.")
-        return SegmentationResult(saliency, coarse, prompts, mask, True, message)
+        return SegmentationResult(saliency, coarse, prompts, mask, True, message, rgb=rgb)
 
     def segment_volume(self, volume: np.ndarray, text: str | Sequence[str],
                        window: Window | None = None, slices: Sequence[int] | None = None,

@@ -593,6 +593,27 @@ def make_prompts(labels: np.ndarray, config: PromptConfig) -> Prompts:
     )
 
 
+def prompts_from_mask(mask: np.ndarray, config: PromptConfig) -> Prompts:
+    """SAM prompts from a hand-painted or edited mask (e.g. a corrected coarse mask).
+
+    Every 8-connected region of ``mask > 0`` counts as one component, whatever its label
+    value; ``config`` applies as in :func:`make_prompts`. An empty mask gives empty
+    :class:`Prompts`.
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        HxW, nonzero is foreground.
+    config : PromptConfig
+    """
+    from skimage.measure import label as label_components
+
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise InputError(f"Expected a 2-D mask (H, W); got shape {m.shape}.")
+    return make_prompts(label_components(m > 0, connectivity=2).astype(np.int32), config)
+
+
 # --------------------------------------------------------------------------- SAM mask
 
 
