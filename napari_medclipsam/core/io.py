@@ -7,6 +7,12 @@ Conventions
 * Volumes are (Z, Y, X): NIfTI data, stored (X, Y, Z), is transposed on reading and
   back on writing, and the original affine is kept, so a mask written with
   :func:`write_nifti_like` overlays the scan in any viewer.
+* Geometry: ``meta["affine"]`` is a NIfTI-style 4x4 voxel -> RAS millimetre matrix whose
+  columns follow the *stored* index order (x/column, y/row, z/slice), for NIfTI files and for
+  DICOM (built from ImageOrientationPatient, PixelSpacing, slice positions and
+  ImagePositionPatient, converted from DICOM's LPS to RAS). ``spacing`` and ``meta["origin"]``
+  are the same geometry in the order of ``data`` ((Z, Y, X) or (Y, X)); see
+  :func:`scale_translate_from_affine`.
 * Models see HxWx3 uint8 RGB. :func:`to_rgb_uint8` makes it:
 
   - uint8 data is used as it is (grayscale replicated to three channels; alpha dropped);
@@ -122,7 +128,7 @@ def read_image(path: str | Path) -> ImageData:
     try:
         if suffix in NIFTI_SUFFIXES:
             return _read_nifti(path)
-        if suffix in DICOM_SUFFIXES:
+        if suffix in DICOM_SUFFIXES or (suffix not in SUPPORTED and is_dicom_file(path)):
             return _read_dicom(path)
         if suffix in IMAGE_SUFFIXES:
             return _read_raster(path)
@@ -167,18 +173,148 @@ def _read_nifti(path: Path) -> ImageData:
     img = nib.load(str(path))
     data = np.asarray(img.dataobj)
     zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
-    meta = {"affine": img.affine, "header": img.header}
+    meta = {"affine": img.affine, "header": img.header,
+            "qform_code": int(img.header["qform_code"]),
+            "sform_code": int(img.header["sform_code"])}
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
-    if data.ndim == 2:
-        return ImageData(data.T, False, zooms[::-1], path, meta)
+    if data.ndim == 2 or (data.ndim == 3 and data.shape[2] == 1):
+        meta["origin"] = scale_translate_from_affine(img.affine, 2)[1]
+        data = data if data.ndim == 2 else data[:, :, 0]
+        return ImageData(data.T, False, zooms[:2][::-1], path, meta)
     if data.ndim == 3:
-        if data.shape[2] == 1:
-            return ImageData(data[:, :, 0].T, False, zooms[:2][::-1], path, meta)
+        meta["origin"] = scale_translate_from_affine(img.affine, 3)[1]
         return ImageData(np.ascontiguousarray(data.transpose(2, 1, 0)), True, zooms[::-1],
                          path, meta)
     raise InputError(f"{path.name}: NIfTI with shape {data.shape} is not supported "
                      "(expected 2-D or 3-D scalar data).")
+
+
+# --------------------------------------------------------------------------- geometry
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def scale_translate_from_affine(affine: np.ndarray, ndim: int = 3
+                                ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A NIfTI-style 4x4 affine -> (spacing, origin) in the order of the data, (Z, Y, X).
+
+    ``spacing`` holds the lengths of the affine's first ``ndim`` columns. ``origin`` is the
+    world position of voxel 0 expressed along the voxel axes (the translation ``t`` solved
+    in the frame of the normalised columns ``R``: ``R @ origin = t``). For the usual
+    axis-aligned scan (RAS, positive diagonal) that is the affine's translation itself,
+    reversed to (z, y, x); an axis stored flipped keeps its world coordinate measured along
+    the voxel axis, so world positions in napari stay in millimetres along each data axis.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    columns = affine[:3, :ndim]
+    zooms = np.linalg.norm(columns, axis=0)
+    zooms = np.where(zooms > 0, zooms, 1.0)
+    origin = np.linalg.lstsq(columns / zooms, affine[:3, 3], rcond=None)[0]
+    return (tuple(float(z) for z in zooms[::-1]), tuple(float(o) for o in origin[::-1]))
+
+
+def affine_from_scale_translate(scale, translate) -> np.ndarray:
+    """napari ``scale``/``translate`` in (Z, Y, X) or (Y, X) order -> 4x4 NIfTI affine.
+
+    An axis-aligned affine (no rotation, no flip): the inverse of
+    :func:`scale_translate_from_affine` for scans stored that way.
+    """
+    scale = [float(s) for s in scale][::-1]
+    translate = [float(t) for t in translate][::-1]
+    affine = np.eye(4)
+    for axis, (step, shift) in enumerate(zip(scale, translate, strict=True)):
+        affine[axis, axis] = step
+        affine[axis, 3] = shift
+    return affine
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True for a file carrying DICOM's ``DICM`` marker at byte 128 (cheap: reads 132 bytes)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _first(value) -> float:
+    """A DICOM decimal string that may be multi-valued -> its first value."""
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0]
+    return float(value)
+
+
+def _dicom_window(ds) -> Window | None:
+    """WindowCenter/WindowWidth (in rescaled units, e.g. HU) when present and valid."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    try:
+        center, width = _first(center), _first(width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if not np.isfinite([center, width]).all() or width <= 0:
+        return None
+    return Window.from_center_width(center, width)
+
+
+def _rescale(ds) -> tuple[float, float]:
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    slope = float(slope) if slope not in (None, "") else 1.0
+    return (slope or 1.0), (float(intercept) if intercept not in (None, "") else 0.0)
+
+
+def _orientation(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Unit row, column and normal directions (LPS) from ImageOrientationPatient."""
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return None
+    row, col = np.asarray(iop[:3], dtype=np.float64), np.asarray(iop[3:], dtype=np.float64)
+    normal = np.cross(row, col)
+    if np.linalg.norm(normal) < 1e-6:
+        return None
+    return (row / np.linalg.norm(row), col / np.linalg.norm(col),
+            normal / np.linalg.norm(normal))
+
+
+def _dicom_affine(ds, slice_step: float) -> np.ndarray | None:
+    """Voxel (column, row, slice) -> RAS affine from orientation, spacing and position."""
+    frame = _orientation(ds)
+    position = ds.get("ImagePositionPatient")
+    spacing = ds.get("PixelSpacing")
+    if frame is None or position is None or len(position) != 3:
+        return None
+    row_step, col_step = (float(s) for s in spacing) if spacing is not None else (1.0, 1.0)
+    row, col, normal = frame
+    lps = np.eye(4)
+    lps[:3, 0] = row * col_step      # along a row: increasing column index
+    lps[:3, 1] = col * row_step      # down a column: increasing row index
+    lps[:3, 2] = normal * slice_step
+    lps[:3, 3] = np.asarray(position, dtype=np.float64)
+    return _LPS_TO_RAS @ lps
+
+
+def _slice_step(ds) -> float:
+    for key in ("SpacingBetweenSlices", "SliceThickness"):
+        value = ds.get(key)
+        if value not in (None, "") and float(value) > 0:
+            return float(value)
+    return 1.0
+
+
+def _dicom_meta(ds, path) -> dict[str, Any]:
+    return {"modality": str(ds.get("Modality", "")),
+            "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
+            "series_description": str(ds.get("SeriesDescription", "")),
+            "source_path": str(path)}
 
 
 def _read_dicom(path: Path) -> ImageData:
@@ -188,32 +324,211 @@ def _read_dicom(path: Path) -> ImageData:
     if "PixelData" not in ds:
         raise InputError(f"{path.name}: the DICOM file holds no image (no PixelData).")
     data = ds.pixel_array.astype(np.float32)
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    if getattr(ds, "PhotometricInterpretation", "") != "RGB":
+    rgb = ds.get("PhotometricInterpretation") == "RGB"
+    if not rgb:
+        slope, intercept = _rescale(ds)
         data = data * slope + intercept
-        if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
             data = data.max() + data.min() - data
-    spacing = getattr(ds, "PixelSpacing", None)
-    spacing = tuple(float(s) for s in spacing) if spacing is not None else None
-    meta: dict[str, Any] = {"modality": str(getattr(ds, "Modality", ""))}
-    center = getattr(ds, "WindowCenter", None)
-    width = getattr(ds, "WindowWidth", None)
-    if center is not None and width is not None:
-        def first(value) -> float:
-            return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+    pixel = ds.get("PixelSpacing")
+    pixel = tuple(float(s) for s in pixel) if pixel is not None else (1.0, 1.0)
+    meta = _dicom_meta(ds, path)
+    window = _dicom_window(ds)
+    if window is not None:
+        meta["window"] = window
+    if rgb:
+        return _classify(data.astype(np.uint8), path, pixel, meta)
+    step = _slice_step(ds)
+    affine = _dicom_affine(ds, step)
+    if affine is not None:
+        meta["affine"] = affine
+    if data.ndim == 3 and data.shape[-1] not in (3, 4):   # multi-frame: (frames, rows, cols)
+        if affine is not None:
+            meta["origin"] = scale_translate_from_affine(affine, 3)[1]
+        return ImageData(data, True, (step, *pixel), path, meta)
+    if affine is not None:
+        meta["origin"] = scale_translate_from_affine(affine, 2)[1]
+    return _classify(data, path, pixel, meta)
 
-        meta["window"] = Window.from_center_width(first(center), first(width))
-    if ds.get("PhotometricInterpretation") == "RGB":
-        data = data.astype(np.uint8)
-    return _classify(data, path, spacing, meta)
+
+def _dicom_files(source) -> list[Path]:
+    """DICOM files under a folder (recursively; hidden entries and DICOMDIR skipped), or the
+    given list of files; recognised by the 'DICM' marker, whatever their names."""
+    if isinstance(source, str | os.PathLike):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise InputError(f"Not a folder: {folder}.")
+        candidates = []
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            candidates += [Path(root) / f for f in sorted(files)
+                           if not f.startswith(".") and f.upper() != "DICOMDIR"]
+    else:
+        candidates = [Path(p) for p in source]
+    return [p for p in candidates if p.is_file() and is_dicom_file(p)]
+
+
+def read_dicom_series(source: str | Path | list[str | Path]) -> ImageData:
+    """Read one DICOM series as a (Z, Y, X) volume (or (Y, X) for a single slice).
+
+    Parameters
+    ----------
+    source : folder or list of files
+        A folder is searched recursively; files are recognised by the ``DICM`` marker
+        (extension-less and UID-named files work).
+
+    Returns
+    -------
+    ImageData
+        ``data`` is int16/int32 when RescaleSlope/Intercept keep values integral, else
+        float32, with the rescale applied (Hounsfield units for CT). Slices are sorted by
+        ImagePositionPatient projected on the slice normal (ImageOrientationPatient's row x
+        column), falling back to InstanceNumber, then file name, when positions are missing.
+        ``spacing`` is (median step between sorted positions, row spacing, column spacing).
+        ``meta`` holds ``affine`` (4x4, voxel (column, row, slice) -> RAS mm; see the module
+        docstring), ``origin`` ((Z, Y, X), from the first sorted slice's
+        ImagePositionPatient), ``window`` (WindowCenter/Width when valid), ``sorted_by``,
+        ``files`` (sorted) and, when the folder holds several series, ``other_series`` (the
+        largest series is read; the others are listed as (uid, description, n_files)).
+
+    Raises
+    ------
+    InputError
+        No DICOM image found, unreadable pixel data, or several images at one position.
+    """
+    import pydicom
+
+    label = str(source) if isinstance(source, str | os.PathLike) else f"{len(source)} files"
+    files = _dicom_files(source)
+    headers = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - a broken file among many is skipped
+            continue
+        if "Rows" in ds and "Columns" in ds:
+            headers.append((f, ds))
+    if not headers:
+        raise InputError(f"No DICOM image found in {label} (files are recognised by the "
+                         "'DICM' marker at byte 128).")
+
+    series: dict[str, list] = {}
+    for f, ds in headers:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    ranked = sorted(series.items(), key=lambda kv: len(kv[1]), reverse=True)
+    uid, members = ranked[0]
+    others = [(u, str(m[0][1].get("SeriesDescription", "")), len(m)) for u, m in ranked[1:]]
+
+    # keep the slices sharing the most common geometry (a localizer can share the series)
+    def geometry(ds):
+        iop = ds.get("ImageOrientationPatient")
+        iop = tuple(round(float(v), 4) for v in iop) if iop is not None else None
+        return int(ds.Rows), int(ds.Columns), iop
+
+    kinds: dict[tuple, list] = {}
+    for f, ds in members:
+        kinds.setdefault(geometry(ds), []).append((f, ds))
+    members = max(kinds.values(), key=len)
+    dropped = sum(len(v) for v in kinds.values()) - len(members)
+
+    frame = _orientation(members[0][1])
+    positions = [ds.get("ImagePositionPatient") for _, ds in members]
+    if frame is not None and all(p is not None and len(p) == 3 for p in positions):
+        keys = [float(np.dot(frame[2], np.asarray(p, dtype=np.float64))) for p in positions]
+        sorted_by = "ImagePositionPatient"
+    elif all(ds.get("InstanceNumber") not in (None, "") for _, ds in members):
+        keys = [float(ds.InstanceNumber) for _, ds in members]
+        sorted_by = "InstanceNumber"
+    else:
+        keys = list(range(len(members)))
+        sorted_by = "file name"
+    order = np.argsort(np.asarray(keys), kind="stable")
+    members = [members[i] for i in order]
+    keys = np.asarray(keys, dtype=np.float64)[order]
+    if len(members) > 1 and sorted_by != "file name" and np.unique(keys).size < len(keys):
+        raise InputError(
+            f"{label}: {len(members)} images share {np.unique(keys).size} slice positions "
+            f"({sorted_by}); the series holds several images per position (echoes, time "
+            "points or duplicates). Put one of them in a folder of its own.")
+
+    first_ds = members[0][1]
+    meta = _dicom_meta(first_ds, members[0][0])
+    meta["source_path"] = str(source) if isinstance(source, str | os.PathLike) \
+        else str(Path(members[0][0]).parent)
+    meta.update(sorted_by=sorted_by, files=[str(f) for f, _ in members], other_series=others)
+    if dropped:
+        meta["dropped_files"] = dropped
+    if sorted_by == "ImagePositionPatient" and len(members) > 1:
+        steps = np.diff(keys)
+        step = float(np.median(steps))
+        if np.abs(steps - step).max() > 0.01 * step + 1e-3:
+            meta["irregular_spacing"] = (float(steps.min()), float(steps.max()))
+    else:
+        step = _slice_step(first_ds)
+
+    rows, cols = int(first_ds.Rows), int(first_ds.Columns)
+    slopes = [_rescale(ds) for _, ds in members]
+    integral = all(float(s).is_integer() and float(i).is_integer() for s, i in slopes)
+    bits = int(first_ds.get("BitsStored", 16) or 16)
+    signed = int(first_ds.get("PixelRepresentation", 0) or 0) == 1
+    raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    if integral:   # exact integers; int16 at the end when the values fit (CT in HU do)
+        ends = [v * s + i for s, i in slopes for v in raw]
+        info = np.iinfo(np.int16)
+        dtype = np.int16 if info.min <= min(ends) and max(ends) <= info.max else np.int32
+    else:
+        dtype = np.float32
+    volume = np.empty((len(members), rows, cols), dtype=dtype)
+    for z, ((f, _), (slope, intercept)) in enumerate(zip(members, slopes, strict=True)):
+        try:
+            pixels = pydicom.dcmread(str(f)).pixel_array
+        except Exception as exc:
+            raise InputError(f"Could not read the pixels of {f}: {type(exc).__name__}: {exc}") \
+                from exc
+        if pixels.shape != (rows, cols):
+            raise InputError(f"{f.name}: a {pixels.shape} image in a series of {rows}x{cols} "
+                             "slices (multi-frame or colour images are read one by one).")
+        if dtype == np.float32:
+            volume[z] = pixels.astype(np.float32) * slope + intercept
+        else:
+            volume[z] = pixels.astype(np.int32) * int(slope) + int(intercept)
+    if first_ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        volume = (float(volume.max()) + float(volume.min()) - volume.astype(np.float64)
+                  ).astype(dtype)
+    if dtype == np.int32 and volume.size and volume.min() >= -(2 ** 15) \
+            and volume.max() < 2 ** 15:
+        volume = volume.astype(np.int16)
+    pixel = first_ds.get("PixelSpacing")
+    pixel = tuple(float(s) for s in pixel) if pixel is not None else (1.0, 1.0)
+    window = _dicom_window(first_ds)
+    if window is not None:
+        meta["window"] = window
+    affine = _dicom_affine(first_ds, step)
+    path = Path(meta["source_path"])
+    if len(members) == 1:
+        if affine is not None:
+            meta["affine"] = affine
+            meta["origin"] = scale_translate_from_affine(affine, 2)[1]
+        return ImageData(volume[0], False, pixel, path, meta)
+    if affine is not None:
+        meta["affine"] = affine
+        meta["origin"] = scale_translate_from_affine(affine, 3)[1]
+    return ImageData(volume, True, (step, *pixel), path, meta)
 
 
 # --------------------------------------------------------------------------- intensities
 
 
-def auto_window(data: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> Window:
-    """The window spanning the given percentiles of the finite values of ``data``."""
+def auto_window(data: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5),
+                max_values: int | None = None) -> Window:
+    """The window spanning the given percentiles of the finite values of ``data``.
+
+    ``max_values`` bounds the work on large volumes: the percentiles are then taken over an
+    evenly strided sample of about that many values.
+    """
+    data = np.asarray(data)
+    if max_values is not None and data.size > max_values:
+        data = data.reshape(-1)[:: int(np.ceil(data.size / max_values))]
     values = np.asarray(data, dtype=np.float64)
     finite = values[np.isfinite(values)]
     if finite.size == 0:
@@ -318,3 +633,42 @@ def write_nifti_like(path: str | Path, volume: np.ndarray, reference: ImageData,
     img.header.set_zooms(tuple(reversed(reference.spacing))[: data.ndim])
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+
+
+def label_dtype(labels: np.ndarray) -> np.dtype:
+    """The smallest integer dtype holding ``labels``: uint8 when 0 <= labels < 256, else
+    int16 or int32 (NIfTI readers everywhere understand these)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return np.dtype(np.uint8)
+    low, high = labels.min(), labels.max()
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        raise InputError("Labels must be whole numbers; got fractional values.")
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return np.dtype(dtype)
+    raise InputError(f"Label values {low}..{high} do not fit in int32; relabel them "
+                     "consecutively (e.g. skimage.segmentation.relabel_sequential).")
+
+
+def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, dtype=None,
+                qform_code: int = 1, sform_code: int = 1) -> Path:
+    """(Z, Y, X) or (Y, X) array -> NIfTI (stored (X, Y, Z) / (X, Y)), written atomically.
+
+    ``affine`` is the 4x4 voxel -> RAS matrix of the stored order (as read from a NIfTI
+    file or built by the DICOM readers). ``qform_code``/``sform_code``: 1 = scanner, 2 =
+    aligned (0 is replaced by 1 so every reader applies the affine).
+    """
+    import nibabel as nib
+
+    data = np.asarray(data)
+    if data.ndim not in (2, 3):
+        raise InputError(f"Can only write 2-D or 3-D arrays as NIfTI; got shape {data.shape}.")
+    data = data.astype(dtype or data.dtype).T
+    img = nib.Nifti1Image(np.ascontiguousarray(data), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=int(qform_code) or 1)
+    img.set_sform(img.affine, code=int(sform_code) or 1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
