@@ -340,3 +340,20 @@ def test_dicom_series_labels_save_in_ras(viewer, tmp_path):
     # voxel (0, 0, 4) lies at LPS (x, y, z) = (IPP_x, IPP_y, z of the 5th slice)
     assert np.allclose(back.affine @ [0, 0, 4, 1],
                        [-IPP_XY[0], -IPP_XY[1], SLICE_Z[4], 1])
+
+
+def test_reading_and_writing_import_no_torch(nifti_scan, tmp_path):
+    """torch/open_clip imported after a viewer exists crash napari under Mesa llvmpipe."""
+    import subprocess
+    import sys
+
+    path, _ = nifti_scan
+    code = ("import sys, numpy as np\n"
+            "from napari_medclipsam._io.readers import get_reader\n"
+            "from napari_medclipsam._io.writers import labels_affine\n"
+            f"(data, kw, kind), = get_reader({str(path)!r})({str(path)!r})\n"
+            "labels_affine(data.shape, kw)\n"
+            "heavy = [m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules]\n"
+            "print(heavy); sys.exit(1 if heavy else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
