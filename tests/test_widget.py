@@ -10,9 +10,6 @@ import pytest
 
 pytest.importorskip("qtpy.QtWidgets", exc_type=ImportError)
 
-from napari_medclipsam.core.config import PipelineConfig, SaliencyConfig  # noqa: E402
-from napari_medclipsam.core.models import clear_model_cache, load_clip, load_sam  # noqa: E402
-from napari_medclipsam.core.pipeline import ZeroShotPipeline  # noqa: E402
 from napari_helpers import SEGMENT, dock  # noqa: E402
 
 SCALE, TRANSLATE = (2.0, 3.0), (5.0, 7.0)
@@ -27,16 +24,8 @@ def settings_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def pipeline(tiny_clip_dir, tiny_sam_checkpoint):
-    from tiny_sam import build_tiny_sam
-
-    clear_model_cache()
-    config = PipelineConfig(clip_model=f"local-dir:{tiny_clip_dir}", device="cpu",
-                            saliency=SaliencyConfig(layer=2, steps=2, batch_size=2))
-    clip = load_clip(config.clip_model, "cpu")
-    sam = load_sam("vit_b", tiny_sam_checkpoint, "cpu", builder=build_tiny_sam)
-    yield ZeroShotPipeline(config, clip=clip, sam=sam)
-    clear_model_cache()
+def pipeline(tiny_pipeline):
+    return tiny_pipeline
 
 
 def _image(h=48, w=64, seed=0):
@@ -289,3 +278,39 @@ def test_missing_model_is_an_actionable_message(make_napari_viewer, qtbot, tmp_p
     assert "CLIP folder not found" in w.last_status
     assert w.run_button.isEnabled() and not w.running
     assert not any(layer.name.startswith("SAM mask") for layer in viewer.layers)
+
+
+def test_two_targets_one_label_map_named_and_undoable(widget, qtbot):
+    viewer = widget.viewer
+    _run(widget, qtbot, prompt="a disk")
+    widget.accept_button.click()
+    label_map = viewer.layers["label map"]
+    np.testing.assert_allclose(label_map.scale, SCALE)
+    np.testing.assert_allclose(label_map.translate, TRANSLATE)
+    # whatever the tiny SAM found, give the first target a known region too
+    widget.viewer.layers["boxes [a disk]"].data = [np.array([[2, 2], [2, 20], [20, 20],
+                                                             [20, 2]], float)]
+    qtbot.waitUntil(lambda: widget.refine_count >= 1, timeout=10_000)
+    disk = np.asarray(viewer.layers["SAM mask [a disk]"].data) > 0
+    widget.accept_button.click()
+    assert ((label_map.data == 1) == disk).all()
+
+    _run(widget, qtbot, prompt="a square")
+    square = np.zeros((48, 64), bool)
+    square[10:40, 10:60] = True  # overlaps the disk target
+    widget.controller.state.run.mask = square
+    widget.accept_button.click()
+    data = np.asarray(label_map.data)
+    assert (data[disk] == 1).all(), "another target's voxels were overwritten"
+    assert (data[square & ~disk] == 2).all()
+    names = dict(zip(label_map.features["index"], label_map.features["name"], strict=True))
+    assert names == {0: "background", 1: "a disk", 2: "a square"}
+    assert "label 2" in widget.last_status
+
+    label_map.undo()  # napari's own undo reverts the accept
+    assert not (np.asarray(label_map.data) == 2).any()
+    assert ((np.asarray(label_map.data) == 1) == disk).all()
+
+    widget.overwrite_check.setChecked(True)
+    widget.accept_button.click()
+    assert (np.asarray(label_map.data)[square] == 2).all()
