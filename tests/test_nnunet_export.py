@@ -197,3 +197,152 @@ def test_folders_are_paired_by_name_not_listing_order(tmp_path):
     iio.imwrite(tmp_path / "img" / "lonely.png", disk_image(5)[0])
     with pytest.raises(InputError, match="lonely.png"):
         pair_images_and_masks(tmp_path / "img", tmp_path / "msk")
+
+
+# --------------------------------------------------------------------------- several targets
+
+
+def lungs_and_nodule(seed, size=48, values=(1, 2, 3)):
+    """An image with two 'lungs' and a 'nodule' inside the left one; its label map."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(60, 10, (size, size)).clip(0, 255).astype(np.uint8)
+    lab = np.zeros((size, size), np.uint8)
+    lab[8:40, 4:22] = values[0]
+    lab[8:40, 26:44] = values[1]
+    lab[18:24, 10:16] = values[2]
+    img[lab > 0] += 80
+    return img, lab
+
+
+def test_several_targets_keep_their_values_and_names(tmp_path):
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+
+    table = {"left lung": 1, "right lung": 2, "nodule": 3}
+    cases = []
+    for i in range(2):
+        img, lab = lungs_and_nodule(i)
+        cases += cases_from_arrays(img, lab, f"ct{i}", label_table=table)
+    res = export_dataset(cases, tmp_path, 21, "Chest")   # nnU-Net's check runs
+    ds = tmp_path / "Dataset021_Chest"
+    meta = json.loads((ds / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "left lung": 1, "right lung": 2, "nodule": 3}
+    assert meta["medclipsam_label_values"] == table
+    assert res.label_table == table
+    seg, _ = NaturalImage2DIO().read_seg(str(ds / "labelsTr" / "ct0.png"))
+    np.testing.assert_array_equal(seg[0, 0], lungs_and_nodule(0)[1])   # values kept
+    entry = read_case_list(ds)["ct0"]
+    assert entry["label_fractions"]["nodule"] == pytest.approx(36 / 48**2, abs=1e-6)
+    assert entry["foreground_fraction"] == pytest.approx((lungs_and_nodule(0)[1] > 0).mean(),
+                                                         abs=1e-6)
+
+
+def test_values_that_are_not_consecutive_are_remapped_in_order_and_recorded(tmp_path):
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+
+    img, lab = lungs_and_nodule(0, values=(7, 2, 40))   # user's values: 2, 7, 40
+    table = {"nodule": 40, "left lung": 7, "right lung": 2}
+    export_dataset(cases_from_arrays(img, lab, "c", label_table=table), tmp_path, 22, "Remap")
+    ds = tmp_path / "Dataset022_Remap"
+    meta = json.loads((ds / "dataset.json").read_text())
+    # nnU-Net's consecutive values, in the order of the user's: 2 -> 1, 7 -> 2, 40 -> 3
+    assert meta["labels"] == {"background": 0, "right lung": 1, "left lung": 2, "nodule": 3}
+    assert meta["medclipsam_label_values"] == {"right lung": 2, "left lung": 7, "nodule": 40}
+    seg = NaturalImage2DIO().read_seg(str(ds / "labelsTr" / "c.png"))[0][0, 0]
+    np.testing.assert_array_equal(seg, lungs_and_nodule(0, values=(2, 1, 3))[1])
+
+
+def test_a_value_outside_the_table_is_refused_naming_it(tmp_path):
+    img, lab = lungs_and_nodule(0)
+    lab[0, 0] = 9
+    with pytest.raises(InputError, match=r"label value\(s\) 9 are not in the label table"):
+        cases_from_arrays(img, lab, "x", label_table={"left lung": 1, "right lung": 2,
+                                                       "nodule": 3})
+    # the same check when the table is given to the export only
+    with pytest.raises(InputError, match=r"x: label value\(s\) 3, 9"):
+        export_dataset([ExportCase("x", img, lab)], tmp_path, 23, "Bad",
+                       label_table={"left lung": 1, "right lung": 2}, verify=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_appending_needs_the_same_table(tmp_path):
+    table = {"left lung": 1, "right lung": 2, "nodule": 3}
+    img, lab = lungs_and_nodule(0)
+    export_dataset(cases_from_arrays(img, lab, "a", label_table=table), tmp_path, 24, "App",
+                   verify=False)
+    ds = tmp_path / "Dataset024_App"
+    before = snapshot(ds)
+    other = {"left lung": 1, "right lung": 2, "tumour": 3}
+    with pytest.raises(InputError, match="missing nodule; not in the dataset tumour"):
+        export_dataset(cases_from_arrays(img, lab, "b", label_table=other), tmp_path, 24,
+                       "App", append=True, verify=False)
+    with pytest.raises(InputError, match=r"other value nodule \(3 -> 4\)"):
+        export_dataset(cases_from_arrays(img, lab, "b"), tmp_path, 24, "App", append=True,
+                       label_table={**table, "nodule": 4}, verify=False)
+    with pytest.raises(InputError, match="give its label table"):   # a binary mask
+        export_dataset(cases_from_arrays(img, lab, "b"), tmp_path, 24, "App", append=True,
+                       verify=False)
+    assert snapshot(ds) == before
+    img2, lab2 = lungs_and_nodule(1)
+    res = export_dataset(cases_from_arrays(img2, lab2, "b"), tmp_path, 24, "App",
+                         append=True, label_table=dict(reversed(table.items())))  # same table
+    assert res.cases == ["b"] and res.label_table == table
+    assert json.loads((ds / "dataset.json").read_text())["numTraining"] == 2
+
+
+def test_binary_stays_the_default_and_one_named_target_can_be_a_table(tmp_path):
+    img, lab = lungs_and_nodule(0)
+    export_dataset(cases_from_arrays(img, lab, "a"), tmp_path, 25, "Bin", label_name="lung",
+                   verify=False)
+    ds = tmp_path / "Dataset025_Bin"
+    meta = json.loads((ds / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "lung": 1}
+    assert "medclipsam_label_values" not in meta
+    assert set(np.unique(iio.imread(ds / "labelsTr/a.png"))) == {0, 1}
+    # appending with the binary dataset's own one-name table is the same dataset
+    export_dataset(cases_from_arrays(img, (lab > 0) * 1, "b", label_table={"lung": 1}),
+                   tmp_path, 25, "Bin", append=True, verify=False)
+    with pytest.raises(InputError, match="not in the dataset tumour"):
+        export_dataset(cases_from_arrays(img, lab > 0, "c", label_table={"tumour": 1}),
+                       tmp_path, 25, "Bin", append=True, verify=False)
+
+
+def test_label_tables_are_checked_and_parsed():
+    from napari_medclipsam.nnunet.export import (
+        check_label_table,
+        format_label_table,
+        nnunet_label_values,
+        parse_label_table,
+    )
+
+    assert parse_label_table("1=left lung, 2=right lung,3=nodule") == {
+        "left lung": 1, "right lung": 2, "nodule": 3}
+    assert parse_label_table("nodule=5,lung=2") == {"lung": 2, "nodule": 5}   # sorted by value
+    assert format_label_table({"nodule": 5, "lung": 2}) == "2=lung, 5=nodule"
+    assert nnunet_label_values({"nodule": 5, "lung": 2}) == {"lung": 1, "nodule": 2}
+    assert check_label_table({"background": 0, "a": 1}) == {"a": 1}   # dataset.json style
+    for bad, match in [("1=a,2", "not value=name"), ("x=y", "no integer"),
+                       ("1=a,2=a", "twice"), ("0=a", "from 1"), ("1=a,1=b", "share the value"),
+                       ("1=ignore", "reserves"), ("2=background", "reserves"), ("", "empty")]:
+        with pytest.raises(InputError, match=match):
+            parse_label_table(bad)
+
+
+def test_folders_with_several_targets(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    for i in range(2):
+        img, lab = lungs_and_nodule(i)
+        iio.imwrite(tmp_path / "img" / f"p{i}.png", img)
+        iio.imwrite(tmp_path / "msk" / f"p{i}.png", lab)
+    table = {"left lung": 1, "right lung": 2, "nodule": 3}
+    res = export_dataset(cases_from_folders(tmp_path / "img", tmp_path / "msk",
+                                            label_table=table), tmp_path / "raw", 26, "F",
+                         verify=False)
+    assert res.label_table == table
+    ds = tmp_path / "raw" / "Dataset026_F"
+    np.testing.assert_array_equal(iio.imread(ds / "labelsTr/p1.png"), lungs_and_nodule(1)[1])
+    iio.imwrite(tmp_path / "msk" / "p1.png", lungs_and_nodule(1)[1] * 80)   # 0/80/160/240
+    with pytest.raises(InputError, match="p1: label value"):
+        export_dataset(cases_from_folders(tmp_path / "img", tmp_path / "msk",
+                                          label_table=table), tmp_path / "raw", 27, "G",
+                       verify=False)

@@ -4,9 +4,11 @@ Layout written (the nnU-Net v2 raw format)::
 
     RAW/Dataset{ID:03d}_{Name}/
         imagesTr/{case}_0000.{png|nii.gz}
-        labelsTr/{case}.{png|nii.gz}          0 background, 1 the target
+        labelsTr/{case}.{png|nii.gz}          0 background, 1..C the targets
         dataset.json                          channel_names, labels, numTraining, file_ending
-        medclipsam_cases.json                 per case: corrected by hand or raw zero-shot, source
+                                              (+ medclipsam_label_values, see below)
+        medclipsam_cases.json                 per case: corrected by hand or raw zero-shot, source,
+                                              and the review record (see ``review.py``)
 
 Conventions
 -----------
@@ -15,7 +17,19 @@ Conventions
   intensities and the spacing. A dataset has one file ending: appending float data to a PNG
   dataset is refused.
 * RGB images whose three channels are equal are stored as grayscale (one channel).
-* Masks are binary: every label value > 0 is the target (label 1).
+* Masks are binary by default: every label value > 0 is the target (label 1, named
+  ``label_name``).
+* Several targets in one label map: pass a label table ``label_table={"left lung": 1,
+  "right lung": 2, "nodule": 3}`` (name -> value in the masks; background 0 is implicit). The
+  masks keep their values; a value that is not in the table is refused (InputError naming it).
+  nnU-Net needs consecutive labels 0..C, so values that are not 1..C (say 1, 2, 5) are
+  remapped in order of value (1, 2, 3): ``dataset.json`` ``"labels"`` holds nnU-Net's values and
+  ``"medclipsam_label_values"`` the table as given (name -> value in the user's masks; written
+  whenever a table is given, identical to ``"labels"`` when nothing was remapped). The
+  prediction (``ensemble.py``) maps its label maps back to the table's values, so a predicted
+  mask can be corrected in the same napari Labels layer and exported again with the same table.
+  Appending to a dataset must use its table (a different one is refused, naming the names that
+  differ); a mask without a table may only join a dataset with one target.
 * Volumes are (Z, Y, X); ``spacing`` is given in that order.
 
 Safety: a new dataset is written into a hidden staging folder and renamed into place only after
@@ -33,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +59,8 @@ from ..core.io import SUPPORTED, file_stem, read_image
 CASES_FILE = "medclipsam_cases.json"
 MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_labels", "_gt", "-mask", "_segmentation")
 _SAFE = re.compile(r"[^A-Za-z0-9-]+")
+LABEL_VALUES_KEY = "medclipsam_label_values"
+RESERVED_LABEL_NAMES = ("background", "ignore")   # nnU-Net's: label 0, and unannotated pixels
 
 
 @dataclass
@@ -58,7 +74,8 @@ class ExportCase:
     image : np.ndarray
         (Y, X) grayscale, (Y, X, 3) RGB, or (Z, Y, X) volume.
     mask : np.ndarray
-        Same spatial shape as ``image``; values > 0 are the target.
+        Same spatial shape as ``image``; values > 0 are the target, or, with ``label_table``,
+        the table's values.
     spacing : tuple of float
         Pixel/voxel size per spatial axis of ``image`` ((Y, X) or (Z, Y, X)).
     corrected : bool
@@ -67,6 +84,10 @@ class ExportCase:
         Where it came from (file path or napari layer name), recorded in the case list.
     origin : tuple of float or None
         World position of the first voxel (Z, Y, X), for volumes.
+    label_table : dict of str to int, optional
+        The label table ``mask`` is read with (name -> value); None: binary (> 0 is the target).
+    record : dict
+        Extra fields for the case's entry in ``medclipsam_cases.json`` (e.g. ``review``).
     """
 
     case_id: str
@@ -77,6 +98,8 @@ class ExportCase:
     source: str = ""
     origin: tuple[float, ...] | None = None
     direction: tuple[float, ...] | None = field(default=None, repr=False)
+    label_table: dict[str, int] | None = None
+    record: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_volume(self) -> bool:
@@ -101,6 +124,8 @@ class ExportResult:
     appended: bool
     converted: list[str] = field(default_factory=list)
     """Cases converted to the dataset's kind (colour -> gray by luminance, or gray -> RGB)."""
+    label_table: dict[str, int] | None = None
+    """The dataset's label table (name -> value in the masks); None for a binary export."""
 
 
 # --------------------------------------------------------------------------- names
@@ -133,6 +158,139 @@ def find_dataset(raw_dir: str | Path, dataset_id: int) -> Path | None:
     return hits[0] if hits else None
 
 
+# --------------------------------------------------------------------------- label tables
+
+
+def check_label_table(labels: Mapping[str, int]) -> dict[str, int]:
+    """Check a label table (name -> value in the masks) -> a copy sorted by value.
+
+    Background (0) is implicit; a ``"background": 0`` entry (as in a dataset.json) is dropped.
+
+    Raises
+    ------
+    InputError
+        Empty table, an empty or reserved name ("background" other than 0, "ignore"), a value
+        that is not an integer >= 1, or two names with one value.
+    """
+    if not isinstance(labels, Mapping):
+        raise InputError(f"The label table must map names to values; got {labels!r}.")
+    table: dict[str, int] = {}
+    for name, value in labels.items():
+        name = str(name).strip()
+        if name == "background" and not isinstance(value, bool) and value == 0:
+            continue
+        if not name:
+            raise InputError("A label name is empty: name every label value.")
+        if name in RESERVED_LABEL_NAMES:
+            raise InputError(f"{name!r} is a name nnU-Net reserves; choose another name.")
+        if (isinstance(value, bool) or not isinstance(value, int | np.integer)
+                or not 1 <= value <= 65535):
+            raise InputError(f"Label {name!r} has the value {value!r}: label values are "
+                             "integers from 1 to 65535 (0 is the background).")
+        if name in table:
+            raise InputError(f"Label {name!r} appears twice in the label table.")
+        table[name] = int(value)
+    if not table:
+        raise InputError("The label table is empty: name at least one label value.")
+    by_value: dict[int, list[str]] = {}
+    for name, value in table.items():
+        by_value.setdefault(value, []).append(name)
+    shared = {v: n for v, n in by_value.items() if len(n) > 1}
+    if shared:
+        v, names = next(iter(shared.items()))
+        raise InputError(f"Labels {', '.join(map(repr, names))} share the value {v}: give "
+                         "each structure its own value.")
+    if len(table) > 255:
+        raise InputError(f"{len(table)} labels: at most 255 are supported.")
+    return dict(sorted(table.items(), key=lambda kv: kv[1]))
+
+
+def parse_label_table(text: str) -> dict[str, int]:
+    """``"1=left lung, 2=right lung"`` -> ``{"left lung": 1, "right lung": 2}`` (checked).
+
+    Pairs are separated by commas; each is ``value=name`` (``name=value`` is accepted too).
+    """
+    table: dict[str, int] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        left, sep, right = (s.strip() for s in part.partition("="))
+        if not sep:
+            raise InputError(f"{part!r} in the label table is not value=name (e.g. "
+                             "'1=left lung,2=right lung').")
+        if re.fullmatch(r"\d+", left):
+            value, name = int(left), right
+        elif re.fullmatch(r"\d+", right):
+            value, name = int(right), left
+        else:
+            raise InputError(f"{part!r} in the label table has no integer value (e.g. "
+                             "'1=left lung').")
+        if name in table:
+            raise InputError(f"Label {name!r} appears twice in the label table.")
+        table[name] = value
+    return check_label_table(table)
+
+
+def format_label_table(labels: Mapping[str, int]) -> str:
+    """``{"left lung": 1, "right lung": 2}`` -> ``"1=left lung, 2=right lung"``."""
+    return ", ".join(f"{v}={n}" for n, v in sorted(labels.items(), key=lambda kv: kv[1]))
+
+
+def nnunet_label_values(labels: Mapping[str, int]) -> dict[str, int]:
+    """The table's names with nnU-Net's consecutive values 1..C, in order of the given values."""
+    return {name: i for i, name in enumerate(check_label_table(labels), 1)}
+
+
+def label_table_of(ds_json: dict) -> dict[str, int]:
+    """A dataset's label table: name -> value in the user's masks.
+
+    ``medclipsam_label_values`` when the export recorded one (a table was given), else
+    dataset.json's ``labels`` without the background (nnU-Net's values).
+    """
+    if ds_json.get(LABEL_VALUES_KEY):
+        return check_label_table(ds_json[LABEL_VALUES_KEY])
+    return {k: int(v) for k, v in sorted(ds_json["labels"].items(), key=lambda kv: kv[1])
+            if k != "background" and not isinstance(v, list | tuple)}
+
+
+def label_table_difference(old: Mapping[str, int], new: Mapping[str, int]) -> str:
+    """Which names differ between two tables, in words (empty when they are equal)."""
+    parts = []
+    missing = [n for n in old if n not in new]
+    added = [n for n in new if n not in old]
+    moved = [f"{n} ({old[n]} -> {new[n]})" for n in old if n in new and old[n] != new[n]]
+    if missing:
+        parts.append("missing " + ", ".join(missing))
+    if added:
+        parts.append("not in the dataset " + ", ".join(added))
+    if moved:
+        parts.append("other value " + ", ".join(moved))
+    return "; ".join(parts)
+
+
+def check_mask_values(mask: np.ndarray, labels: Mapping[str, int], what: str) -> None:
+    """Raise an InputError naming the values of ``mask`` (other than 0) not in ``labels``."""
+    found = np.unique(np.asarray(mask))
+    allowed = set(labels.values())
+    bad = [v for v in found.tolist() if v != 0 and v not in allowed]
+    if bad:
+        shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise InputError(f"{what}: label value(s) {shown} are not in the label table "
+                         f"({format_label_table(labels)}): name them or erase them.")
+
+
+def _map_labels(mask: np.ndarray, labels: Mapping[str, int] | None, what: str) -> np.ndarray:
+    """Mask -> nnU-Net's uint8 label map: binary (> 0 -> 1) or the table remapped to 1..C."""
+    mask = np.asarray(mask)
+    if labels is None:
+        return (mask > 0).astype(np.uint8)
+    check_mask_values(mask, labels, what)
+    out = np.zeros(mask.shape, np.uint8)
+    for name, new in nnunet_label_values(labels).items():
+        out[mask == labels[name]] = new
+    return out
+
+
 # --------------------------------------------------------------------------- case builders
 
 
@@ -140,7 +298,8 @@ def cases_from_arrays(image: np.ndarray, labels: np.ndarray, name: str, *,
                       spacing: Sequence[float] | None = None,
                       origin: Sequence[float] | None = None, corrected: bool = True,
                       as_slices: bool = False, slices: str = "labelled",
-                      rgb: bool | None = None) -> list[ExportCase]:
+                      rgb: bool | None = None,
+                      label_table: Mapping[str, int] | None = None) -> list[ExportCase]:
     """Cases from an in-memory image and its label image (e.g. napari layers' data).
 
     Parameters
@@ -148,7 +307,7 @@ def cases_from_arrays(image: np.ndarray, labels: np.ndarray, name: str, *,
     image : np.ndarray
         (Y, X), (Y, X, 3) RGB or (Z, Y, X).
     labels : np.ndarray
-        Same spatial shape; values > 0 are the target.
+        Same spatial shape; values > 0 are the target (or the values of ``label_table``).
     name : str
         Case identifier (sanitised); slices get ``{name}_z{index:03d}``.
     spacing, origin : sequence of float, optional
@@ -161,6 +320,9 @@ def cases_from_arrays(image: np.ndarray, labels: np.ndarray, name: str, *,
         usually unannotated, not empty), or every slice.
     rgb : bool, optional
         Whether a 3-D array with a last axis of 3/4 is RGB(A); guessed when None.
+    label_table : dict of str to int, optional
+        Several targets: name -> value in ``labels`` (background 0 implicit); a value of
+        ``labels`` not in the table is an InputError. None: binary.
     """
     image = np.asarray(image)
     labels = np.asarray(labels)
@@ -175,6 +337,9 @@ def cases_from_arrays(image: np.ndarray, labels: np.ndarray, name: str, *,
                          f"{image.shape}.")
     if rgb and image.shape[-1] == 4:
         image = image[..., :3]
+    if label_table is not None:
+        label_table = check_label_table(label_table)
+        check_mask_values(labels, label_table, repr(name))
     case = safe_case_id(name)
     spacing = tuple(float(s) for s in spacing) if spacing is not None else None
     if image.ndim == 3 and not rgb and as_slices:
@@ -186,13 +351,14 @@ def cases_from_arrays(image: np.ndarray, labels: np.ndarray, name: str, *,
                 continue
             out.append(ExportCase(f"{case}_z{z:03d}", image[z], labels[z],
                                   spacing[1:] if spacing else None, corrected,
-                                  f"{name} [z={z}]"))
+                                  f"{name} [z={z}]", label_table=label_table))
         if not out:
             raise InputError(f"No slice of {name!r} has a label: paint the target on the "
                              "slices to export, or export all slices.")
         return out
     return [ExportCase(case, image, labels, spacing, corrected, name,
-                       tuple(float(v) for v in origin) if origin is not None else None)]
+                       tuple(float(v) for v in origin) if origin is not None else None,
+                       label_table=label_table)]
 
 
 def pair_images_and_masks(images_dir: str | Path, masks_dir: str | Path
@@ -244,15 +410,22 @@ def pair_images_and_masks(images_dir: str | Path, masks_dir: str | Path
 
 
 def cases_from_folders(images_dir: str | Path, masks_dir: str | Path, *,
-                       corrected: bool = False) -> Iterator[ExportCase]:
-    """Yield one case per image/mask pair (read lazily, one pair at a time)."""
+                       corrected: bool = False,
+                       label_table: Mapping[str, int] | None = None) -> Iterator[ExportCase]:
+    """Yield one case per image/mask pair (read lazily, one pair at a time).
+
+    ``label_table`` (name -> value in the masks) for several targets; None: binary. The masks'
+    values are checked against it when the case is exported.
+    """
+    if label_table is not None:
+        label_table = check_label_table(label_table)
     for img_path, mask_path in pair_images_and_masks(images_dir, masks_dir):
         img = read_image(img_path)
         mask = read_image(mask_path).data
         if mask.ndim == 3 and not img.is_volume:
             mask = mask[..., 0]   # an RGB-saved mask
         yield ExportCase(safe_case_id(re.sub(r"_0000$", "", img.name)), img.data, mask,
-                         img.spacing, corrected, str(img_path),
+                         img.spacing, corrected, str(img_path), label_table=label_table,
                          **_nifti_geometry(img))
 
 
@@ -273,14 +446,18 @@ def _nifti_geometry(img) -> dict:
 # --------------------------------------------------------------------------- writing
 
 
-def _prepare(case: ExportCase) -> tuple[np.ndarray, np.ndarray, int, bool]:
-    """-> (image channels-last or volume, binary uint8 mask, n_channels, natural2d)."""
+def _prepare(case: ExportCase, label_table: Mapping[str, int] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """-> (image channels-last or volume, uint8 nnU-Net label map, n_channels, natural2d).
+
+    The label map is binary without ``label_table``, else the table's values remapped to 1..C.
+    """
     image = np.asarray(case.image)
     mask = np.asarray(case.mask)
     if case.is_volume:
         if mask.shape != image.shape:
             raise InputError(f"{case.case_id}: mask {mask.shape} != volume {image.shape}.")
-        return image, (mask > 0).astype(np.uint8), 1, False
+        return image, _map_labels(mask, label_table, case.case_id), 1, False
     if image.ndim == 3:
         if image.shape[-1] == 4:
             image = image[..., :3]
@@ -292,7 +469,7 @@ def _prepare(case: ExportCase) -> tuple[np.ndarray, np.ndarray, int, bool]:
         raise InputError(f"{case.case_id}: mask {mask.shape} != image {image.shape[:2]}.")
     n_channels = 1 if image.ndim == 2 else 3
     natural = image.dtype in (np.uint8, np.uint16)
-    return image, (mask > 0).astype(np.uint8), n_channels, natural
+    return image, _map_labels(mask, label_table, case.case_id), n_channels, natural
 
 
 def luminance(rgb: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -351,16 +528,21 @@ def _write_case(case: ExportCase, staging: Path, file_ending: str,
 
 
 def _dataset_json(channel_names: dict[str, str], label_name: str, n: int, file_ending: str,
-                  name: str) -> dict:
-    return {
+                  name: str, label_table: Mapping[str, int] | None = None) -> dict:
+    labels = ({"background": 0, **nnunet_label_values(label_table)} if label_table
+              else {"background": 0, label_name: 1})
+    out = {
         "name": name,
         "description": "Pseudo-labels exported by napari-medclipsam (MedCLIP-SAMv2 weak "
                        "supervision); see medclipsam_cases.json for which were corrected.",
         "channel_names": channel_names,
-        "labels": {"background": 0, label_name: 1},
+        "labels": labels,
         "numTraining": n,
         "file_ending": file_ending,
     }
+    if label_table:
+        out[LABEL_VALUES_KEY] = dict(label_table)   # name -> value in the user's masks
+    return out
 
 
 def _verify(folder: Path) -> None:
@@ -384,8 +566,9 @@ def _verify(folder: Path) -> None:
 
 
 def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id: int,
-                   name: str, *, label_name: str = "target", channel_name: str | None = None,
-                   append: bool = False, verify: bool = True,
+                   name: str, *, label_name: str = "target",
+                   label_table: Mapping[str, int] | None = None,
+                   channel_name: str | None = None, append: bool = False, verify: bool = True,
                    progress: Callable[[int, int | None], None] | None = None) -> ExportResult:
     """Write ``cases`` as ``RAW/Dataset{ID:03d}_{Name}`` (or add them to it with ``append``).
 
@@ -397,7 +580,13 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
     dataset_id, name : int, str
         Together the folder name ``Dataset{ID:03d}_{Name}``.
     label_name : str
-        Name of label 1 in dataset.json (e.g. "tumor").
+        Binary export: the name of label 1 in dataset.json (e.g. "tumor"); unused with a table.
+    label_table : dict of str to int, optional
+        Several targets in one label map: name -> value in the masks (background 0 implicit),
+        e.g. ``{"left lung": 1, "right lung": 2, "nodule": 3}``; masks keep their values
+        (remapped in order to 1..C if they are not consecutive; see the module docstring).
+        Default: each case's own ``label_table``, else binary (values > 0 -> 1). When appending
+        it must equal the dataset's table.
     channel_name : str, optional
         Name of the input channel; nnU-Net picks its intensity normalisation from it: "CT"
         uses CT normalisation (for HU data), anything else z-score. Default: "CT" is never
@@ -412,7 +601,8 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
     ------
     InputError
         Existing dataset without ``append``, a case that exists already, a duplicate case,
-        mixed channel counts or file types, empty masks everywhere, or a failed check.
+        mixed channel counts or file types, empty masks everywhere, a mask value not in the
+        label table, a table other than the dataset's, or a failed check.
     """
     raw_dir = Path(raw_dir)
     folder_name = dataset_folder_name(dataset_id, name)
@@ -431,6 +621,12 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
         if (existing / CASES_FILE).is_file():
             old_cases = json.loads((existing / CASES_FILE).read_text())
         _check_orphans(existing, old_json["file_ending"])
+    table = check_label_table(label_table) if label_table is not None else None
+    # The dataset's table: the existing one, the one given, or the first case's.
+    ds_table = label_table_of(old_json) if old_json else table
+    if old_json and table is not None and table != ds_table:
+        raise _table_error(folder_name, ds_table, table)
+    saw_binary = False
 
     staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.partial-", dir=raw_dir))
     try:
@@ -443,10 +639,31 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
         total = len(cases) if isinstance(cases, Sequence) else None
         for done, case in enumerate(cases, 1):
             if case.case_id in written or case.case_id in old_cases or (
-                    existing is not None and _case_exists(existing, case.case_id)):
+                    existing is not None and case_exists(existing, case.case_id)):
                 raise InputError(f"Case {case.case_id!r} exists already in {folder_name}: "
                                  "cases are never overwritten; rename it.")
-            prepared = _prepare(case)
+            case_table = table
+            if case.label_table is not None:
+                own = check_label_table(case.label_table)
+                if table is not None and own != table:
+                    raise InputError(f"{case.case_id} was read with the label table "
+                                     f"{format_label_table(own)}, not the one given "
+                                     f"({label_table_difference(table, own)}).")
+                case_table = own
+            if case_table is None:
+                if ds_table is not None and len(ds_table) > 1:
+                    raise InputError(f"{folder_name} has several labels "
+                                     f"({format_label_table(ds_table)}): give its label table "
+                                     f"to export {case.case_id} (--labels).")
+                saw_binary = True
+            elif ds_table is None:
+                if saw_binary and len(case_table) > 1:
+                    raise InputError(f"{case.case_id} has several labels but earlier cases "
+                                     "were binary: give one label table for all cases.")
+                ds_table = case_table
+            elif case_table != ds_table:
+                raise _table_error(folder_name, ds_table, case_table)
+            prepared = _prepare(case, case_table)
             conversion = None
             if n_channels is None:
                 n_channels = prepared[2]
@@ -468,7 +685,12 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
             written[case.case_id] = {
                 "corrected": bool(case.corrected), "source": case.source,
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "foreground_fraction": round(float(prepared[1].mean()), 6)}
+                "foreground_fraction": round(float((prepared[1] > 0).mean()), 6)}
+            if case_table is not None and len(case_table) > 1:
+                written[case.case_id]["label_fractions"] = {
+                    n: round(float((prepared[1] == v).mean()), 6)
+                    for n, v in nnunet_label_values(case_table).items()}
+            written[case.case_id].update(case.record)
             if conversion:
                 written[case.case_id]["converted"] = conversion
                 converted.append(case.case_id)
@@ -485,12 +707,12 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
         all_cases = {**old_cases, **written}
         n_total = (old_json["numTraining"] if old_json else 0) + len(written)
         ds_json = _dataset_json(channel_names, old_json and _label_of(old_json) or label_name,
-                                n_total, file_ending, name)
+                                n_total, file_ending, name, ds_table)
         if old_json:
             ds_json = {**old_json, "numTraining": n_total}
         if existing is None:
-            _write_json(staging / "dataset.json", ds_json)
-            _write_json(staging / CASES_FILE, all_cases)
+            write_json(staging / "dataset.json", ds_json)
+            write_json(staging / CASES_FILE, all_cases)
             if verify:
                 _verify(staging)
             target = raw_dir / folder_name
@@ -507,29 +729,122 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
                             raise InputError(f"{dest} appeared during the export; stopped.")
                         f.rename(dest)
                         moved.append(dest)
-                _write_json(target / "dataset.json", ds_json)
-                _write_json(target / CASES_FILE, all_cases)
+                write_json(target / "dataset.json", ds_json)
+                write_json(target / CASES_FILE, all_cases)
                 if verify:
                     _verify(target)
             except BaseException:
                 for f in moved:
                     f.unlink(missing_ok=True)
-                _write_json(target / "dataset.json", old_json)
-                _write_json(target / CASES_FILE, old_cases)
+                write_json(target / "dataset.json", old_json)
+                write_json(target / CASES_FILE, old_cases)
                 raise
         n_corr = sum(v["corrected"] for v in written.values())
         return ExportResult(target, folder_name, list(written), n_corr, len(written) - n_corr,
-                            file_ending, existing is not None, converted)
+                            file_ending, existing is not None, converted,
+                            label_table_of(ds_json) if LABEL_VALUES_KEY in ds_json
+                            or len(label_table_of(ds_json)) > 1 else None)
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_label(folder: str | Path, case_id: str, mask: np.ndarray, *,
+                  label_table: Mapping[str, int] | None = None, corrected: bool = True,
+                  record: dict | None = None, verify: bool = True) -> dict:
+    """Replace the label of a case already in a dataset (a reviewed or re-reviewed case).
+
+    The one exception to "cases are never overwritten", for a deliberate correction: a raw
+    zero-shot pseudo-label corrected by a person, or a corrected one corrected again. The
+    image is kept; the new label is written beside the dataset, checked (shape, values), moved
+    into ``labelsTr`` in one step, the case's entry in ``medclipsam_cases.json`` is updated
+    (``corrected``, ``relabelled``, ``relabelled_from``, ``record``), and nnU-Net's check runs
+    (``verify``); if it fails the old label and record are put back.
+
+    Parameters
+    ----------
+    folder : path
+        The dataset folder (``RAW/Dataset{ID:03d}_{Name}``).
+    mask : np.ndarray
+        The case's spatial shape; values as in ``label_table`` (default: the dataset's table
+        if it has several labels, else binary: > 0 is the target).
+
+    Returns
+    -------
+    dict
+        The case's new entry in ``medclipsam_cases.json``.
+    """
+    folder = Path(folder)
+    ds_json = json.loads((folder / "dataset.json").read_text())
+    ending = ds_json["file_ending"]
+    lab_path = folder / "labelsTr" / f"{case_id}{ending}"
+    if not lab_path.is_file():
+        raise InputError(f"{folder.name} has no case {case_id!r}: export it first.")
+    ds_table = label_table_of(ds_json)
+    table = check_label_table(label_table) if label_table is not None else None
+    if table is None and (LABEL_VALUES_KEY in ds_json or len(ds_table) > 1):
+        table = ds_table
+    if table is not None and table != ds_table:
+        raise _table_error(folder.name, ds_table, table)
+    new = _map_labels(mask, table, case_id)
+    old_bytes = lab_path.read_bytes()
+    cases = read_case_list(folder)
+    tmp = folder / f".{case_id}.relabel{ending}"
+    try:
+        if ending == ".png":
+            import imageio.v3 as iio
+
+            shape = iio.imread(lab_path).shape
+            if new.shape != shape:
+                raise InputError(f"{case_id}: the mask is {new.shape}, the case {shape}.")
+            _write_png(tmp, new)
+        else:
+            import SimpleITK as sitk
+
+            old = sitk.ReadImage(str(lab_path))
+            shape = tuple(reversed(old.GetSize()))
+            if new.shape != shape:
+                raise InputError(f"{case_id}: the mask is {new.shape}, the case {shape}.")
+            img = sitk.GetImageFromArray(np.ascontiguousarray(new))
+            img.CopyInformation(old)   # spacing, origin, direction of the case
+            sitk.WriteImage(img, str(tmp), useCompression=True)
+        entry = dict(cases.get(case_id, {}))
+        entry.update({
+            "corrected": bool(corrected), "relabelled": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "relabelled_from": "corrected" if entry.get("corrected") else "zero-shot",
+            "foreground_fraction": round(float((new > 0).mean()), 6)})
+        if table is not None and len(table) > 1:
+            entry["label_fractions"] = {n: round(float((new == v).mean()), 6)
+                                        for n, v in nnunet_label_values(table).items()}
+        entry.update(record or {})
+        tmp.replace(lab_path)   # one step: the case has its old label or the new one
+        try:
+            write_json(folder / CASES_FILE, {**cases, case_id: entry})
+            if verify:
+                _verify(folder)
+        except BaseException:
+            tmp.write_bytes(old_bytes)
+            tmp.replace(lab_path)
+            write_json(folder / CASES_FILE, cases)
+            raise
+        return entry
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _table_error(folder_name: str, old: Mapping[str, int], new: Mapping[str, int]
+                 ) -> InputError:
+    return InputError(f"{folder_name} uses the label table {format_label_table(old)}; this one "
+                      f"differs ({label_table_difference(old, new)}): use the same names and "
+                      "values, or export to a new dataset.")
 
 
 def _label_of(ds_json: dict) -> str:
     return next((k for k, v in ds_json["labels"].items() if v == 1), "target")
 
 
-def _case_exists(folder: Path, case_id: str) -> bool:
+def case_exists(folder: Path, case_id: str) -> bool:
+    """Whether the dataset folder holds an image or a label of ``case_id``."""
     return any((folder / "labelsTr").glob(f"{case_id}.*")) or any(
         (folder / "imagesTr").glob(f"{case_id}_0000.*"))
 
@@ -544,7 +859,8 @@ def _check_orphans(folder: Path, file_ending: str) -> None:
                          f"({', '.join(odd[:5])}): fix or remove them before appending.")
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically (a temporary file renamed into place)."""
     from ..core.io import write_text
 
     write_text(path, json.dumps(data, indent=2) + "\n")
