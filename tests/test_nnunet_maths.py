@@ -123,3 +123,41 @@ def test_images_are_matched_to_the_models_channels_as_the_export_did():
     assert match_channels(yellow, 1)[0, 0, 0, 0] == round(0.299 * 255 + 0.587 * 255)
     with pytest.raises(InputError, match="2 channel"):
         match_channels(np.zeros((2, 1, 2, 2)), 1)
+
+
+def test_several_classes_give_the_argmax_in_the_tables_values_and_entropy_up_to_ln3():
+    from napari_medclipsam.nnunet.ensemble import EnsemblePrediction, classes_of
+
+    # 3 checkpoints, C = 3 (background, disk, square), 4 pixels
+    g = np.zeros((3, 3, 4), dtype=np.float32)
+    g[:, :, 0] = [[1, 0, 0]] * 3                    # all say background
+    g[:, :, 1] = [[0, 1, 0], [0, 1, 0], [0, 0, 1]]  # 2 of 3 say disk
+    g[:, :, 2] = [[0, 0, 1]] * 3                    # all say square
+    g[:, :, 3] = np.eye(3)                          # one vote each: uniform
+    mean = mean_probabilities(g)
+    np.testing.assert_allclose(mean.sum(0), 1, atol=1e-6)
+    h = entropy(mean)
+    np.testing.assert_allclose(h[[0, 2]], 0, atol=1e-7)
+    np.testing.assert_allclose(h[3], math.log(3), rtol=1e-6)
+    assert math.log(2) < h[3] <= max_entropy(3) + 1e-6 and 0 < h[1] < math.log(2)
+    # the argmax (the threshold plays no part with C > 2) ...
+    np.testing.assert_array_equal(probabilities_to_mask(mean[:, :3], 0.99), [0, 1, 2])
+    # ... written in the exported table's values (nnU-Net's 1, 2 were the user's 3 and 7)
+    ds_json = {"labels": {"background": 0, "disk": 1, "square": 2},
+               "medclipsam_label_values": {"disk": 3, "square": 7}}
+    names, values = classes_of(ds_json)
+    assert names == ("background", "disk", "square") and values == (0, 3, 7)
+    mask = probabilities_to_mask(mean[:, :3], label_values=values)
+    np.testing.assert_array_equal(mask, [0, 3, 7])
+    assert mask.dtype == np.uint8
+    assert probabilities_to_mask(mean[:, :3], label_values=(0, 3, 700)).dtype == np.uint16
+    # binary keeps the threshold on p(target), and 0/1 without a table
+    assert classes_of({"labels": {"background": 0, "tumor": 1}}) == (("background", "tumor"),
+                                                                    (0, 1))
+    binary = np.array([[0.3, 0.6], [0.7, 0.4]], np.float32)
+    np.testing.assert_array_equal(probabilities_to_mask(binary, 0.5, (0, 1)), [1, 0])
+    pred = EnsemblePrediction(mean, probabilities_to_mask(mean, label_values=values), h, 3,
+                              names, values)
+    assert pred.labels == {"disk": 3, "square": 7} and pred.n_classes == 3
+    assert pred.max_entropy == pytest.approx(math.log(3))
+    np.testing.assert_allclose(pred.foreground, 1 - mean[0])

@@ -2,13 +2,27 @@
 
 For G checkpoints with softmax outputs ``p_g`` the prediction is the mean
 ``p = (1/G) sum_g p_g`` (eq. 21), the mask is ``p[target] > threshold`` (default 0.5; with more
-than one foreground label, the argmax), and the uncertainty is the entropy of the mean
-probabilities per pixel/voxel (eq. 22)::
+than one foreground label, the argmax over all C classes, threshold unused), and the
+uncertainty is the entropy of the mean probabilities per pixel/voxel (eq. 22)::
 
     H = -sum_r p_r ln p_r          in nats (natural log), 0 <= H <= ln(C)
 
 with C the number of classes (background included): 0 where every checkpoint agrees with
-certainty, ln 2 = 0.693 for a binary task where the mean is 50/50. ``0 ln 0`` is taken as 0.
+certainty, ln 2 = 0.693 for a binary task where the mean is 50/50, ln 3 = 1.099 for two targets
+and background. ``0 ln 0`` is taken as 0.
+
+Several targets (a dataset exported with a label table, see ``export.py``): channel c of the
+(C, ...) probabilities is nnU-Net's label c, named by the dataset.json the model was trained
+with (:attr:`EnsemblePrediction.class_names`). Masks are label maps in the values of the
+exported table (``medclipsam_label_values``; nnU-Net's own 0..C-1 when nothing was remapped),
+so a predicted mask can be corrected and exported again with the same table; binary models
+give 0/1 as before. :func:`predict_folder` writes, per case, the same files for any C:
+``masks/`` (binary: PNG 0/255 as before; several targets: the label values), ``probability/``
+(the foreground probability ``1 - p(background)``, for C = 2 exactly ``p(target)`` as before)
+and ``uncertainty/`` (entropy over all C classes, in [0, ln C]); with C > 2 also
+``class_probabilities/CASE.tif``, all C channels (C, *spatial) float32 in the order of
+``ensemble.json``'s ``"classes"``. ``ensemble.json`` names the classes (``"classes"``, and
+``"labels"``: name -> value in the masks).
 
 :class:`EnsemblePredictor` (a subclass of nnU-Net's ``nnUNetPredictor``) loads the G checkpoints
 once (``weights_only=True``), preprocesses each case once, runs every checkpoint on it and
@@ -25,12 +39,13 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..core.errors import CancelledError, InputError
+from .export import LABEL_VALUES_KEY
 
 NATURAL_ENDINGS = (".png", ".bmp", ".tif")
 
@@ -109,16 +124,24 @@ class EnsemblePrediction:
     probabilities : np.ndarray
         (C, *spatial) float32 mean softmax (eq. 21); sums to 1 over C.
     mask : np.ndarray
-        *spatial uint8 label map (0 background, 1 target for binary tasks).
+        *spatial label map (0 background, 1 target for binary tasks; with several targets the
+        argmax, in the values of ``label_values``), uint8 (uint16 for values above 255).
     entropy : np.ndarray
         *spatial float32 entropy of ``probabilities`` in nats, in [0, ln C] (eq. 22).
     n_checkpoints : int
+    class_names : tuple of str
+        Name of each channel of ``probabilities`` (``class_names[0] == "background"``); empty
+        when unknown.
+    label_values : tuple of int
+        The value of each channel's class in ``mask`` (0 for the background).
     """
 
     probabilities: np.ndarray
     mask: np.ndarray
     entropy: np.ndarray
     n_checkpoints: int
+    class_names: tuple[str, ...] = ()
+    label_values: tuple[int, ...] = ()
 
     @property
     def foreground(self) -> np.ndarray:
@@ -129,14 +152,62 @@ class EnsemblePrediction:
     def mean_entropy(self) -> float:
         return float(self.entropy.mean())
 
+    @property
+    def n_classes(self) -> int:
+        """C, background included."""
+        return int(self.probabilities.shape[0])
 
-def probabilities_to_mask(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Binary: ``p[1] > threshold``; more classes: the argmax. -> uint8 label map."""
+    @property
+    def labels(self) -> dict[str, int]:
+        """The targets: name -> value in ``mask`` (background left out)."""
+        return {n: v for n, v in zip(self.class_names[1:], self.label_values[1:], strict=True)}
+
+    @property
+    def max_entropy(self) -> float:
+        """ln C, the largest value ``entropy`` can take."""
+        return max_entropy(self.n_classes)
+
+
+def probabilities_to_mask(probabilities: np.ndarray, threshold: float = 0.5,
+                          label_values: Sequence[int] | None = None) -> np.ndarray:
+    """Binary: ``p[1] > threshold``; more classes: the argmax. -> label map.
+
+    Without ``label_values`` the map holds channel indices (uint8); with them, channel c is
+    written as ``label_values[c]`` (uint8, or uint16 for values above 255).
+    """
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"The threshold must lie in [0, 1]; got {threshold}.")
     if probabilities.shape[0] == 2:
-        return (probabilities[1] > threshold).astype(np.uint8)
-    return probabilities.argmax(axis=0).astype(np.uint8)
+        index = (probabilities[1] > threshold).astype(np.uint8)
+    else:
+        index = probabilities.argmax(axis=0).astype(np.uint8)
+    if label_values is None or list(label_values) == list(range(probabilities.shape[0])):
+        return index
+    if len(label_values) != probabilities.shape[0]:
+        raise InputError(f"{len(label_values)} label values for {probabilities.shape[0]} "
+                         "classes.")
+    dtype = np.uint8 if max(label_values) <= 255 else np.uint16
+    return np.asarray(label_values, dtype=dtype)[index]
+
+
+def classes_of(dataset_json: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Class names of a model's output channels and their values in predicted masks.
+
+    Channel c is nnU-Net's label c (dataset.json ``"labels"``, sorted by value); its value in a
+    mask is the exported table's (``medclipsam_label_values``), else nnU-Net's own.
+
+    Returns
+    -------
+    (names, values) : tuple of str, tuple of int
+        ``names[0] == "background"`` and ``values[0] == 0``.
+    """
+    by_value = {int(v): k for k, v in dataset_json["labels"].items()
+                if k != "ignore" and not isinstance(v, list | tuple)}
+    order = sorted(by_value)
+    user = dataset_json.get(LABEL_VALUES_KEY) or {}
+    names = tuple(by_value[v] for v in order)
+    values = tuple(0 if v == 0 else int(user.get(by_value[v], v)) for v in order)
+    return names, values
 
 
 # --------------------------------------------------------------------------- predictor
@@ -232,6 +303,10 @@ def _make_predictor_class():
                                        parameters, dataset_json, trainer_name,
                                        first.get("inference_allowed_mirroring_axes"))
             self.checkpoint_paths = paths
+            self.class_names, self.label_values = classes_of(dataset_json)
+            if len(self.class_names) != n_out:
+                self.class_names = ("background", *(f"class {c}" for c in range(1, n_out)))
+                self.label_values = tuple(range(n_out))
 
         def _internal_maybe_mirror_and_predict(self, x):
             """nnU-Net's mirroring test-time augmentation with the flips in one batch.
@@ -261,6 +336,11 @@ def _make_predictor_class():
         @property
         def n_classes(self) -> int:
             return self.label_manager.num_segmentation_heads
+
+        @property
+        def labels(self) -> dict[str, int]:
+            """The targets: name -> value in predicted masks (background left out)."""
+            return dict(zip(self.class_names[1:], self.label_values[1:], strict=True))
 
         def ensemble_probabilities(self, data, should_stop=None, progress=None):
             """Preprocessed (C, ...) tensor -> mean softmax over checkpoints (CPU tensor)."""
@@ -299,8 +379,10 @@ def _make_predictor_class():
             data = torch.from_numpy(data).contiguous().float()
             mean = self.ensemble_probabilities(data, should_stop, progress)
             probs = self._to_image_grid(mean, props)
-            return EnsemblePrediction(probs, probabilities_to_mask(probs, self.threshold),
-                                      entropy(probs, axis=0), len(self.list_of_parameters))
+            mask = probabilities_to_mask(probs, self.threshold, self.label_values)
+            return EnsemblePrediction(probs, mask, entropy(probs, axis=0),
+                                      len(self.list_of_parameters), tuple(self.class_names),
+                                      tuple(self.label_values))
 
         def _to_image_grid(self, probs, props: dict) -> np.ndarray:
             """Mean probabilities in the network's grid -> the image's grid (C, Z, Y, X)."""
@@ -361,8 +443,8 @@ def _make_predictor_class():
             out = self.predict_nnunet_array(data, sp, should_stop=should_stop,
                                             progress=progress)
             if spatial_ndim == 2:
-                out = EnsemblePrediction(out.probabilities[:, 0], out.mask[0], out.entropy[0],
-                                         out.n_checkpoints)
+                out = replace(out, probabilities=out.probabilities[:, 0], mask=out.mask[0],
+                              entropy=out.entropy[0])
             return out
 
     return EnsemblePredictor
@@ -436,11 +518,13 @@ def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
                    progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Predict every image of ``input_dir`` (the dataset's file type); write per case::
 
-        OUT/masks/CASE.{png|nii.gz}           the thresholded mask (PNG 0/255; NIfTI 0/1)
-        OUT/probability/CASE.tif              float32 foreground probability (Z, Y, X)
+        OUT/masks/CASE.{png|nii.gz}           the mask: binary, thresholded (PNG 0/255; NIfTI
+                                              0/1); several targets, the argmax as label values
+        OUT/probability/CASE.tif              float32 foreground probability 1 - p(background)
+        OUT/class_probabilities/CASE.tif      several targets only: (C, ...) float32, all classes
         OUT/uncertainty/CASE.tif              float32 entropy in nats, [0, ln C]
         OUT/uncertainty_ranking.csv           cases by mean entropy, most uncertain first
-        OUT/ensemble.json                     checkpoints, threshold, entropy units
+        OUT/ensemble.json                     checkpoints, threshold, entropy units, class names
 
     Returns the ranking rows.
     """
@@ -459,20 +543,25 @@ def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
         raise InputError(f"{out_dir} is not empty: choose a new folder or pass --overwrite.")
     reader = predictor.plans_manager.image_reader_writer_class()
     n_in = len(predictor.dataset_json["channel_names"])
+    multi = predictor.n_classes > 2
     entropies, foregrounds = {}, {}
     for i, (path, case) in enumerate(zip(files, names, strict=True)):
         data, props = reader.read_images([str(path)])
         out = predictor.predict_nnunet_array(match_channels(data, n_in, path.name),
                                              props["spacing"])
-        fg, mask, h = out.foreground, out.mask, out.entropy
+        fg, mask, h, probs = out.foreground, out.mask, out.entropy, out.probabilities
         if fg.shape[0] == 1:   # a 2-D image is (1, Y, X) in nnU-Net's layout
-            fg, mask, h = fg[0], mask[0], h[0]
-        if mask.ndim == 2:
+            fg, mask, h, probs = fg[0], mask[0], h[0], probs[:, 0]
+        if mask.ndim == 2 and not multi:
             write_mask_png(out_dir / "masks" / f"{case}.png", mask)
+        elif mask.ndim == 2:
+            _write_label_png(out_dir / "masks" / f"{case}.png", mask)
         else:
             with atomic_path(out_dir / "masks" / f"{case}{ending}") as tmp:
                 reader.write_seg(mask, str(tmp), props)
         write_float_tiff(out_dir / "probability" / f"{case}.tif", fg)
+        if multi:
+            write_float_tiff(out_dir / "class_probabilities" / f"{case}.tif", probs)
         write_float_tiff(out_dir / "uncertainty" / f"{case}.tif", h)
         entropies[case] = h
         foregrounds[case] = float((mask > 0).mean())
@@ -489,7 +578,22 @@ def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
     write_text(out_dir / "ensemble.json", json.dumps({
         "checkpoints": [str(p) for p in predictor.checkpoint_paths],
         "threshold": predictor.threshold, "mirroring": predictor.use_mirroring,
+        "mask": "argmax over the classes" if multi else "p(target) > threshold",
+        "classes": list(predictor.class_names),
+        "labels": predictor.labels,
         "entropy": {"units": "nats", "min": 0.0,
                     "max": max_entropy(predictor.n_classes), "n_classes": predictor.n_classes},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
     return rows
+
+
+def _write_label_png(path: Path, mask: np.ndarray) -> None:
+    """A label map as PNG with its values (uint8, or uint16 for values above 255)."""
+    import imageio.v3 as iio
+
+    from ..core.io import atomic_path
+
+    data = np.asarray(mask)
+    data = data.astype(np.uint8 if data.max(initial=0) <= 255 else np.uint16)
+    with atomic_path(path) as tmp:
+        iio.imwrite(str(tmp), data, extension=".png")
