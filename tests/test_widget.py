@@ -298,7 +298,7 @@ def test_two_targets_one_label_map_named_and_undoable(widget, qtbot):
     _run(widget, qtbot, prompt="a square")
     square = np.zeros((48, 64), bool)
     square[10:40, 10:60] = True  # overlaps the disk target
-    widget.controller.state.run.mask = square
+    viewer.layers["SAM mask [a square]"].data = square.astype(np.int32)  # painted by hand
     widget.accept_button.click()
     data = np.asarray(label_map.data)
     assert (data[disk] == 1).all(), "another target's voxels were overwritten"

@@ -600,17 +600,22 @@ class SegmentWidget(QWidget):
                                        "name": ["background", *(known[v] for v in values)]})
 
     def accept_mask(self) -> None:
-        """Write the current SAM mask into the label map as its target's label (undoable)."""
+        """Write the current target's ``SAM mask`` layer, as the user left it (painted
+        corrections included), into the label map as its label (undoable)."""
         try:
             layer = self.label_map_layer()
+            run = self.controller.state.run
+            sam = find_layer(self.viewer, output_name("SAM mask", run.target.name))
+            mask = np.asarray(sam.data) > 0 if sam is not None else run.mask
             index, values = self.controller.accept(
-                layer.data, overwrite=self.overwrite_check.isChecked())
+                layer.data, mask, run.target, slice_index=run.slice_index,
+                overwrite=self.overwrite_check.isChecked())
         except InputError as exc:
             self._report(str(exc), error=True)
             return
         self._name_labels(layer)
         layer.data_setitem(index, values)
-        target = self.controller.state.run.target
+        target = run.target
         self._report(f"Accepted '{target.name}' as label {target.value} of '{LABEL_MAP}' "
                      f"({len(values)} voxel(s) changed; Ctrl+Z in that layer undoes it).")
 
