@@ -1,0 +1,110 @@
+"""A whole napari session walked the way a person does it, step by step.
+
+Used by ``tests/test_gui_session.py`` (asserting after every step) and by
+``docs/make_screenshots.py`` (the README's pictures come from this same path). Every widget
+is opened from the Plugins menu (npe2 manifest, napari's viewer injection), the image from
+File > Open Sample; only the models are tiny test models (``set_pipeline``), since real
+weights cannot be downloaded where the tests run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from napari_helpers import PLUGIN, SEGMENT
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 300.0) -> None:
+    """Turn the Qt event loop until ``predicate()`` holds; TimeoutError after ``timeout``."""
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError(f"still waiting after {timeout:.0f} s")
+        app.processEvents()
+        time.sleep(0.01)
+    app.processEvents()
+
+
+def tiny_pipeline(clip_dir: str | Path, sam_checkpoint: str | Path, steps: int = 3):
+    """The chain on the tiny random-weight CLIP and SAM of the tests."""
+    from tiny_clip import register_tiny_vit
+    from tiny_sam import build_tiny_sam
+
+    from napari_medclipsam.core.config import PipelineConfig, SaliencyConfig
+    from napari_medclipsam.core.models import load_clip, load_sam
+    from napari_medclipsam.core.pipeline import ZeroShotPipeline
+
+    register_tiny_vit()
+    config = PipelineConfig(clip_model=f"local-dir:{clip_dir}", device="cpu",
+                            saliency=SaliencyConfig(layer=2, steps=steps, batch_size=2))
+    return ZeroShotPipeline(config, clip=load_clip(config.clip_model, "cpu"),
+                            sam=load_sam("vit_b", sam_checkpoint, "cpu",
+                                         builder=build_tiny_sam))
+
+
+class GuiSession:
+    """One user's session in ``viewer``; ``shot(name)`` (optional) is called after each
+    visible step, e.g. to save a screenshot."""
+
+    def __init__(self, viewer, pipeline, shot: Callable[[str], None] | None = None):
+        self.viewer = viewer
+        self.pipeline = pipeline
+        self.shot = shot or (lambda name: None)
+        self.segment = None
+        self.training = None
+        self.image = None
+
+    # -- text-prompt segmentation ----------------------------------------------------
+    def open_sample(self, key: str = "head_phantom"):
+        """File > Open Sample > MedCLIP-SAM > ``key``."""
+        [self.image] = self.viewer.open_sample(PLUGIN, key)
+        return self.image
+
+    def dock_segment(self):
+        """Plugins > MedCLIP-SAM > Text-prompt segmentation (with the tiny models)."""
+        _, self.segment = self.viewer.window.add_plugin_dock_widget(PLUGIN, SEGMENT)
+        self.segment.set_pipeline(self.pipeline)
+        return self.segment
+
+    def run_all(self, prompt: str) -> None:
+        """Type the prompt, press Run all, wait for the result."""
+        w = self.segment
+        w.prompt_edit.setPlainText(prompt)
+        w.run_button.click()
+        wait_until(lambda: not w.running)
+        self.shot(f"run_{prompt}")
+
+    def layer(self, kind: str, target: str):
+        return self.viewer.layers[f"{kind} [{target}]"]
+
+    def drag_box(self, target: str, box_rc: tuple[float, float, float, float]) -> None:
+        """Replace the target's box by the rectangle (row0, col0, row1, col1), as a drag does;
+        waits for SAM to re-run."""
+        w = self.segment
+        before = w.refine_count
+        r0, c0, r1, c1 = box_rc
+        self.layer("boxes", target).data = [np.array([[r0, c0], [r0, c1], [r1, c1], [r1, c0]],
+                                                     float)]
+        wait_until(lambda: w.refine_count > before, timeout=30)
+
+    def paint(self, layer, region: tuple[slice, ...], value: int = 1) -> None:
+        """Paint ``value`` into ``region`` of a Labels layer through napari's undoable path."""
+        mask = np.zeros(layer.data.shape, bool)
+        mask[region] = True
+        layer.data_setitem(np.nonzero(mask), value)
+
+    def boxes_from_mask(self) -> None:
+        w = self.segment
+        before = w.refine_count
+        w.mask_button.click()
+        wait_until(lambda: w.refine_count > before, timeout=30)
+
+    def accept(self) -> None:
+        self.segment.accept_button.click()
+        self.shot("accepted")
