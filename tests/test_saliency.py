@@ -51,6 +51,53 @@ def test_fast_path_equals_reference_implementation(tiny_clip, layer):
     assert fast.std() > 0.01
 
 
+@pytest.mark.parametrize("readout", ["last_forward", "final"])
+def test_fast_path_equals_reference_for_both_readouts(tiny_clip, readout):
+    from napari_medclipsam.core.saliency import m2ib_saliency, m2ib_saliency_reference
+
+    cfg = SaliencyConfig(layer=1, steps=3, batch_size=2, beta=1.0, seed=4, readout=readout)
+    image = _image(7)
+    fast = m2ib_saliency(tiny_clip, image, ["breast tumor", "a mass"], cfg)
+    ref = m2ib_saliency_reference(tiny_clip, image, ["breast tumor", "a mass"], cfg)
+    assert np.abs(fast - ref).max() < 1e-5
+    assert fast.std() > 0.01
+
+
+def test_readout_pins_the_authors_one_update_earlier(tiny_clip):
+    """The default readout (the authors' code, IBA) is the capacity of the last forward
+    pass, before the final update: the default map of k steps is the ``final`` map of
+    k - 1 steps (same seed, same noise draws), and not the ``final`` map of k steps."""
+    import dataclasses
+
+    from napari_medclipsam.core.saliency import m2ib_saliency, m2ib_saliency_reference
+
+    assert SaliencyConfig().readout == "last_forward"
+    image = _image(8)
+    k = 4
+    base = SaliencyConfig(layer=2, steps=k, batch_size=3, beta=1.0, seed=9)
+    default_k = m2ib_saliency(tiny_clip, image, "tumor", base)
+    final_k_minus_1 = m2ib_saliency(tiny_clip, image, "tumor",
+                                    dataclasses.replace(base, steps=k - 1, readout="final"))
+    final_k = m2ib_saliency(tiny_clip, image, "tumor", dataclasses.replace(base, readout="final"))
+    np.testing.assert_allclose(default_k, final_k_minus_1, rtol=0, atol=1e-6)
+    assert np.abs(default_k - final_k).max() > 1e-3
+    # The straightforward implementation reads the same way.
+    ref_k = m2ib_saliency_reference(tiny_clip, image, "tumor", base)
+    np.testing.assert_allclose(ref_k, final_k_minus_1, rtol=0, atol=1e-5)
+
+
+def test_readout_is_validated_and_old_configs_load():
+    from napari_medclipsam.core.config import PipelineConfig
+
+    with pytest.raises(ValueError, match="readout"):
+        SaliencyConfig(readout="last")
+    old = PipelineConfig().to_dict()
+    del old["saliency"]["readout"]  # a run saved before the field existed
+    assert PipelineConfig.from_dict(old).saliency.readout == "last_forward"
+    cfg = PipelineConfig(saliency=SaliencyConfig(readout="final"))
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_ensemble_prompt_equals_reference_and_differs_from_single(tiny_clip):
     from napari_medclipsam.core.saliency import m2ib_saliency, m2ib_saliency_reference
 

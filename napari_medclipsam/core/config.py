@@ -21,6 +21,7 @@ THRESHOLD_METHODS = ("otsu", "kmeans", "fixed")
 RANK_BY = ("confidence", "area")
 PROMPT_MODES = ("boxes", "points", "both")
 BOX_MODES = ("single", "per_component")
+READOUTS = ("last_forward", "final")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -51,6 +52,14 @@ class SaliencyConfig:
         Seed of the bottleneck noise; the same seed gives the same map.
     init_alpha : float
         Initial mask logit (``sigmoid(5) ~ 0.993``: almost everything passes).
+    readout : {"last_forward", "final"}
+        Which capacity becomes the map. ``"last_forward"`` (default): the capacity of
+        the last forward pass, before the final Adam update, as the authors' code (and
+        IBA, which it builds on) reads it; this reproduces their numbers.
+        ``"final"``: the capacity of ``alpha`` after all ``steps`` updates (the
+        readout of earlier versions of this tool, whose saved runs lack this field; the
+        paper does not say which). With the same seed, ``"last_forward"`` after ``k``
+        steps equals ``"final"`` after ``k - 1``.
     """
 
     layer: int = 7
@@ -60,8 +69,10 @@ class SaliencyConfig:
     batch_size: int = 10
     seed: int = 0
     init_alpha: float = 5.0
+    readout: str = "last_forward"
 
     def __post_init__(self) -> None:
+        _check_choice("readout", self.readout, READOUTS)
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1; got {self.steps}.")
         if self.batch_size < 1:

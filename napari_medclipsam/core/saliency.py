@@ -14,6 +14,12 @@ samples. The saliency is the capacity summed over channels, prefix (CLS) tokens 
 reshaped to the patch grid, bilinearly upsampled to the model's input size, min-max
 normalised to [0, 1] and resized to the image.
 
+Which capacity (``SaliencyConfig.readout``): ``"last_forward"`` (default) reads the
+capacity computed in the last step's forward pass, before that step's Adam update, as the
+authors' MedCLIP-SAMv2 code and IBA read their bottleneck's stored capacity; ``"final"``
+reads it from ``alpha`` after all ``steps`` updates. With the same seed, the
+``"last_forward"`` map of ``k`` steps is the ``"final"`` map of ``k - 1`` steps.
+
 Two implementations give the same map for the same seed (the noise is drawn from one
 seeded generator in the same order):
 
@@ -21,14 +27,16 @@ seeded generator in the same order):
   embedding are computed once, gradients flow only to ``alpha`` (no parameter gradients),
   and each step runs only the blocks after the bottleneck.
 * :func:`m2ib_saliency_reference`: the straightforward way of the research code (a hook
-  on the block; the whole model, text tower included, runs every step with parameter
-  gradients enabled). Kept for tests and benchmarks.
+  on the block stores the capacity of every forward pass; the whole model, text tower
+  included, runs every step with parameter gradients enabled). Kept for tests and
+  benchmarks. Both give either readout.
 
 Choices, documented: ``log((1-lambda)^2)`` is computed as ``2*logsigmoid(-alpha)`` (the
-same value, finite for any alpha); the saliency is read from the final ``alpha`` (after
-all ``steps`` updates; the research code reads the capacity of its last forward pass,
-one update earlier); images are resized to the square input without cropping, so the map
-covers the whole image.
+same value, finite for any alpha); images are resized to the square input without
+cropping, so the map covers the whole image; the map is resized to the image bilinearly
+as a float (the research code: nearest neighbour, saved as an 8-bit PNG); a prompt
+ensemble averages the L2-normalised text embeddings (the paper's P4/P5; the research
+code averages raw features).
 """
 
 from __future__ import annotations
@@ -224,7 +232,7 @@ def m2ib_saliency(
     text : str or sequence of str
         One prompt, or several (their normalised embeddings are averaged).
     config : SaliencyConfig
-        layer, beta, steps, lr, batch_size, seed, init_alpha.
+        layer, beta, steps, lr, batch_size, seed, init_alpha, readout.
     progress : callable, optional
         Called as ``progress(step, steps)`` after every optimisation step.
     should_stop : callable, optional
@@ -251,6 +259,7 @@ def m2ib_saliency(
     alpha = torch.full_like(z, float(cfg.init_alpha), requires_grad=True)
     optimizer = torch.optim.Adam([alpha], lr=cfg.lr)
     batch_shape = (cfg.batch_size, *z.shape[1:])
+    last_forward = None
     with torch.enable_grad():
         for step in range(cfg.steps):
             if should_stop is not None and should_stop():
@@ -260,14 +269,17 @@ def m2ib_saliency(
             z_noisy = _bottleneck(z, alpha, eps)
             image_features = vit_suffix(clip, z_noisy, cfg.layer)
             fit = torch.nn.functional.cosine_similarity(image_features, t, dim=-1).mean()
-            loss = cfg.beta * _capacity(z, alpha).mean() - fit
+            capacity = _capacity(z, alpha)
+            loss = cfg.beta * capacity.mean() - fit
             loss.backward()
+            last_forward = capacity.detach()  # this pass's capacity, before the update
             optimizer.step()
             if progress is not None:
                 progress(step + 1, cfg.steps)
-    with torch.no_grad():
-        capacity = _capacity(z, alpha)
-    return _saliency_map(clip, capacity, image.shape[:2])
+    if cfg.readout == "final":
+        with torch.no_grad():
+            last_forward = _capacity(z, alpha)
+    return _saliency_map(clip, last_forward, image.shape[:2])
 
 
 # --------------------------------------------------------------------------- reference
@@ -280,10 +292,13 @@ def m2ib_saliency_reference(
     config: SaliencyConfig | None = None,
 ) -> np.ndarray:
     """The straightforward M2IB, as the research code runs it; same output as
-    :func:`m2ib_saliency` for the same seed. For tests and benchmarks only.
+    :func:`m2ib_saliency` for the same seed and readout. For tests and benchmarks only.
 
-    A forward hook replaces block ``layer``'s output by the bottleneck's; every step runs
-    the full image and text towers on the repeated batch with parameter gradients on.
+    A forward hook replaces block ``layer``'s output by the bottleneck's and stores the
+    capacity of that forward pass; every step runs the full image and text towers on the
+    repeated batch with parameter gradients on. ``readout="last_forward"`` returns the
+    stored capacity of the last pass averaged over the batch (what the research code
+    returns); ``"final"`` recomputes it from ``alpha`` after the last update.
     """
     import torch
 
@@ -326,6 +341,9 @@ def m2ib_saliency_reference(
             p.requires_grad_(flag)
             p.grad = None
     with torch.no_grad():
-        z = vit_prefix(clip, x[:1], cfg.layer)
-        capacity = _capacity(z, alpha)
+        if cfg.readout == "final":
+            z = vit_prefix(clip, x[:1], cfg.layer)
+            capacity = _capacity(z, alpha)
+        else:
+            capacity = state["capacity"].detach().mean(dim=0, keepdim=True)
     return _saliency_map(clip, capacity, image.shape[:2])
