@@ -218,3 +218,87 @@ def test_cancel_kills_the_process_tree_and_resume_finishes(tmp_path):
         "cycle1_epoch0002.pth", "cycle2_epoch0004.pth"]
     starts = final["logging"]["epoch_start_timestamps"]
     assert all(b > a for a, b in zip(starts, starts[1:], strict=False))
+
+
+# --------------------------------------------------------------------------- several targets
+
+
+def make_two_target_folder(root, n=6, size=64, seed=1):
+    """Images with a bright disk and a dark square each; masks 1 = disk, 3 = square."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        lab = np.zeros((size, size), np.uint8)
+        cy, cx = rng.integers(14, 24, 2)
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 < 10 ** 2] = 1
+        sy, sx = rng.integers(36, 44, 2)
+        lab[sy - 9: sy + 9, sx - 9: sx + 9] = 3
+        img = rng.normal(120, 15, (size, size)) + 110 * (lab == 1) - 100 * (lab == 3)
+        iio.imwrite(root / "images" / f"case{i}.png", img.clip(0, 255).astype(np.uint8))
+        iio.imwrite(root / "masks" / f"case{i}.png", lab)
+
+
+@pytest.fixture(scope="module")
+def trained_two_targets(tmp_path_factory):
+    from napari_medclipsam.nnunet.export import cases_from_folders, export_dataset
+
+    root = tmp_path_factory.mktemp("nnunet_multi")
+    make_two_target_folder(root)
+    res = export_dataset(cases_from_folders(root / "images", root / "masks",
+                                            label_table={"disk": 1, "square": 3}),
+                         root / "raw", 8, "TwoTargets", verify=False)
+    t0 = time.monotonic()
+    code = main(["nnunet", "train", "--dataset-id", "8", "--epochs", "4", "--cycles", "2",
+                 "--checkpoints-per-cycle", "2", "--iterations-per-epoch", "4",
+                 "--val-iterations-per-epoch", "1", "--lr", "0.01", "--lr-min", "0.001",
+                 "--device", "cpu", "--data-workers", "0", "--wait", *folder_flags(root)])
+    return root, res, code, time.monotonic() - t0
+
+
+def test_two_targets_are_exported_trained_and_predicted_by_name(trained_two_targets, tmp_path):
+    import tifffile
+
+    from napari_medclipsam.nnunet.ensemble import predict_folder
+
+    root, res, code, seconds = trained_two_targets
+    folders = job.NnUNetFolders.resolve(root / "raw", root / "pre", root / "res")
+    assert code == 0, job.read_status(job.job_dir_for(folders, 8))
+    # the square's value 3 went to nnU-Net as 2 and comes back as 3
+    meta = json.loads((res.folder / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "disk": 1, "square": 2}
+    model_dir = job.model_dir_for(folders, 8)
+    ens = load_ensemble(model_dir, device="cpu", use_mirroring=False)
+    assert ens.n_classes == 3 and ens.class_names == ("background", "disk", "square")
+    assert ens.labels == {"disk": 1, "square": 3}
+    img = iio.imread(root / "images" / "case0.png")
+    lab = iio.imread(root / "masks" / "case0.png")
+    out = ens.predict_image(img)
+    assert out.probabilities.shape == (3, *img.shape) and out.labels == ens.labels
+    np.testing.assert_allclose(out.probabilities.sum(0), 1, atol=1e-5)
+    assert out.entropy.min() >= 0 and out.entropy.max() <= math.log(3) + 1e-6
+    np.testing.assert_allclose(out.entropy, entropy(out.probabilities), atol=1e-5)
+    assert set(np.unique(out.mask)) <= {0, 1, 3}
+    np.testing.assert_array_equal(out.mask, np.array([0, 1, 3])[out.probabilities.argmax(0)])
+    # what the tiny run learned: each class is most probable on its own structure
+    disk, square, bg = lab == 1, lab == 3, lab == 0
+    p_disk, p_square = out.probabilities[1], out.probabilities[2]
+    assert p_disk[disk].mean() > p_disk[square | bg].mean() + 0.1
+    assert p_square[square].mean() > p_square[disk | bg].mean() + 0.1
+    assert (out.mask[disk] == 1).mean() > 0.8 and (out.mask[square] == 3).mean() > 0.8
+    assert (out.mask[bg] == 0).mean() > 0.7
+    assert out.entropy.max() > math.log(2)   # three-way doubt, possible only with C = 3
+    # the folder prediction names the classes and writes all of them
+    rows = predict_folder(ens, root / "images", tmp_path / "pred")
+    assert len(rows) == 6
+    info = json.loads((tmp_path / "pred" / "ensemble.json").read_text())
+    assert info["classes"] == ["background", "disk", "square"]
+    assert info["labels"] == {"disk": 1, "square": 3}
+    assert info["entropy"]["max"] == pytest.approx(math.log(3))
+    probs = tifffile.imread(tmp_path / "pred" / "class_probabilities" / "case0.tif")
+    np.testing.assert_allclose(probs, out.probabilities, atol=1e-5)
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "pred" / "probability" / "case0.tif"),
+                               1 - out.probabilities[0], atol=1e-5)
+    np.testing.assert_array_equal(iio.imread(tmp_path / "pred" / "masks" / "case0.png"),
+                                  out.mask)
