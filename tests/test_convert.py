@@ -11,12 +11,12 @@ import shutil
 import pytest
 import torch
 
-from napari_medclipsam.core.models import ModelUnavailableError, clear_model_cache, load_clip
-from napari_medclipsam.finetune.convert import (
+from napari_medclipsam.core.convert import (
     hf_to_open_clip,
     looks_like_hf_layout,
     open_clip_to_hf,
 )
+from napari_medclipsam.core.models import ModelUnavailableError, clear_model_cache, load_clip
 
 VISION_LAYERS, TEXT_LAYERS = 4, 2
 

@@ -59,11 +59,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from .models import ModelUnavailableError
 
-from ..core.models import ModelUnavailableError
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["hf_to_open_clip", "looks_like_hf_layout", "open_clip_to_hf"]
 
@@ -155,6 +156,8 @@ def _fail(message: str, keys: list[str]) -> ModelUnavailableError:
 
 def _is_default_init_norm(state: dict[str, Tensor], prefix: str) -> bool:
     """True if the LayerNorm's parameters are absent or still at their initial 1 and 0."""
+    import torch
+
     weight, bias = state.get(prefix + "weight"), state.get(prefix + "bias")
     ok = weight is None or torch.allclose(weight.float(), torch.ones_like(weight.float()),
                                           rtol=0, atol=1e-6)
@@ -183,6 +186,8 @@ def hf_to_open_clip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         vision tower has a trained ``pre_layrnorm`` (not BiomedCLIP's architecture),
         or when a layer lacks one of its q/k/v projections.
     """
+    import torch
+
     state = _strip_wrappers(state)
     if not looks_like_hf_layout(state):
         return state

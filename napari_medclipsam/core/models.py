@@ -258,7 +258,7 @@ def _open_clip_keys(state: dict[str, Any]) -> dict[str, Any]:
 
     open_clip state dicts come back unchanged, less ``module.``/``model.`` prefixes.
     """
-    from ..finetune.convert import hf_to_open_clip
+    from .convert import hf_to_open_clip
 
     return hf_to_open_clip(state)
 

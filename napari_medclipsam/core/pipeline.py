@@ -130,9 +130,9 @@ class ZeroShotPipeline:
 
     def text_embedding(self, text: str | Sequence[str]):
         """Cached text embedding of a prompt or prompt ensemble."""
-        from .saliency import _as_prompts, encode_text
+        from .saliency import as_prompts, encode_text
 
-        key = tuple(_as_prompts(text))
+        key = tuple(as_prompts(text))
         if key not in self._text_cache:
             self._text_cache[key] = encode_text(self.clip, list(key))
         return self._text_cache[key]

@@ -129,7 +129,7 @@ class Prompts:
     point_box: np.ndarray = _empty_array((0,), np.int32)
 
     def __post_init__(self) -> None:
-        boxes = _float_array(self.boxes, "boxes")
+        boxes = float_array(self.boxes, "boxes")
         if boxes.size == 0:
             boxes = boxes.reshape(0, 4)
         elif boxes.shape == (4,):
@@ -140,7 +140,7 @@ class Prompts:
             )
         if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
             raise InputError("boxes must be XYXY with x0 <= x1 and y0 <= y1.")
-        points = _float_array(self.points, "points")
+        points = float_array(self.points, "points")
         if points.size == 0:
             points = points.reshape(0, 2)
         if points.ndim != 2 or points.shape[1] != 2:
@@ -229,7 +229,9 @@ class Prompts:
         return out
 
 
-def _float_array(value: Any, name: str) -> np.ndarray:
+def float_array(value: Any, name: str) -> np.ndarray:
+    """``value`` as a float64 array; an :class:`InputError` naming ``name`` if it is not
+    numeric or holds NaN or infinite values (boxes, points and the like from a user)."""
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -246,7 +248,7 @@ def _integer_array(value: Any, name: str) -> np.ndarray:
         return array.astype(np.int64)
     if array.size == 0:
         return array.astype(np.int64)
-    floats = _float_array(array, name)
+    floats = float_array(array, name)
     if not np.array_equal(floats, np.round(floats)):
         raise InputError(f"{name} must hold integers; got {sorted(set(floats.tolist()))}.")
     return floats.astype(np.int64)

@@ -84,7 +84,14 @@ def prepare_image(clip: ClipBundle, image: np.ndarray) -> torch.Tensor:
     return ((x - mean) / std).to(clip.device)
 
 
-def _as_prompts(text: str | Sequence[str]) -> list[str]:
+def as_prompts(text: str | Sequence[str]) -> list[str]:
+    """One prompt or a prompt ensemble as a list of non-empty, stripped prompts.
+
+    Raises
+    ------
+    InputError
+        If no prompt is left (an empty text).
+    """
     prompts = [text] if isinstance(text, str) else list(text)
     prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
     if not prompts:
@@ -97,7 +104,7 @@ def encode_text(clip: ClipBundle, text: str | Sequence[str]) -> torch.Tensor:
     an ensemble of prompts (the paper's P4/P5 prompt ensembles)."""
     import torch
 
-    prompts = _as_prompts(text)
+    prompts = as_prompts(text)
     with torch.no_grad():
         tokens = clip.tokenizer(prompts).to(clip.device)
         features = clip.model.encode_text(tokens).float()
@@ -306,7 +313,7 @@ def m2ib_saliency_reference(
     model = clip.model
     _, trunk, blocks = _vit_parts(clip)
     _check_layer(cfg.layer, len(blocks))
-    prompts = _as_prompts(text)
+    prompts = as_prompts(text)
     x = prepare_image(clip, image).expand(cfg.batch_size, -1, -1, -1)
     with torch.no_grad():
         z_shape = vit_prefix(clip, x[:1], cfg.layer).shape

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .postprocess import _float_array
+from .postprocess import float_array
 
 __all__ = ["SamSession", "image_digest"]
 
@@ -72,7 +72,7 @@ def _check_prompts(boxes: Any, points: Any, point_labels: Any, point_box: Any
     if boxes is None:
         boxes = np.zeros((0, 4))
     else:
-        boxes = _float_array(boxes, "boxes")
+        boxes = float_array(boxes, "boxes")
         if boxes.shape == (4,):
             boxes = boxes[None]
         if boxes.ndim != 2 or boxes.shape[1] != 4:
@@ -87,7 +87,7 @@ def _check_prompts(boxes: Any, points: Any, point_labels: Any, point_box: Any
             raise InputError("point_labels were given without points.")
         points = np.zeros((0, 2))
     else:
-        points = _float_array(points, "points")
+        points = float_array(points, "points")
         if points.size == 0:
             points = points.reshape(0, 2)
         if points.ndim != 2 or points.shape[1] != 2:

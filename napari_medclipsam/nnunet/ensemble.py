@@ -473,11 +473,11 @@ def load_ensemble(model_dir: str | Path, checkpoints: Sequence[str | Path] | Non
     """
     global _PREDICTOR_CLASS
     avoid_triton_llvm_clash()   # before nnU-Net's predictor imports torch._dynamo
-    from .job import _pick_device
+    from .job import pick_device
 
     if _PREDICTOR_CLASS is None:
         _PREDICTOR_CLASS = _make_predictor_class()
-    dev = _pick_device(device)
+    dev = pick_device(device)
     predictor = _PREDICTOR_CLASS(tile_step_size=tile_step_size, use_gaussian=True,
                                  use_mirroring=use_mirroring,
                                  perform_everything_on_device=dev.type == "cuda",

@@ -375,7 +375,7 @@ def wait(job_dir: str | Path, timeout: float | None = None, poll: float = 0.5) -
 # --------------------------------------------------------------------------- the process
 
 
-def _pick_device(name: str):
+def pick_device(name: str):
     """``auto``/``cpu``/``cuda``/``mps`` -> torch.device (the package's device choice)."""
     import torch
 
@@ -405,7 +405,7 @@ def _plan_and_preprocess(job: dict, job_dir: Path) -> None:
 def _run(job_dir: Path) -> int:
     job = json.loads((job_dir / "job.json").read_text())
     try:
-        device = _pick_device(job["device"])
+        device = pick_device(job["device"])
         import torch
 
         if device.type == "cpu":
