@@ -13,6 +13,7 @@ from ..core.config import (
     DEFAULT_SAM_MODEL,
     PROMPT_MODES,
     RANK_BY,
+    READOUTS,
     THRESHOLD_METHODS,
     CoarseMaskConfig,
     PromptConfig,
@@ -57,6 +58,11 @@ def add_chain_flags(p: argparse.ArgumentParser) -> None:
                                                   f"{s.batch_size}).")
     g.add_argument("--seed", type=int, help=f"seed of the noise and point sampling "
                                             f"(default {s.seed}).")
+    g.add_argument("--readout", choices=READOUTS,
+                   help=f"which capacity becomes the map: last_forward = the last forward "
+                        f"pass's, before the final update, as the authors' code reads it; "
+                        f"final = after all updates, as earlier versions of this tool did "
+                        f"(default {s.readout}).")
     g = p.add_argument_group("coarse mask")
     g.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
                    help=f"default {c.method} (the paper); kmeans as the authors' scripts.")

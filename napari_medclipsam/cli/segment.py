@@ -26,8 +26,8 @@ from ..core.config import PipelineConfig
 from ..core.errors import InputError
 from .common import CLIError, add_chain_flags, add_model_flags, logger
 
-__all__ = ["add_parser", "collect_images", "config_from_args", "resolve_prompts",
-           "run_segment"]
+__all__ = ["add_parser", "collect_images", "config_from_args", "format_presets",
+           "resolve_prompts", "run_segment"]
 
 
 def add_parser(sub) -> None:
@@ -52,13 +52,46 @@ def add_parser(sub) -> None:
     seg.add_argument("--config", metavar="JSON",
                      help="start from the parameters of a saved run manifest or config; "
                           "flags override it.")
+    seg.add_argument("--preset", metavar="NAME",
+                     help="named settings of a task of the paper (e.g. breast-us: the "
+                          "authors' code; breast-us-paper: the paper's coarse mask); applied "
+                          "over --config, and flags given override it. See --list-presets.")
+    seg.add_argument("--list-presets", action=_ListPresets,
+                     help="print the presets (name, what each reproduces, settings) and exit.")
     add_model_flags(seg)
     add_chain_flags(seg)
     seg.set_defaults(func=run_segment)
 
 
+class _ListPresets(argparse.Action):
+    """``--list-presets``: print every preset and exit 0, like ``--help`` (no inputs needed)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        kwargs.update(nargs=0, default=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(format_presets())
+        parser.exit(0)
+
+
+def format_presets() -> str:
+    """The ``--list-presets`` text: per preset, its name, what it reproduces, its
+    settings and its suggested prompts."""
+    from ..core.presets import list_presets
+
+    lines = []
+    for p in list_presets():
+        lines += [p.name, f"    {p.description}", f"    settings: {p.summary()}",
+                  f"    prompts:  {' | '.join(p.prompts)}"]
+    lines.append("Use: medclipsam segment IMAGES --preset NAME -o OUT (flags given override "
+                 "the preset).")
+    return "\n".join(lines)
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """PipelineConfig from defaults, an optional --config file, then explicit flags."""
+    """PipelineConfig from defaults, an optional --config file, an optional --preset,
+    then the flags given (every chain flag defaults to None, "not given")."""
     base = PipelineConfig()
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -70,6 +103,13 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
             base = PipelineConfig.from_dict(data)
         except (TypeError, ValueError) as exc:
             raise CLIError(f"--config {path}: {exc}") from exc
+    if getattr(args, "preset", None):
+        from ..core.presets import apply_preset
+
+        try:
+            base = apply_preset(args.preset, base)
+        except InputError as exc:
+            raise CLIError(f"--preset: {exc}") from exc
 
     def pick(obj, **mapping):
         changes = {k: v for k, v in mapping.items() if v is not None}
@@ -78,7 +118,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     a = args
     try:
         saliency = pick(base.saliency, layer=a.layer, beta=a.beta, steps=a.steps, lr=a.lr,
-                        batch_size=a.batch_size, seed=a.seed)
+                        batch_size=a.batch_size, seed=a.seed,
+                        readout=getattr(a, "readout", None))
         top_k = None if a.top_k == 0 else a.top_k
         coarse = pick(base.coarse, method=a.threshold_method, threshold=a.threshold,
                       eta_c=a.eta_c, rank_by=a.rank_by, min_area=a.min_area,
@@ -254,6 +295,7 @@ def run_segment(args: argparse.Namespace) -> int:
     manifest = {
         "tool": "napari-medclipsam", "command": "segment", "started": started,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "preset": getattr(args, "preset", None),
         "config": config.to_dict(),
         "window": dataclasses.asdict(window) if window else "auto (0.5-99.5 percentiles)",
         "models": {"clip": {"source": config.clip_model, "id": pipeline.clip.model_id,
