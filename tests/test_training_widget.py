@@ -1,6 +1,7 @@
-"""The "Pseudo-labels & training" dock widget driven in a real napari viewer: export from
-layers, a real (tiny, CPU) nnU-Net checkpoint-ensemble training in the background, ensemble
-prediction layers, and cancelling a running training.
+"""The "Pseudo-labels & training" dock widget driven in a real napari viewer, opened as the
+Plugins menu opens it: export from layers (a two-target label map as two classes), a real
+(tiny, CPU) nnU-Net checkpoint-ensemble training in the background, ensemble prediction layers
+(binary and two targets), the review queue, and cancelling a running training.
 
 Needs a display with OpenGL: pytest-xvfb starts Xvfb (apt: xvfb, libgl1-mesa-dri, ...).
 """
@@ -11,21 +12,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("qtpy.QtWidgets", exc_type=ImportError)
 pytest.importorskip("nnunetv2")
 psutil = pytest.importorskip("psutil")
 
+from napari_helpers import TRAINING, dock  # noqa: E402
+
+from napari_medclipsam._widgets.common import slice_index  # noqa: E402
 from napari_medclipsam._widgets.training_widget import (  # noqa: E402
     MASK,
     PROBABILITY,
     UNCERTAINTY,
-    TrainingWidget,
-    label_name_from_layer,
-    status_line,
 )
-from napari_medclipsam.nnunet.job import format_eta  # noqa: E402
 
 SCALE3, TRANSLATE3 = (2.0, 0.5, 0.75), (10.0, 5.0, -3.0)
 FINAL = ("done", "failed", "cancelled", "crashed")
@@ -59,16 +60,42 @@ def _disk_image(seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return img.astype(np.uint8), mask
 
 
-def _widget(viewer, folders, dataset_id=1) -> TrainingWidget:
-    w = TrainingWidget(viewer)
-    viewer.window.add_dock_widget(w, name="Pseudo-labels & training")
+def _two_disks(seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """An image with two disks of different brightness: label 1 the dim one, 2 the bright."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    cy = rng.integers(18, size - 18)
+    dim = (yy - cy) ** 2 + (xx - 16) ** 2 < 64
+    bright = (yy - (size - cy)) ** 2 + (xx - 46) ** 2 < 64
+    img = 40 + 10 * rng.standard_normal((size, size)) + 90 * dim + 190 * bright
+    return img.clip(0, 255).astype(np.uint8), (dim + 2 * bright).astype(np.int32)
+
+
+TWO = {"dim disk": 1, "bright disk": 2}
+
+
+def _label_map_features(table):
+    return pd.DataFrame({"index": [0, *table.values()], "name": ["background", *table]})
+
+
+def _widget(viewer, folders, dataset_id=1):
+    """Plugins > MedCLIP-SAM > Pseudo-labels & training, then the folders and dataset."""
+    w = dock(viewer, TRAINING)
     for key, path in folders.items():
         w.folder_edits[key].setText(str(path))
     w.dataset_spin.setValue(dataset_id)
     return w
 
 
-def _tiny_schedule(w: TrainingWidget, epochs=2, cycles=1, checkpoints=2) -> None:
+def _reopen(viewer, w, folders, dataset_id):
+    """Close the dock widget and open it again from the Plugins menu: a new widget."""
+    viewer.window.remove_dock_widget(w)
+    w2 = _widget(viewer, folders, dataset_id)
+    assert w2 is not w
+    return w2
+
+
+def _tiny_schedule(w, epochs=2, cycles=1, checkpoints=2) -> None:
     w.epochs_spin.setValue(epochs)
     w.cycles_spin.setValue(cycles)
     w.checkpoints_spin.setValue(checkpoints)
@@ -83,18 +110,15 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_status_line_and_helpers():
-    assert format_eta(None) == "" and format_eta(9.4) == "9 s"
-    assert format_eta(760) == "12 min 40 s" and format_eta(3 * 3600 + 300) == "3 h 05 min"
-    line = status_line({"phase": "training", "running": True, "epoch": 3, "epochs": 600,
-                        "cycle": 1, "cycles": 3, "train_loss": 0.51234, "pseudo_dice": 0.7,
-                        "eta_s": 125})
-    assert line == ("training · epoch 3/600 · cycle 1/3 · loss 0.5123 · pseudo-Dice 0.700 · "
-                    "ETA 2 min 05 s")
-    assert "Boom" in status_line({"phase": "failed", "error": "Boom", "running": False})
-    assert "Resume" in status_line({"phase": "crashed", "running": False})
-    assert label_name_from_layer("SAM mask [breast tumor +1]") == "breast tumor"
-    assert label_name_from_layer("mask") is None
+def test_the_dock_scrolls_on_a_small_screen(make_napari_viewer):
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer()
+    w = dock(viewer, TRAINING)
+    assert isinstance(w.scroll_area, QScrollArea) and w.scroll_area.widgetResizable()
+    assert w.scroll_area.widget().isAncestorOf(w.review_table)
+    assert w.scroll_area.widget().isAncestorOf(w.export_button)
+    assert not w.accept_button.isEnabled() and not w.corrected_button.isEnabled()
 
 
 def test_export_from_layers(make_napari_viewer, folders):
@@ -102,12 +126,12 @@ def test_export_from_layers(make_napari_viewer, folders):
     img, mask = _disk_image(0)
     viewer.add_image(img, name="scan", scale=(0.5, 0.5))
     viewer.add_labels(mask.astype(np.int32) * 3, name="SAM mask [a disk]")
-    w = TrainingWidget(viewer)
-    viewer.window.add_dock_widget(w, name="Pseudo-labels & training")
+    w = dock(viewer, TRAINING)
     assert w.image_combo.currentText() == "scan"
     assert w.labels_combo.currentText() == "SAM mask [a disk]"
     assert w.label_edit.text() == "a disk"          # suggested from the prompt
-    assert w.corrected_check.isChecked()
+    assert w.corrected_check.isChecked() and w.label_edit.isEnabled()
+    assert not w.classes_label.isVisible()
     assert not w.slices_check.isEnabled()           # a 2-D image has no slices
 
     w.export()                                      # no folders yet: told, not raised
@@ -120,6 +144,7 @@ def test_export_from_layers(make_napari_viewer, folders):
     assert w.wait(120)
     folder = folders["raw"] / "Dataset003_Disks"
     assert "Exported 1 case(s) (1 corrected" in w.last_status, w.last_status
+    assert w.last_export.folder == folder
     assert (folder / "imagesTr" / "scan_0000.png").is_file()
     assert (folder / "labelsTr" / "scan.png").is_file()
     ds = json.loads((folder / "dataset.json").read_text())
@@ -138,8 +163,40 @@ def test_export_from_layers(make_napari_viewer, folders):
     assert "exists already" in w.last_status and "scan" in w.last_status, w.last_status
     assert _snapshot(folders["raw"]) == before
     assert w.export_button.isEnabled()
-    saved = json.loads(TrainingWidget.settings_path().read_text())
+    saved = json.loads(w.settings_path().read_text())
     assert saved["folders"]["raw"] == str(folders["raw"]) and saved["dataset_id"] == 3
+
+
+def test_a_two_target_label_map_exports_as_two_classes(make_napari_viewer, folders):
+    viewer = make_napari_viewer()
+    pairs = [_two_disks(seed) for seed in range(3)]
+    viewer.add_image(np.stack([p[0] for p in pairs]), name="stack", scale=SCALE3)
+    viewer.add_labels(np.stack([p[1] > 0 for p in pairs]).astype(np.int32), name="SAM mask [x]")
+    label_map = viewer.add_labels(np.stack([p[1] for p in pairs]), name="label map",
+                                  scale=SCALE3, features=_label_map_features(TWO))
+    w = _widget(viewer, folders, dataset_id=5)
+    assert w.labels_combo.currentText() == "label map"      # offered first
+    assert w.classes_label.isVisibleTo(w) and not w.label_edit.isEnabled()
+    assert "1=dim disk, 2=bright disk" in w.classes_label.text()
+    w.name_edit.setText("TwoDisks")
+    w.export()
+    assert w.wait(120)
+    assert "Exported 3 case(s)" in w.last_status, w.last_status
+    assert "Classes: 1=dim disk, 2=bright disk" in w.last_status
+    folder = folders["raw"] / "Dataset005_TwoDisks"
+    ds = json.loads((folder / "dataset.json").read_text())
+    assert ds["labels"] == {"background": 0, "dim disk": 1, "bright disk": 2}
+    assert ds["numTraining"] == 3
+    cases = json.loads((folder / "medclipsam_cases.json").read_text())
+    assert set(cases["stack_z000"]["label_fractions"]) == set(TWO)
+    # the SAM mask (no names) still exports as one binary class
+    w.labels_combo.setCurrentText("SAM mask [x]")
+    assert w.label_edit.isEnabled() and not w.classes_label.isVisibleTo(w)
+    # a value the names do not cover is refused before anything is written
+    w.labels_combo.setCurrentText("label map")
+    label_map.data[0, 0, 0] = 7
+    w.export()
+    assert not w.busy and "7" in w.last_status and "label table" in w.last_status
 
 
 def test_export_train_and_predict(make_napari_viewer, folders, qtbot):
@@ -161,9 +218,9 @@ def test_export_train_and_predict(make_napari_viewer, folders, qtbot):
     _tiny_schedule(w)
     w.start()
     assert "started" in w.last_status, w.last_status
-    assert w.job_dir is not None and w.status["running"]
-    assert w._timer.isActive() and not w.start_button.isEnabled()
-    assert w.cancel_button.isEnabled()
+    assert w.job_dir is not None and w.status.running
+    assert w._timer.isActive() and w._timer.interval() == 1000
+    assert not w.start_button.isEnabled() and w.cancel_button.isEnabled()
 
     durations, seen = [], set()
     deadline = time.monotonic() + 240
@@ -172,10 +229,10 @@ def test_export_train_and_predict(make_napari_viewer, folders, qtbot):
         t0 = time.perf_counter()
         status = w.refresh_status()
         durations.append(time.perf_counter() - t0)
-        seen.add(status["phase"])
-        if status["phase"] in FINAL:
+        seen.add(status.phase)
+        if status.phase in FINAL:
             break
-    assert status["phase"] == "done", (status, w.log_view.toPlainText())
+    assert status.phase == "done", (status, w.log_view.toPlainText())
     assert "training" in seen
     # the GUI thread only reads small files (JSON, a log tail): milliseconds
     assert np.median(durations) < 0.05 and max(durations) < 0.5, durations
@@ -199,26 +256,29 @@ def test_export_train_and_predict(make_napari_viewer, folders, qtbot):
     assert unc.data.min() >= 0 and unc.data.max() <= math.log(2) + 1e-6
     assert set(np.unique(mask.data)) <= {0, 1}
     np.testing.assert_array_equal(mask.data > 0, prob.data > 0.5)
+    assert list(mask.features["name"]) == ["background", "target"]
     assert tuple(prob.contrast_limits) == (0.0, 1.0)
     assert unc.contrast_limits[1] == pytest.approx(math.log(2))
     assert prob.colormap.name == "magma" and unc.colormap.name == "viridis"
+    assert w.review_table.rowCount() == 6                     # the stack's slices
 
     # an RGB image (grey in colour): 2-D outputs with the spatial scale; the loaded ensemble
     # is reused, and the layers are replaced, not duplicated
-    predictor = w._predictor
+    predictor = w.controller.predictor
     n_layers = len(viewer.layers)
     rgb = np.repeat(stack[2][..., None], 3, axis=-1)
     viewer.add_image(rgb, name="photo", rgb=True, scale=(0.5, 0.75), translate=(1.0, 2.0))
     w.image_combo.setCurrentText("photo")
     w.predict()
     assert w.wait(120)
-    assert w._predictor is predictor, w.last_status
+    assert w.controller.predictor is predictor, w.last_status
     assert len(viewer.layers) == n_layers + 1
     for name in (PROBABILITY, MASK, UNCERTAINTY):
         layer = viewer.layers[name]
         assert layer.data.shape == (64, 64)
         np.testing.assert_allclose(layer.scale, (0.5, 0.75))
         np.testing.assert_allclose(layer.translate, (1.0, 2.0))
+    assert w.review_table.rowCount() == 1                     # one 2-D image
     # re-running updates the same layers' data
     before = [viewer.layers[n] for n in (PROBABILITY, MASK, UNCERTAINTY)]
     viewer.layers["photo"].data = 255 - rgb
@@ -231,11 +291,164 @@ def test_export_train_and_predict(make_napari_viewer, folders, qtbot):
     assert after[0].data.min() >= 0 and after[0].data.max() <= 1
 
     # a widget opened later finds the finished job and its schedule
-    w2 = _widget(viewer, {}, dataset_id=7)
+    w2 = _reopen(viewer, w, {}, dataset_id=7)
     assert w2.folder_edits["raw"].text() == str(folders["raw"])     # remembered
-    assert w2.status["phase"] == "done" and w2.epochs_spin.value() == 2
+    assert w2.status.phase == "done" and w2.epochs_spin.value() == 2
     assert w2.progress_bar.value() == w2.progress_bar.maximum() == 2
     assert w2.predict_button.isEnabled()
+
+
+@pytest.fixture(scope="module")
+def two_target_model(tmp_path_factory):
+    """A tiny (2 epochs, CPU) nnU-Net trained on two-target label maps: dataset 11."""
+    from napari_medclipsam.nnunet import job
+    from napari_medclipsam.nnunet.export import cases_from_arrays, export_dataset
+    from napari_medclipsam.nnunet.schedule import EnsembleSchedule
+
+    root = tmp_path_factory.mktemp("two_targets")
+    folders = {k: root / k for k in ("raw", "preprocessed", "results")}
+    cases = [c for seed in range(6)
+             for c in cases_from_arrays(*_two_disks(seed), f"c{seed}", label_table=TWO)]
+    export_dataset(cases, folders["raw"], 11, "TwoDisks", label_table=TWO, verify=False)
+    job_dir = job.start_training(
+        11, EnsembleSchedule(epochs=2, cycles=1, checkpoints_per_cycle=2,
+                             iterations_per_epoch=2, val_iterations_per_epoch=1),
+        folders=job.NnUNetFolders.resolve(**folders), device="cpu", data_workers=0)
+    try:
+        status = job.wait(job_dir, timeout=400)
+    finally:
+        job.cancel(job_dir)
+    assert status["phase"] == "done", (status, job.tail(job_dir / "log.txt"))
+    return folders
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, t=0.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def _click_row(qtbot, table, row):
+    from qtpy.QtCore import Qt
+
+    table.scrollToItem(table.item(row, 0))
+    rect = table.visualItemRect(table.item(row, 0))
+    qtbot.mouseClick(table.viewport(), Qt.LeftButton, pos=rect.center())
+
+
+def _rows(table):
+    return [table.item(r, 0).text() for r in range(table.rowCount())]
+
+
+def test_two_targets_predict_and_review(make_napari_viewer, two_target_model, qtbot,
+                                        tmp_path):
+    """A two-target model predicts a named label map; the review queue ranks the slices of
+    a 3-slice stack, jumps to them, and Accept/Corrected append cases with their record."""
+    folders = two_target_model
+    viewer = make_napari_viewer()
+    stack = np.stack([_two_disks(seed)[0] for seed in (20, 21, 22)])
+    image = viewer.add_image(stack, name="new", scale=SCALE3, translate=TRANSLATE3)
+    w = _widget(viewer, folders, dataset_id=11)
+    assert w.status.phase == "done" and w.predict_button.isEnabled()
+    w.predict()
+    assert w.wait(180)
+    assert "Classes: 1=dim disk, 2=bright disk" in w.last_status, w.last_status
+    mask, unc = viewer.layers[MASK], viewer.layers[UNCERTAINTY]
+    assert mask.data.shape == stack.shape and set(np.unique(mask.data)) <= {0, 1, 2}
+    assert list(mask.features["name"]) == ["background", "dim disk", "bright disk"]
+    assert list(mask.features["index"]) == [0, 1, 2]
+    assert unc.data.min() >= 0 and unc.data.max() <= math.log(3) + 1e-6
+    assert unc.contrast_limits[1] == pytest.approx(math.log(3))
+    prob = viewer.layers[PROBABILITY].data
+    assert prob.min() >= 0 and prob.max() <= 1 + 1e-6
+    np.testing.assert_allclose(prob, w.controller.state.last_prediction.probability)
+
+    # rows: the slices, most uncertain first
+    table = w.review_table
+    per_slice = unc.data.mean(axis=(1, 2))
+    order = [int(z) for z in np.argsort(-per_slice, kind="stable")]
+    assert _rows(table) == [f"new z={z}" for z in order]
+    assert w.review_box.isExpanded()
+
+    # click the most uncertain row: the viewer jumps to that slice
+    clock = Clock(1000.0)
+    w.controller.clock = clock
+    first = order[0]
+    viewer.dims.set_current_step(0, 0 if first else 2)
+    step_before = viewer.dims.current_step[0]
+    _click_row(qtbot, table, 0)
+    assert w.controller.state.current == 0, w.last_status
+    assert viewer.dims.current_step[0] != step_before
+    assert slice_index(viewer, image) == first
+    assert w.accept_button.isEnabled() and w.corrected_button.isEnabled()
+
+    # correct it: two undoable edits of the mask layer (each a napari paint event)
+    n_before = json.loads((folders["raw"] / "Dataset011_TwoDisks" / "dataset.json")
+                          .read_text())["numTraining"]
+    auto = np.array(mask.data[first], copy=True)
+    ys, xs = np.mgrid[2:8, 2:8]
+    mask.data_setitem((np.full(ys.size, first), ys.ravel(), xs.ravel()), 2)
+    mask.data_setitem((np.full(4, first), np.array([60, 60, 61, 61]),
+                       np.array([60, 61, 60, 61])), 1)
+    clock.t = 1012.5
+    w.corrected_button.click()
+    clock.t = 5000.0                                          # the writing is not counted
+    assert w.wait(120)
+    assert "as corrected" in w.last_status, w.last_status
+    folder = folders["raw"] / "Dataset011_TwoDisks"
+    ds = json.loads((folder / "dataset.json").read_text())
+    assert ds["numTraining"] == n_before + 1
+    record = json.loads((folder / "medclipsam_cases.json").read_text())[f"new_z{first:03d}"]
+    review = record["review"]
+    assert record["corrected"] is True and review["status"] == "corrected"
+    assert review["seconds"] == 12.5 and review["edits"] == 2
+    final = np.array(mask.data[first])
+    values = [v for v in (1, 2) if (auto == v).any() or (final == v).any()]
+    dice = np.mean([2 * ((auto == v) & (final == v)).sum()
+                    / ((auto == v).sum() + (final == v).sum()) for v in values])
+    assert review["dice_auto_final"] == pytest.approx(dice, abs=1e-5) and dice < 1
+    assert "corrected" in table.item(0, 2).text()
+
+    # accept the next one as predicted (whatever the layer shows), 3 s after opening it
+    clock.t = 2000.0
+    _click_row(qtbot, table, 1)
+    assert slice_index(viewer, image) == order[1]
+    clock.t = 2003.0
+    w.accept_button.click()
+    assert w.wait(120)
+    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == n_before + 2
+    review = json.loads((folder / "medclipsam_cases.json").read_text())[
+        f"new_z{order[1]:03d}"]["review"]
+    assert (review["status"], review["seconds"], review["edits"]) == ("accepted", 3.0, 0)
+    assert review["dice_auto_final"] == 1.0
+    summary = w.review_summary_label.text()
+    assert "2 of" in summary and "50% accepted unmodified" in summary, summary
+    assert f"{(12.5 + 3.0) / 2:.1f} s" in summary
+
+    # a folder prediction's ranking: a row opens its image and maps as the three layers
+    import imageio.v3 as iio
+
+    from napari_medclipsam.nnunet.ensemble import predict_folder
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in (30, 31):
+        iio.imwrite(images / f"case{seed}_0000.png", _two_disks(seed)[0])
+    rows = predict_folder(w.controller.predictor, images, tmp_path / "pred")
+    w.load_ranking(tmp_path / "pred", images)
+    assert _rows(table) == [r["case"] for r in rows]
+    _click_row(qtbot, table, 1)
+    assert w.controller.state.current == 1, w.last_status
+    source = w.controller.state.review[1].source
+    assert source in viewer.layers and viewer.layers[source].data.shape == (64, 64)
+    assert viewer.layers[MASK].data.shape == (64, 64)
+    assert set(np.unique(viewer.layers[MASK].data)) <= {0, 1, 2}
+    assert viewer.layers[UNCERTAINTY].data.mean() == pytest.approx(
+        rows[1]["mean_entropy"], rel=1e-4)
 
 
 def test_cancel_a_running_training(make_napari_viewer, folders, qtbot):
@@ -247,20 +460,20 @@ def test_cancel_a_running_training(make_napari_viewer, folders, qtbot):
     w = _widget(viewer, folders, dataset_id=9)
     _tiny_schedule(w, epochs=1000, cycles=1, checkpoints=1)
     w.start()
-    assert w.status["running"], w.last_status
-    qtbot.waitUntil(lambda: w.status["phase"] in ("training", *FINAL), timeout=180_000)
-    assert w.status["phase"] == "training", w.status
+    assert w.status.running, w.last_status
+    qtbot.waitUntil(lambda: w.status.phase in ("training", *FINAL), timeout=180_000)
+    assert w.status.phase == "training", w.status
 
     # reopened while it runs: the new widget shows the running job and can cancel it
-    w2 = _widget(viewer, folders, dataset_id=9)
-    assert w2.status["running"] and w2.status["phase"] == "training"
+    w2 = _reopen(viewer, w, folders, dataset_id=9)
+    assert w2.status.running and w2.status.phase == "training"
     assert w2.epochs_spin.value() == 1000 and w2.cancel_button.isEnabled()
-    pid = w2.status["pid"]
+    pid = w2.status.pid
     assert psutil.pid_exists(pid)
     w2.cancel()
     assert w2.wait(60)
-    assert w2.status["phase"] == "cancelled" and not w2.status["running"]
+    assert w2.status.phase == "cancelled" and not w2.status.running
     assert "cancelled" in w2.last_status
     assert not psutil.pid_exists(pid)
     assert w2.resume_button.isEnabled() and not w2.cancel_button.isEnabled()
-    assert w.refresh_status()["phase"] == "cancelled"
+    assert w.refresh_status().phase == "cancelled"

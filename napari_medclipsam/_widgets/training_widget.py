@@ -1,92 +1,105 @@
-"""The "Pseudo-labels & training" dock widget (MedCLIP-SAMv2's weak-supervision stage).
-
-Three steps, each a call into :mod:`napari_medclipsam.nnunet` (this module is GUI only):
+"""The "Pseudo-labels & training" dock widget (MedCLIP-SAMv2's weak-supervision stage): a thin
+Qt view over :class:`~napari_medclipsam._widgets.training_controller.TrainingController`.
 
 1. **Export**: an image layer and its (hand-corrected) Labels layer become cases of a raw
-   nnU-Net v2 dataset (:func:`~napari_medclipsam.nnunet.export.export_dataset`, in a worker
-   thread). A 3-D stack can go in as 2-D slices (only the labelled ones), as the paper trains a
-   2-D nnU-Net.
-2. **Train**: :func:`~napari_medclipsam.nnunet.job.start_training` starts planning,
-   preprocessing and checkpoint-ensembling training in a background process that outlives
-   napari. A 1 s ``QTimer`` reads its ``status.json`` and log tail (cheap: a JSON file and the
-   end of a text file) and shows phase, epoch, cycle, loss, pseudo-Dice and ETA. A widget
-   opened later on the same folders and dataset picks the job up again.
+   nnU-Net v2 dataset (in a worker thread). A 3-D stack can go in as 2-D slices (only the
+   labelled ones), as the paper trains a 2-D nnU-Net. A ``label map`` whose ``name`` feature
+   names several targets (the text-prompt widget's) is exported with one class per target.
+2. **Train**: planning, preprocessing and checkpoint-ensembling training run in a background
+   process that outlives napari. A 1 s ``QTimer`` reads its ``status.json`` and log tail and
+   shows phase, epoch, cycle, loss, pseudo-Dice and ETA. A widget opened later on the same
+   folders and dataset picks the job up again.
 3. **Predict**: the ensemble of saved checkpoints segments the chosen image (in a worker) and
-   three layers overlay it with the image's scale and translate: ``nnU-Net probability``,
-   ``nnU-Net mask`` and ``nnU-Net uncertainty`` (entropy in nats, 0 to ln C).
+   three layers overlay it with the image's scale and translate: ``nnU-Net probability``
+   (``1 - p(background)``), ``nnU-Net mask`` (a label map in the exported values, named by its
+   ``name`` feature) and ``nnU-Net uncertainty`` (entropy over the C classes, 0 to ln C).
+4. **Review**: the prediction's slices (or a folder prediction's cases) listed by mean
+   entropy, worst first; a row opens the slice (or image), Accept or Corrected adds it to the
+   dataset with the time, edits and Dice of the review.
+
+napari opens this class from the Plugins menu and passes the viewer as ``napari_viewer``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import re
 import time
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 from superqt import QCollapsible
 
-from napari_medclipsam._widgets.common import avoid_triton_llvm_clash  # noqa: F401
+from napari_medclipsam._widgets.common import (
+    Outcome,
+    SettingsStore,
+    find_layer,
+    geometry_of,
+    is_stack,
+    layer_names,
+    put_layer,
+    report,
+    set_combo_items,
+    start_worker,
+)
+from napari_medclipsam._widgets.training_controller import (
+    CONFIGURATIONS,
+    DEVICES,
+    FOLDER_KEYS,
+    JobStatus,
+    Prediction,
+    ReviewItem,
+    TrainingController,
+    export_label_table,
+    folders_from_values,
+    label_name_from_layer,
+    label_table_from_features,
+    schedule_from_values,
+    status_line,
+)
 from napari_medclipsam.core.errors import InputError
-from napari_medclipsam.nnunet.job import ENV_NAMES, format_status
+from napari_medclipsam.nnunet.export import format_label_table
+from napari_medclipsam.nnunet.job import ENV_NAMES
 
 if TYPE_CHECKING:
     import napari
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-CONFIGURATIONS = ("2d", "3d_fullres")
-FOLDER_KEYS = ("raw", "preprocessed", "results")
+__all__ = ["MASK", "PROBABILITY", "UNCERTAINTY", "TrainingWidget", "status_line"]
+
 PROBABILITY, MASK, UNCERTAINTY = "nnU-Net probability", "nnU-Net mask", "nnU-Net uncertainty"
 OUTPUT_LAYERS = (PROBABILITY, MASK, UNCERTAINTY)
-FINAL_PHASES = ("done", "failed", "cancelled", "crashed")
-RESUMABLE_PHASES = ("cancelled", "crashed", "failed")
-SETTINGS_FILE = "training_widget.json"
-
-
-def status_line(status: dict) -> str:
-    """``phase · epoch e/E · cycle c/D · loss · pseudo-Dice · ETA`` (known parts only)."""
-    phase = status.get("phase", "none")
-    if phase == "none":
-        return "No training for this dataset yet."
-    line = format_status(status, sep=" · ")
-    if phase == "failed" and status.get("error"):
-        line += f"\n{status['error']}"
-    elif phase == "crashed":
-        line += "\nThe training process is gone (crash, reboot, killed): press Resume."
-    return line
-
-
-def label_name_from_layer(name: str) -> str | None:
-    """``'SAM mask [breast tumor +1]'`` -> ``'breast tumor'`` (the prompt), else None."""
-    m = re.search(r"\[(.+?)(?: \+\d+)?\]$", name)
-    return m.group(1).strip() or None if m else None
+LABEL_MAP = "label map"
+SETTINGS = SettingsStore("training_widget.json")
+REVIEW_COLUMNS = ("Case / slice", "Entropy", "Review")
 
 
 class TrainingWidget(QWidget):
-    """Dock widget: export pseudo-labels, train the checkpoint ensemble, predict with it.
+    """Dock widget: export pseudo-labels, train the checkpoint ensemble, predict, review.
 
     Parameters
     ----------
@@ -95,15 +108,10 @@ class TrainingWidget(QWidget):
 
     Attributes
     ----------
-    job_dir : Path or None
-        The training job shown (``$nnUNet_results/Dataset.../medclipsam_job``).
+    controller : TrainingController
+        The Qt-free state (job, status, last export and prediction, review queue) and actions.
     last_status : str
         The last message shown in the status label (tests read it).
-    status : dict
-        The last :func:`~napari_medclipsam.nnunet.job.read_status` result.
-    data_workers : int or None
-        nnU-Net's augmentation processes for the next start (None: nnU-Net's choice); the
-        "Data workers" field sets it.
     """
 
     _message = Signal(str)
@@ -111,15 +119,12 @@ class TrainingWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = viewer = napari_viewer
-        self.job_dir: Path | None = None
-        self.status: dict[str, Any] = {"phase": "none", "running": False}
+        self.controller = TrainingController()
         self.last_status = ""
-        self.lr_min = 1e-4
         self._worker = None
-        self._predictor = None
-        self._predictor_key: tuple | None = None
         self._label_name_edited = False
-        self.last_export = None
+        self._updating_layers = False
+        self._mask_hooked = None   # the mask layer whose paint events count review edits
 
         self._build_ui()
         self._message.connect(self._report)
@@ -135,9 +140,49 @@ class TrainingWidget(QWidget):
             self.folders_box.expand(animate=False)  # still to be set
         self.locate_job()
 
+    # ----------------------------------------------------------------------- state
+    @property
+    def job_dir(self) -> Path | None:
+        """The training job shown (``$nnUNet_results/Dataset.../medclipsam_job``)."""
+        return self.controller.state.job_dir
+
+    @property
+    def status(self) -> JobStatus:
+        """The job's last status (read every second while a job exists)."""
+        return self.controller.state.status
+
+    @property
+    def last_export(self):
+        return self.controller.state.last_export
+
+    @property
+    def busy(self) -> bool:
+        """True while an export, cancel, prediction or review runs in a worker thread."""
+        return self._worker is not None
+
+    @property
+    def data_workers(self) -> int | None:
+        """nnU-Net's augmentation processes for the next start (None: nnU-Net's choice)."""
+        value = self.workers_spin.value()
+        return None if value < 0 else value
+
+    @data_workers.setter
+    def data_workers(self, value: int | None) -> None:
+        self.workers_spin.setValue(-1 if value is None else int(value))
+
     # ----------------------------------------------------------------------- UI
     def _build_ui(self) -> None:
-        layout = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()   # the dock is taller than a laptop screen
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        content = QWidget()
+        scroll.setWidget(content)
+        outer.addWidget(scroll)
+        self.scroll_area = scroll
+        layout = QVBoxLayout(content)
 
         data = QGroupBox("Pseudo-labels")
         form = QFormLayout(data)
@@ -145,10 +190,16 @@ class TrainingWidget(QWidget):
         self.image_combo.currentTextChanged.connect(self._on_image_changed)
         form.addRow("Image", self.image_combo)
         self.labels_combo = QComboBox()
-        self.labels_combo.setToolTip("The mask to train on (e.g. the corrected SAM mask); "
-                                     "every label value > 0 is the target.")
+        self.labels_combo.setToolTip(
+            "The mask to train on (e.g. the corrected SAM mask, or the 'label map'): every "
+            "label value > 0 is the target, unless the layer names several targets (one "
+            "class each).")
         self.labels_combo.currentTextChanged.connect(self._on_labels_changed)
         form.addRow("Labels", self.labels_combo)
+        self.classes_label = QLabel("")
+        self.classes_label.setWordWrap(True)
+        self.classes_label.setVisible(False)
+        form.addRow(self.classes_label)
         self.corrected_check = QCheckBox("corrected by hand")
         self.corrected_check.setChecked(True)
         self.corrected_check.setToolTip("Recorded per case in medclipsam_cases.json (corrected "
@@ -191,7 +242,7 @@ class TrainingWidget(QWidget):
         self.name_edit.setToolTip("Letters, digits, '_' and '-': Dataset{ID:03d}_{name}")
         dform.addRow("Name", self.name_edit)
         self.label_edit = QLineEdit("target")
-        self.label_edit.setToolTip("Name of label 1 in dataset.json")
+        self.label_edit.setToolTip("Name of label 1 in dataset.json (a binary export)")
         self.label_edit.textEdited.connect(self._on_label_edited)
         dform.addRow("Label name", self.label_edit)
         self.append_check = QCheckBox("append to existing dataset")
@@ -273,6 +324,48 @@ class TrainingWidget(QWidget):
         self.predict_button.clicked.connect(self.predict)
         layout.addWidget(self.predict_button)
 
+        self.review_box = QCollapsible("Review")
+        review = QWidget()
+        rlayout = QVBoxLayout(review)
+        hint = QLabel("Most uncertain first. Click a row to open it; Accept keeps the "
+                      f"prediction, Corrected takes the edited '{MASK}' layer. Either adds it "
+                      "to the dataset with the time, edits and Dice of the review.")
+        hint.setWordWrap(True)
+        rlayout.addWidget(hint)
+        self.review_table = QTableWidget(0, len(REVIEW_COLUMNS))
+        self.review_table.setHorizontalHeaderLabels(REVIEW_COLUMNS)
+        self.review_table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.review_table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.review_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.review_table.verticalHeader().setVisible(False)
+        header = self.review_table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.Stretch)
+        for column in (1, 2):
+            header.setSectionResizeMode(column, QHeaderView.ResizeToContents)
+        self.review_table.setFixedHeight(150)
+        self.review_table.currentCellChanged.connect(self._on_review_row_changed)
+        self.review_table.cellClicked.connect(self._on_review_row_clicked)
+        rlayout.addWidget(self.review_table)
+        rbuttons = QHBoxLayout()
+        self.load_ranking_button = QPushButton("Load ranking...")
+        self.load_ranking_button.setToolTip("The uncertainty_ranking.csv of a folder "
+                                            "prediction (medclipsam nnunet predict)")
+        self.load_ranking_button.clicked.connect(self._load_ranking_dialog)
+        self.accept_button = QPushButton("Accept")
+        self.accept_button.setToolTip("The prediction is right: add it unmodified")
+        self.accept_button.clicked.connect(lambda: self.mark_review("accepted"))
+        self.corrected_button = QPushButton("Corrected")
+        self.corrected_button.setToolTip(f"Add the '{MASK}' layer as you corrected it")
+        self.corrected_button.clicked.connect(lambda: self.mark_review("corrected"))
+        for button in (self.load_ranking_button, self.accept_button, self.corrected_button):
+            rbuttons.addWidget(button)
+        rlayout.addLayout(rbuttons)
+        self.review_summary_label = QLabel("")
+        self.review_summary_label.setWordWrap(True)
+        rlayout.addWidget(self.review_summary_label)
+        self.review_box.addWidget(review)
+        layout.addWidget(self.review_box)
+
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         layout.addWidget(self.status_label)
@@ -302,58 +395,42 @@ class TrainingWidget(QWidget):
             self.locate_job()
 
     def _refresh_layers(self, event=None) -> None:
-        from napari.layers import Image, Labels
-
-        images = [layer.name for layer in self.viewer.layers
-                  if isinstance(layer, Image) and layer.name not in OUTPUT_LAYERS
-                  and not layer.name.startswith("saliency [")]
-        labels = [layer.name for layer in self.viewer.layers
-                  if isinstance(layer, Labels) and layer.name != MASK]
-        # the SAM mask is the usual thing to correct and train on: offer it first
-        labels.sort(key=lambda n: not n.startswith("SAM mask ["))
-        for combo, names in ((self.image_combo, images), (self.labels_combo, labels)):
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
+        set_combo_items(self.image_combo, layer_names(
+            self.viewer, "image",
+            skip=lambda n: n in OUTPUT_LAYERS or n.startswith("saliency [")))
+        labels = layer_names(self.viewer, "labels", skip=lambda n: n == MASK)
+        # the label map (several targets) and the SAM masks are what one trains on
+        labels.sort(key=lambda n: (n != LABEL_MAP, not n.startswith("SAM mask [")))
+        set_combo_items(self.labels_combo, labels)
         self._on_image_changed()
         self._on_labels_changed()
 
     def _on_image_changed(self, *_) -> None:
-        layer = self._layer(self.image_combo.currentText())
-        stack = (layer is not None and not layer.rgb and not layer.multiscale
-                 and layer.ndim == 3)
-        self.slices_check.setEnabled(stack)
+        layer = find_layer(self.viewer, self.image_combo.currentText())
+        self.slices_check.setEnabled(layer is not None and is_stack(layer))
 
     def _on_label_edited(self, text: str) -> None:
         self._label_name_edited = bool(text.strip())
 
     def _on_labels_changed(self, *_) -> None:
+        layer = find_layer(self.viewer, self.labels_combo.currentText())
+        named = label_table_from_features(getattr(layer, "features", None)) or {}
+        multi = len(named) > 1
+        self.classes_label.setVisible(multi)
+        self.label_edit.setEnabled(not multi)
+        if multi:
+            self.classes_label.setText(f"{len(named)} classes from the layer's names: "
+                                       f"{format_label_table(named)}")
         if self._label_name_edited:
             return
-        suggested = label_name_from_layer(self.labels_combo.currentText())
+        suggested = (next(iter(named)) if len(named) == 1
+                     else label_name_from_layer(self.labels_combo.currentText()))
         if suggested:
             self.label_edit.setText(suggested)
 
-    def _layer(self, name: str):
-        return self.viewer.layers[name] if name and name in self.viewer.layers else None
-
-    # ----------------------------------------------------------------------- helpers
     def _report(self, message: str, error: bool = False) -> None:
         self.last_status = message
-        self.status_label.setText(message)
-        if error:
-            from napari.utils.notifications import show_error
-
-            show_error(message)
-
-    @property
-    def busy(self) -> bool:
-        """True while an export, cancel or prediction runs in a worker thread."""
-        return self._worker is not None
+        report(self.status_label, message, error)
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Process Qt events until the worker is done (tests and scripts); False on timeout."""
@@ -368,78 +445,50 @@ class TrainingWidget(QWidget):
         QApplication.processEvents()
         return True
 
-    def _launch(self, func, *args, on_done) -> None:
-        """Run ``func(*args)`` (returns ``(kind, payload)``, never raises) in a worker."""
-        from napari.qt.threading import create_worker
-
-        self._worker = create_worker(self._guarded, func, *args, _start_thread=False)
-        self._worker.returned.connect(on_done)
-        self._worker.errored.connect(
-            lambda exc: self._report(f"Unexpected error: {type(exc).__name__}: {exc}",
-                                     error=True))
-        self._worker.finished.connect(self._on_finished)
+    def _launch(self, func, *args, on_done, **kwargs) -> None:
+        """Run ``func`` in a worker thread; ``on_done(Outcome)`` in the GUI thread."""
+        self._worker = start_worker(func, *args, on_done=on_done,
+                                    on_finished=self._on_finished, **kwargs)
         self._update_buttons()
-        self._worker.start()
-
-    @staticmethod
-    def _guarded(func, *args) -> tuple[str, Any]:
-        try:
-            return "ok", func(*args)
-        except (InputError, ValueError, OSError, RuntimeError) as exc:
-            return "error", str(exc)
-        except Exception as exc:  # a bug: report it, never crash napari
-            traceback.print_exc()
-            return "error", f"Unexpected error: {type(exc).__name__}: {exc}"
 
     def _on_finished(self) -> None:
         self._worker = None
         self._update_buttons()
 
-    def folders(self):
-        """:class:`~napari_medclipsam.nnunet.job.NnUNetFolders` from the fields (empty fields
-        fall back to the ``nnUNet_*`` environment variables)."""
-        from napari_medclipsam.nnunet.job import NnUNetFolders
+    def _progress(self, what: str):
+        def emit(done, total):
+            self._message.emit(f"{what} {done}/{total or '?'}...")
 
-        given = {k: self.folder_edits[k].text().strip() or None for k in FOLDER_KEYS}
-        missing = [k for k in FOLDER_KEYS if not (given[k] or os.environ.get(ENV_NAMES[k]))]
-        if missing:
-            names = (missing[0] if len(missing) == 1
-                     else f"{', '.join(missing[:-1])} and {missing[-1]}")
-            raise InputError(f"Set nnU-Net's {names} folder(s) under "
-                             "'nnU-Net folders' (or the nnUNet_raw/_preprocessed/_results "
-                             "environment variables).")
-        return NnUNetFolders.resolve(**given)
+        return emit
+
+    def folders(self):
+        """:class:`~napari_medclipsam.nnunet.job.NnUNetFolders` of the fields (empty fields
+        fall back to the ``nnUNet_*`` environment variables); InputError if one is unset."""
+        return folders_from_values({k: self.folder_edits[k].text() for k in FOLDER_KEYS})
+
+    def _folders_or_none(self):
+        try:
+            return self.folders()
+        except InputError:
+            return None
 
     def schedule(self):
         """The :class:`~napari_medclipsam.nnunet.schedule.EnsembleSchedule` of the fields."""
-        from napari_medclipsam.nnunet.schedule import EnsembleSchedule
-
-        lr = self.lr_spin.value()
-        return EnsembleSchedule(
+        return schedule_from_values(
             epochs=self.epochs_spin.value(), cycles=self.cycles_spin.value(),
-            checkpoints_per_cycle=self.checkpoints_spin.value(), lr_max=lr,
-            lr_min=min(self.lr_min, lr), iterations_per_epoch=self.iterations_spin.value(),
-            val_iterations_per_epoch=self.val_iterations_spin.value())
-
-    @property
-    def data_workers(self) -> int | None:
-        value = self.workers_spin.value()
-        return None if value < 0 else value
-
-    @data_workers.setter
-    def data_workers(self, value: int | None) -> None:
-        self.workers_spin.setValue(-1 if value is None else int(value))
+            checkpoints_per_cycle=self.checkpoints_spin.value(),
+            iterations_per_epoch=self.iterations_spin.value(),
+            val_iterations_per_epoch=self.val_iterations_spin.value(),
+            lr_max=self.lr_spin.value(), lr_min=self.controller.state.lr_min)
 
     # ----------------------------------------------------------------------- export
     def export(self) -> None:
         """Export the chosen image and labels as case(s) of the dataset (in a worker)."""
         if self.busy:
             return
-        from napari_medclipsam.nnunet.export import cases_from_arrays, export_dataset
-
         try:
-            image_layer = self._layer(self.image_combo.currentText())
-            labels_layer = self._layer(self.labels_combo.currentText())
+            image_layer = find_layer(self.viewer, self.image_combo.currentText())
+            labels_layer = find_layer(self.viewer, self.labels_combo.currentText())
             if image_layer is None:
                 raise InputError("Choose an image layer first.")
             if labels_layer is None:
@@ -449,71 +498,43 @@ class TrainingWidget(QWidget):
                 raise InputError("Multiscale images cannot be exported; open a single-scale "
                                  "image.")
             folders = self.folders()
-            dataset_id = self.dataset_spin.value()
-            name = self.name_edit.text().strip()
-            label_name = self.label_edit.text().strip() or "target"
+            table = export_label_table(labels_layer.features)
             ndim = image_layer.ndim  # spatial axes (RGB's channel axis excluded)
-            spacing = tuple(float(s) for s in image_layer.scale[-ndim:])
-            origin = tuple(float(t) for t in image_layer.translate[-ndim:])
-            # copy the labels: painting during the export must not change what is written
-            labels = np.array(labels_layer.data, copy=True)
-            cases = cases_from_arrays(
-                np.asarray(image_layer.data), labels, image_layer.name, spacing=spacing,
-                origin=origin, corrected=self.corrected_check.isChecked(),
+            cases = self.controller.export_cases(
+                np.asarray(image_layer.data), labels_layer.data, image_layer.name,
+                spacing=tuple(float(s) for s in image_layer.scale[-ndim:]),
+                origin=tuple(float(t) for t in image_layer.translate[-ndim:]),
+                rgb=bool(image_layer.rgb), corrected=self.corrected_check.isChecked(),
                 as_slices=self.slices_check.isEnabled() and self.slices_check.isChecked(),
-                rgb=bool(image_layer.rgb))
+                label_table=table)
         except InputError as exc:
             self._report(str(exc), error=True)
             return
-        append = self.append_check.isChecked()
         self.save_settings()
         self._report(f"Exporting {len(cases)} case(s) (nnU-Net checks the dataset)...")
+        self._launch(self.controller.export, cases, folders, self.dataset_spin.value(),
+                     self.name_edit.text().strip(),
+                     label_name=self.label_edit.text().strip() or "target", label_table=table,
+                     append=self.append_check.isChecked(),
+                     progress=self._progress("Exporting case"), on_done=self._on_exported)
 
-        def run():
-            def progress(done, total):
-                self._message.emit(f"Exporting case {done}/{total or '?'}...")
-
-            return export_dataset(cases, folders.raw, dataset_id, name, label_name=label_name,
-                                  append=append, progress=progress)
-
-        self._launch(run, on_done=self._on_exported)
-
-    def _on_exported(self, out: tuple[str, Any]) -> None:
-        kind, payload = out
-        if kind == "error":
-            self._report(payload, error=True)
+    def _on_exported(self, outcome: Outcome) -> None:
+        if not outcome.ok:
+            self._report(outcome.error or "Cancelled.", error=True)
             return
-        self.last_export = payload
-        verb = "Added" if payload.appended else "Exported"
-        self._report(f"{verb} {len(payload.cases)} case(s) ({payload.n_corrected} corrected, "
-                     f"{payload.n_zero_shot} zero-shot) to {payload.folder}."
-                     + (" Converted to the dataset's channels: " + ", ".join(payload.converted)
-                        if payload.converted else ""))
+        self._report(self.controller.export_message(outcome.value))
         self.locate_job()
 
     # ----------------------------------------------------------------------- training
     def locate_job(self, *_) -> Path | None:
         """Find this dataset's training job (if any) and show its status."""
-        from napari_medclipsam.nnunet.job import job_dir_for
-
-        try:
-            job_dir = job_dir_for(self.folders(), self.dataset_spin.value())
-        except InputError:
-            job_dir = None
-        if job_dir != self.job_dir:
-            self.job_dir = job_dir
-            if job_dir is not None and (job_dir / "job.json").is_file():
-                self._fields_from_job(job_dir)
+        folders = self._folders_or_none()
+        job = self.controller.locate_job(folders, self.dataset_spin.value())
+        if job is not None:
+            self._apply_run_fields(job)   # so Resume matches the job
+        self._show_summary(self.controller.summary(folders, self.dataset_spin.value()))
         self.refresh_status()
         return self.job_dir
-
-    def _fields_from_job(self, job_dir: Path) -> None:
-        """Show the schedule and device a job was started with (so Resume matches it)."""
-        try:
-            job = json.loads((job_dir / "job.json").read_text())
-        except (OSError, ValueError):
-            return
-        self._apply_run_fields(job)
 
     def _apply_run_fields(self, run: dict[str, Any]) -> None:
         """Schedule, device, configuration and data workers from a job.json or settings."""
@@ -526,8 +547,6 @@ class TrainingWidget(QWidget):
                 spin.setValue(int(sched[key]))
         if "lr_max" in sched:
             self.lr_spin.setValue(float(sched["lr_max"]))
-        if "lr_min" in sched:   # job.json only: the settings do not keep it
-            self.lr_min = float(sched["lr_min"])
         if run.get("device") in DEVICES:
             self.device_combo.setCurrentText(run["device"])
         if run.get("configuration") in CONFIGURATIONS:
@@ -544,20 +563,17 @@ class TrainingWidget(QWidget):
         self._start(resume=True)
 
     def _start(self, resume: bool) -> None:
-        from napari_medclipsam.nnunet.job import start_training
-
-        restart = not resume and self.restart_check.isChecked()
         try:
-            job_dir = start_training(
-                self.dataset_spin.value(), self.schedule(), folders=self.folders(),
+            job_dir = self.controller.start(
+                self.folders(), self.dataset_spin.value(), self.schedule(),
                 configuration=self.configuration_combo.currentText(),
-                device=self.device_combo.currentText(), resume=resume, restart=restart,
+                device=self.device_combo.currentText(), resume=resume,
+                restart=not resume and self.restart_check.isChecked(),
                 data_workers=self.data_workers)
         except (InputError, OSError) as exc:
             self._report(str(exc), error=True)
             return
         self.restart_check.setChecked(False)  # never delete a training twice by accident
-        self.job_dir = job_dir
         self.save_settings()
         self._report(f"Training {'resumed' if resume else 'started'} in the background "
                      f"(it goes on if napari is closed); job folder {job_dir}.")
@@ -565,80 +581,61 @@ class TrainingWidget(QWidget):
 
     def cancel(self) -> None:
         """Stop the running training (its process tree; in a worker, as it waits for it)."""
-        from napari_medclipsam.nnunet.job import cancel
-
-        if self.job_dir is None or self.busy or not self.refresh_status().get("running"):
+        if self.job_dir is None or self.busy or not self.refresh_status().running:
             return
         self._report("Cancelling the training...")
-        self._launch(cancel, self.job_dir, on_done=self._on_cancelled)
+        self._launch(self.controller.cancel, on_done=self._on_cancelled)
 
-    def _on_cancelled(self, out: tuple[str, Any]) -> None:
-        kind, payload = out
-        if kind == "error":
-            self._report(payload, error=True)
+    def _on_cancelled(self, outcome: Outcome) -> None:
+        if not outcome.ok:
+            self._report(outcome.error or "Cancelled.", error=True)
         else:
             self._report("Training cancelled; Resume continues from the last finished epoch."
-                         if payload else "The training was not running.")
+                         if outcome.value else "The training was not running.")
         self.refresh_status()
 
-    def refresh_status(self) -> dict[str, Any]:
+    def refresh_status(self) -> JobStatus:
         """Read the job's status (cheap: status.json and the log's tail) and show it."""
-        from napari_medclipsam.nnunet.job import read_status
-
-        status = read_status(self.job_dir) if self.job_dir is not None else {
-            "phase": "none", "running": False, "log_tail": ""}
-        self.status = status
-        epochs = int(status.get("epochs") or 0)
-        epoch = int(status.get("epoch") or 0)
-        if status.get("phase") == "done" and epochs:
-            epoch = epochs
-        self.progress_bar.setRange(0, max(epochs, 1))
-        self.progress_bar.setValue(min(epoch, max(epochs, 1)))
-        self.job_label.setText(status_line(status))
-        log = status.get("log_tail", "")
-        if log != self.log_view.toPlainText():
-            self.log_view.setPlainText(log)
+        status = self.controller.refresh()
+        self.progress_bar.setRange(0, max(status.epochs, 1))
+        self.progress_bar.setValue(min(status.epoch, max(status.epochs, 1)))
+        self.job_label.setText(status.line)
+        if status.log_tail != self.log_view.toPlainText():
+            self.log_view.setPlainText(status.log_tail)
             bar = self.log_view.verticalScrollBar()
             bar.setValue(bar.maximum())
         # poll while a job exists; the checks are a JSON read, a pid lookup and a file tail
-        if status.get("phase") != "none" and not self._timer.isActive():
+        if status.exists and not self._timer.isActive():
             self._timer.start()
-        elif status.get("phase") == "none" and self._timer.isActive():
+        elif not status.exists and self._timer.isActive():
             self._timer.stop()
         self._update_buttons()
         return status
 
     def _checkpoints(self) -> tuple[Path | None, list[Path]]:
-        from napari_medclipsam.nnunet.ensemble import list_checkpoints
-        from napari_medclipsam.nnunet.job import model_dir_for
-
-        try:
-            model_dir = model_dir_for(self.folders(), self.dataset_spin.value(),
-                                      self.configuration_combo.currentText())
-        except InputError:
-            return None, []
-        return model_dir, list_checkpoints(model_dir)
+        return self.controller.checkpoints(self._folders_or_none(), self.dataset_spin.value(),
+                                           self.configuration_combo.currentText())
 
     def _update_buttons(self) -> None:
-        running = bool(self.status.get("running"))
-        phase = self.status.get("phase", "none")
-        self.export_button.setEnabled(not self.busy)
-        self.start_button.setEnabled(not running and not self.busy)
-        self.resume_button.setEnabled(not running and not self.busy
-                                      and phase in RESUMABLE_PHASES)
-        self.cancel_button.setEnabled(running and not self.busy)
-        has_checkpoints = bool(self.status.get("checkpoints")) or (
-            phase != "none" and bool(self._checkpoints()[1]))
-        self.predict_button.setEnabled(has_checkpoints and not self.busy)
+        status, busy = self.status, self.busy
+        self.export_button.setEnabled(not busy)
+        self.start_button.setEnabled(not status.running and not busy)
+        self.resume_button.setEnabled(status.resumable and not busy)
+        self.cancel_button.setEnabled(status.running and not busy)
+        has_checkpoints = bool(status.checkpoints) or (
+            status.exists and bool(self._checkpoints()[1]))
+        self.predict_button.setEnabled(has_checkpoints and not busy)
+        row_open = self.controller.state.current is not None
+        self.accept_button.setEnabled(row_open and not busy)
+        self.corrected_button.setEnabled(row_open and not busy)
+        self.load_ranking_button.setEnabled(not busy)
 
     # ----------------------------------------------------------------------- prediction
     def predict(self) -> None:
         """Segment the chosen image with the checkpoint ensemble (in a worker)."""
         if self.busy:
             return
-        from napari_medclipsam.nnunet.ensemble import load_ensemble
-
-        layer = self._layer(self.image_combo.currentText())
+        layer = find_layer(self.viewer, self.image_combo.currentText())
         try:
             if layer is None:
                 raise InputError("Choose an image layer first.")
@@ -653,90 +650,255 @@ class TrainingWidget(QWidget):
             self._report(str(exc), error=True)
             return
         device = self.device_combo.currentText()
-        key = (str(model_dir), tuple(p.name for p in checkpoints), device)
-        cached = self._predictor if key == self._predictor_key else None
-        image = np.asarray(layer.data)
-        rgb = bool(layer.rgb)
-        spacing = tuple(float(s) for s in layer.scale[-layer.ndim:])
+        cached = self.controller.has_predictor(model_dir, checkpoints, device)
         self._report(f"Predicting with {len(checkpoints)} checkpoint(s)"
                      f"{'' if cached else ' (loading them first)'}...")
+        # (the spacing is ignored for models trained on PNG images, which have none)
+        self._launch(self.controller.predict, np.asarray(layer.data),
+                     tuple(float(s) for s in layer.scale[-layer.ndim:]), model_dir, checkpoints,
+                     device=device, rgb=bool(layer.rgb), source=layer.name,
+                     progress=self._progress("Predicting: checkpoint"),
+                     on_done=self._on_predicted)
 
-        def run():
-            predictor = cached or load_ensemble(model_dir, checkpoints, device=device)
-            # (the spacing is ignored for models trained on PNG images, which have none)
-
-            def progress(done, total):
-                self._message.emit(f"Predicting: checkpoint {done}/{total}...")
-
-            result = predictor.predict_image(image, spacing, rgb=rgb,
-                                             progress=progress)
-            return predictor, result
-
-        self._launch(run, on_done=lambda out: self._on_predicted(out, layer, key))
-
-    def _on_predicted(self, out: tuple[str, Any], source, key: tuple) -> None:
-        kind, payload = out
-        if kind == "error":
-            self._report(payload, error=True)
+    def _on_predicted(self, outcome: Outcome) -> None:
+        if not outcome.ok:
+            self._report(outcome.error or "Cancelled.", error=True)
             return
-        predictor, result = payload
-        self._predictor, self._predictor_key = predictor, key
-        self.show_prediction(result, source, predictor.n_classes)
-        fg = float((result.mask > 0).mean())
-        self._report(f"Ensemble of {result.n_checkpoints} checkpoint(s): {100 * fg:.1f}% "
-                     f"foreground, mean uncertainty {float(result.entropy.mean()):.3f} nats "
-                     f"(max ln {predictor.n_classes} = {math.log(predictor.n_classes):.3f})."
-                     + self._worst_slices(result.entropy, source))
+        prediction: Prediction = outcome.value
+        source = find_layer(self.viewer, prediction.source)
+        if source is None:
+            self._report(f"The image layer {prediction.source!r} was removed during the "
+                         "prediction.", error=True)
+            return
+        self.show_prediction(prediction, source)
+        self._fill_review_table()
+        self._report(prediction.summary() + self._worst_slices())
 
-    @staticmethod
-    def _worst_slices(entropy, source) -> str:
+    def _worst_slices(self) -> str:
         """For a (Z, Y, X) prediction: the slices to correct first (highest mean entropy)."""
-        from napari_medclipsam.nnunet.ensemble import rank_slices
-
-        if entropy.ndim != 3 or getattr(source, "rgb", False) or entropy.shape[0] < 2:
+        prediction = self.controller.state.last_prediction
+        if prediction is None or not prediction.stack:
             return ""
-        worst = rank_slices(entropy)[:3]
-        return " Most uncertain slices: " + ", ".join(f"z={z} ({h:.3f})" for z, h in worst)
+        worst = self.controller.state.review[:3]
+        return " Most uncertain slices: " + ", ".join(
+            f"z={item.slice_index} ({item.mean_entropy:.3f})" for item in worst)
 
-    def show_prediction(self, result, source, n_classes: int) -> None:
+    def show_prediction(self, prediction: Prediction, source) -> None:
         """Add (or update) the probability, mask and uncertainty layers over ``source``."""
-        from napari.layers import Image, Labels
+        self._show_maps(source, prediction.probability, prediction.mask, prediction.entropy,
+                        prediction.max_entropy, prediction.features())
 
-        ndim = source.ndim  # spatial: an RGB layer's scale has no channel entry
-        geometry = {"scale": tuple(source.scale[-ndim:]),
-                    "translate": tuple(source.translate[-ndim:])}
-        h_max = math.log(max(int(n_classes), 2))
-        self._put(PROBABILITY, Image, result.foreground.astype(np.float32), geometry,
-                  colormap="magma", contrast_limits=(0.0, 1.0), blending="additive",
-                  opacity=0.6)
-        self._put(UNCERTAINTY, Image, result.entropy.astype(np.float32), geometry,
-                  colormap="viridis", contrast_limits=(0.0, h_max), blending="additive",
-                  opacity=0.6)
-        self._put(MASK, Labels, result.mask.astype(np.uint8), geometry, opacity=0.5)
+    def _show_maps(self, source, probability, mask, entropy, h_max: float,
+                   features: dict[str, list]) -> None:
+        import pandas as pd
 
-    def _put(self, name: str, cls, data, geometry: dict, **kwargs):
-        layers = self.viewer.layers
-        if name in layers and (not isinstance(layers[name], cls)
-                               or layers[name].ndim != data.ndim):
-            layers.remove(name)  # another kind, or 2-D vs 3-D output of an earlier run
-        if name in layers:
-            layer = layers[name]
-            layer.data = data
-            layer.scale = geometry["scale"]
-            layer.translate = geometry["translate"]
-            if "contrast_limits" in kwargs:
-                layer.contrast_limits_range = kwargs["contrast_limits"]
-                layer.contrast_limits = kwargs["contrast_limits"]
-            return layer
-        return self.viewer.add_layer(cls(data, name=name, **geometry, **kwargs))
+        geometry = geometry_of(source, source.ndim)  # an RGB layer's scale has no channel
+        self._updating_layers = True
+        try:
+            if probability is not None:
+                prob = put_layer(self.viewer, PROBABILITY, "image",
+                                 np.asarray(probability, np.float32), geometry,
+                                 colormap="magma", contrast_limits=(0.0, 1.0),
+                                 blending="additive", opacity=0.6)
+                _set_limits(prob, (0.0, 1.0))
+            if entropy is not None:
+                unc = put_layer(self.viewer, UNCERTAINTY, "image",
+                                np.asarray(entropy, np.float32), geometry, colormap="viridis",
+                                contrast_limits=(0.0, h_max), blending="additive",
+                                opacity=0.6)
+                _set_limits(unc, (0.0, h_max))
+            # a copy: the user's corrections must not change the automatic mask
+            labels = put_layer(self.viewer, MASK, "labels", np.array(mask, copy=True),
+                               geometry, opacity=0.5)
+            labels.features = pd.DataFrame(features)
+        finally:
+            self._updating_layers = False
+        self._hook_mask_edits()
+
+    # ----------------------------------------------------------------------- review
+    def _fill_review_table(self) -> None:
+        items = self.controller.state.review
+        table = self.review_table
+        table.blockSignals(True)
+        try:
+            table.clearContents()
+            table.setRowCount(len(items))
+            for row, item in enumerate(items):
+                self._set_review_row(row, item)
+            table.clearSelection()
+            table.setCurrentCell(-1, -1)
+        finally:
+            table.blockSignals(False)
+        if items:
+            self.review_box.expand(animate=False)
+        self._update_buttons()
+
+    def _set_review_row(self, row: int, item: ReviewItem) -> None:
+        record = item.record
+        review = "" if record is None else (
+            f"{record.status}, {record.seconds:.0f} s, {record.edits} edit(s)"
+            + ("" if record.dice_auto_final is None else f", Dice {record.dice_auto_final:.3f}"))
+        for column, text in enumerate((item.title, f"{item.mean_entropy:.4f}", review)):
+            cell = QTableWidgetItem(text)
+            cell.setFlags(cell.flags() & ~Qt.ItemIsEditable)
+            self.review_table.setItem(row, column, cell)
+
+    def _on_review_row_changed(self, row: int, _column: int, previous: int, _pc: int) -> None:
+        if row >= 0 and row != previous:
+            self.open_review_row(row)
+
+    def _on_review_row_clicked(self, row: int, _column: int) -> None:
+        if row != self.controller.state.current:
+            self.open_review_row(row)
+
+    def open_review_row(self, row: int) -> None:
+        """Open a row of the queue: jump to its slice (or open its image and maps); the
+        review clock starts and the edit count restarts."""
+        try:
+            item = self.controller.state.review[row]
+            if item.files is not None:
+                source = self._open_folder_row(row, item)
+            else:
+                layer = find_layer(self.viewer, item.source)
+                if layer is None:
+                    raise InputError(f"The image layer {item.source!r} is gone: predict "
+                                     "again.")
+                if item.slice_index is not None:
+                    self.go_to_slice(layer, item.slice_index)
+                source = layer.name
+            self.controller.open_review(row, source)
+        except (InputError, OSError, ValueError, IndexError) as exc:
+            self._report(str(exc), error=True)
+            return
+        self._hook_mask_edits()
+        self._update_buttons()
+        self._report(f"Reviewing {item.title} (mean uncertainty {item.mean_entropy:.3f}): "
+                     f"Accept keeps the prediction; or correct '{MASK}' and press Corrected.")
+
+    def go_to_slice(self, layer, index: int) -> None:
+        """Show slice ``index`` (axis 0) of ``layer``, through its data-to-world mapping."""
+        dims = self.viewer.dims
+        point = np.zeros(layer.ndim)
+        point[0] = index
+        world = float(layer.data_to_world(point)[0])
+        axis = dims.ndim - layer.ndim   # the world axis of the layer's axis 0
+        start, _stop, step = dims.range[axis]
+        dims.set_current_step(axis, int(round((world - start) / step)) if step else 0)
+
+    def _open_folder_row(self, row: int, item: ReviewItem) -> str:
+        """Open a folder row's image (``viewer.open``) and its maps as the three layers."""
+        from napari.layers import Image
+
+        layer = find_layer(self.viewer, item.source)
+        if layer is None:
+            opened = self.viewer.open(str(item.files.image))
+            layer = next((x for x in opened if isinstance(x, Image)), None)
+            if layer is None:
+                raise InputError(f"napari opened no image from {item.files.image}.")
+        maps = self.controller.read_folder_maps(row)
+        self._show_maps(layer, maps.probability, maps.mask, maps.uncertainty,
+                        maps.max_entropy, maps.features())
+        return layer.name
+
+    def _hook_mask_edits(self) -> None:
+        """Count the mask layer's edits: napari emits ``paint`` once per undoable edit (a
+        brush stroke, a fill, an erasure, a polygon, ``data_setitem``); undo is not one."""
+        layer = find_layer(self.viewer, MASK)
+        if layer is None or layer is self._mask_hooked:
+            return
+        layer.events.paint.connect(self._on_mask_painted)
+        self._mask_hooked = layer
+
+    def _on_mask_painted(self, event=None) -> None:
+        if not self._updating_layers:
+            self.controller.note_edit()
+
+    def mark_review(self, status: str) -> None:
+        """Accept (the prediction unmodified) or Corrected (the edited mask) for the open row:
+        the case goes into the dataset (appended, corrected) with its review record."""
+        if self.busy:
+            return
+        state = self.controller.state
+        try:
+            index = state.current
+            if index is None:
+                raise InputError("Click a row of the review queue first.")
+            item = state.review[index]
+            layer = find_layer(self.viewer, item.source)
+            if layer is None:
+                raise InputError(f"The image layer {item.source!r} is gone.")
+            z = item.slice_index
+            final = None
+            if status == "corrected":
+                mask_layer = find_layer(self.viewer, MASK)
+                if mask_layer is None:
+                    raise InputError(f"The '{MASK}' layer is gone: open the row again.")
+                final = np.asarray(mask_layer.data if z is None else mask_layer.data[z])
+            ndim = layer.ndim
+            spacing = tuple(float(s) for s in layer.scale[-ndim:])
+            origin = tuple(float(t) for t in layer.translate[-ndim:])
+            job = self.controller.prepare_review(
+                index, status, np.asarray(layer.data if z is None else layer.data[z]), final,
+                folders=self.folders(), dataset_id=self.dataset_spin.value(),
+                name=self.name_edit.text().strip(),
+                label_name=self.label_edit.text().strip() or "target",
+                spacing=spacing[1:] if z is not None else spacing,
+                origin=None if z is not None or ndim == 2 else origin, rgb=bool(layer.rgb))
+        except InputError as exc:
+            self._report(str(exc), error=True)
+            return
+        self._report(f"Adding {item.title} to the dataset as {status}...")
+        self._launch(self.controller.submit_review, job,
+                     on_done=lambda outcome: self._on_reviewed(outcome, index))
+
+    def _on_reviewed(self, outcome: Outcome, index: int) -> None:
+        if not outcome.ok:
+            self._report(outcome.error or "Cancelled.", error=True)
+            return
+        record = outcome.value
+        items = self.controller.state.review
+        if index < len(items):
+            self._set_review_row(index, items[index])
+            title = items[index].title
+        else:
+            title = "the case"
+        self._show_summary(self.controller.state.summary)
+        dice = ("" if record.dice_auto_final is None
+                else f", Dice automatic vs final {record.dice_auto_final:.3f}")
+        self._report(f"Added {title} as {record.status} ({record.seconds:.1f} s, "
+                     f"{record.edits} edit(s){dice}).")
+
+    def _show_summary(self, summary) -> None:
+        self.review_summary_label.setText(summary.format() if summary is not None else "")
+
+    def load_ranking(self, folder: str | Path, images_dir: str | Path | None = None) -> None:
+        """Fill the queue from a folder prediction's ``uncertainty_ranking.csv``."""
+        try:
+            items = self.controller.load_ranking(folder, images_dir)
+        except InputError as exc:
+            self._report(str(exc), error=True)
+            return
+        self._fill_review_table()
+        self._report(f"{len(items)} case(s) from {folder}, most uncertain first: click one "
+                     "to open it.")
+
+    def _load_ranking_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(
+            self, "Folder prediction (with uncertainty_ranking.csv)")
+        if not folder:
+            return
+        images = None
+        if self.controller.recorded_images_dir(folder) is None:
+            images = QFileDialog.getExistingDirectory(self, "Folder of the predicted images")
+            if not images:
+                return
+        self.load_ranking(folder, images)
 
     # ----------------------------------------------------------------------- settings
     @staticmethod
     def settings_path() -> Path:
-        """Beside the segmentation widget's settings: ``training_widget.json``."""
-        from napari_medclipsam._widgets.segment_widget import SegmentWidget
-
-        return SegmentWidget.settings_path().with_name(SETTINGS_FILE)
+        """``$MEDCLIPSAM_CONFIG_DIR`` or the user's config folder, ``training_widget.json``."""
+        return SETTINGS.path
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -774,17 +936,21 @@ class TrainingWidget(QWidget):
 
     def save_settings(self) -> None:
         """Remember folders, dataset and schedule for the next session."""
-        from napari_medclipsam.core.io import write_text
-
-        # a read-only home must not stop an export or a training
-        with contextlib.suppress(OSError):
-            write_text(self.settings_path(), json.dumps(self.settings(), indent=2) + "\n")
+        with contextlib.suppress(OSError):  # a read-only home must not stop a training
+            SETTINGS.save(self.settings())
 
     def load_settings(self) -> None:
-        path = self.settings_path()
-        if not path.is_file():
-            return
         try:
-            self.apply_settings(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError, KeyError):
-            self._report(f"Ignored unreadable settings in {path}.")
+            state = SETTINGS.load()
+            if state is not None:
+                self.apply_settings(state)
+        except (ValueError, TypeError, KeyError) as exc:
+            self._report(str(exc) if isinstance(exc, ValueError)
+                         else f"Ignored unreadable settings in {SETTINGS.path}.")
+
+
+def _set_limits(layer, limits: tuple[float, float]) -> None:
+    """Contrast limits of an updated image layer (its range first, so they fit)."""
+    layer.contrast_limits_range = limits
+    layer.contrast_limits = limits
+
