@@ -346,3 +346,28 @@ def test_folders_with_several_targets(tmp_path):
         export_dataset(cases_from_folders(tmp_path / "img", tmp_path / "msk",
                                           label_table=table), tmp_path / "raw", 27, "G",
                        verify=False)
+
+
+def test_export_command_takes_a_label_table(tmp_path, capsys):
+    from napari_medclipsam.cli import main
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    img, lab = lungs_and_nodule(0, values=(1, 2, 5))
+    iio.imwrite(tmp_path / "img" / "p0.png", img)
+    iio.imwrite(tmp_path / "msk" / "p0.png", lab)
+    args = ["nnunet", "export", "--images", str(tmp_path / "img"), "--masks",
+            str(tmp_path / "msk"), "--dataset-id", "28", "--name", "Cli", "--out",
+            str(tmp_path / "raw"), "--no-verify"]
+    assert main([*args, "--labels", "1=left lung,2=right lung"]) == 2
+    assert "label value(s) 5 are not in the label table" in capsys.readouterr().err
+    assert main([*args, "--labels", "1=left lung,2=right lung,5=nodule"]) == 0
+    out = capsys.readouterr().out
+    assert "Labels (value=name): 1=left lung, 2=right lung, 5=nodule" in out
+    assert "stored as 1=left lung, 2=right lung, 3=nodule" in out
+    meta = json.loads((tmp_path / "raw/Dataset028_Cli/dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "left lung": 1, "right lung": 2, "nodule": 3}
+    assert main([*args, "--append", "--labels", "1=left lung,2=right lung,5=tumour"]) == 2
+    assert "missing nodule; not in the dataset tumour" in capsys.readouterr().err
+    assert main([*args, "--labels", "1=a,b"]) == 2
+    assert "not value=name" in capsys.readouterr().err

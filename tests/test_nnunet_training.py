@@ -242,13 +242,12 @@ def make_two_target_folder(root, n=6, size=64, seed=1):
 
 @pytest.fixture(scope="module")
 def trained_two_targets(tmp_path_factory):
-    from napari_medclipsam.nnunet.export import cases_from_folders, export_dataset
-
     root = tmp_path_factory.mktemp("nnunet_multi")
     make_two_target_folder(root)
-    res = export_dataset(cases_from_folders(root / "images", root / "masks",
-                                            label_table={"disk": 1, "square": 3}),
-                         root / "raw", 8, "TwoTargets", verify=False)
+    assert main(["nnunet", "export", "--images", str(root / "images"), "--masks",
+                 str(root / "masks"), "--dataset-id", "8", "--name", "TwoTargets", "--out",
+                 str(root / "raw"), "--labels", "1=disk,3=square", "--no-verify"]) == 0
+    res = root / "raw" / "Dataset008_TwoTargets"
     t0 = time.monotonic()
     code = main(["nnunet", "train", "--dataset-id", "8", "--epochs", "4", "--cycles", "2",
                  "--checkpoints-per-cycle", "2", "--iterations-per-epoch", "4",
@@ -257,17 +256,17 @@ def trained_two_targets(tmp_path_factory):
     return root, res, code, time.monotonic() - t0
 
 
-def test_two_targets_are_exported_trained_and_predicted_by_name(trained_two_targets, tmp_path):
+def test_two_targets_are_exported_trained_and_predicted_by_name(trained_two_targets, tmp_path,
+                                                               capsys):
     import tifffile
 
-    from napari_medclipsam.nnunet.ensemble import predict_folder
-
-    root, res, code, seconds = trained_two_targets
+    root, ds, code, seconds = trained_two_targets
     folders = job.NnUNetFolders.resolve(root / "raw", root / "pre", root / "res")
     assert code == 0, job.read_status(job.job_dir_for(folders, 8))
     # the square's value 3 went to nnU-Net as 2 and comes back as 3
-    meta = json.loads((res.folder / "dataset.json").read_text())
+    meta = json.loads((ds / "dataset.json").read_text())
     assert meta["labels"] == {"background": 0, "disk": 1, "square": 2}
+    assert meta["medclipsam_label_values"] == {"disk": 1, "square": 3}
     model_dir = job.model_dir_for(folders, 8)
     ens = load_ensemble(model_dir, device="cpu", use_mirroring=False)
     assert ens.n_classes == 3 and ens.class_names == ("background", "disk", "square")
@@ -290,8 +289,13 @@ def test_two_targets_are_exported_trained_and_predicted_by_name(trained_two_targ
     assert (out.mask[bg] == 0).mean() > 0.7
     assert out.entropy.max() > math.log(2)   # three-way doubt, possible only with C = 3
     # the folder prediction names the classes and writes all of them
-    rows = predict_folder(ens, root / "images", tmp_path / "pred")
-    assert len(rows) == 6
+    capsys.readouterr()
+    assert main(["nnunet", "predict", "--dataset-id", "8", "--input", str(root / "images"),
+                 "-o", str(tmp_path / "pred"), "--device", "cpu", "--no-mirroring",
+                 *folder_flags(root)]) == 0
+    assert "Classes in the masks (value=name, also in ensemble.json): 1=disk, 3=square" \
+        in capsys.readouterr().out
+    assert len((tmp_path / "pred" / "uncertainty_ranking.csv").read_text().splitlines()) == 7
     info = json.loads((tmp_path / "pred" / "ensemble.json").read_text())
     assert info["classes"] == ["background", "disk", "square"]
     assert info["labels"] == {"disk": 1, "square": 3}

@@ -54,14 +54,14 @@ def test_two_reviews_are_recorded_read_back_and_summarised(zero_shot_dataset):
     # 'a': the automatic mask accepted as it is (status derived from the masks)
     img, auto = square_case(0)
     rec_a = review_case(cases_from_arrays(img, auto, "a")[0], auto, raw, 31, "Rev",
-                        seconds=12.5, edits=0)
+                        seconds=12.5, edits=0, verify=False)
     assert rec_a.status == "accepted" and rec_a.dice_auto_final == 1.0 and rec_a.count == 1
     # 'c': a new image whose automatic mask missed 40 of the 100 pixels; the person fixed it
     img_c, final = square_case(2)
     auto_c = final.copy()
     auto_c[6:10, 6:16] = 0                          # 60 pixels left
     rec_c = review_case(cases_from_arrays(img_c, final, "c")[0], auto_c, raw, 31, "Rev",
-                        seconds=47.5, edits=3, status="corrected")
+                        seconds=47.5, edits=3, status="corrected", verify=False)
     assert rec_c.dice_auto_final == pytest.approx(2 * 60 / (60 + 100))   # 0.75
     # read back from medclipsam_cases.json, beside each case's entry
     cases = json.loads((ds / CASES_FILE).read_text())
@@ -89,11 +89,11 @@ def test_a_re_review_updates_the_case_and_never_duplicates_it(zero_shot_dataset)
     first = auto.copy()
     first[6:16, 6:11] = 0                            # the person removed half: 50 pixels
     review_case(cases_from_arrays(img, first, "b")[0], auto, raw, 31, "Rev", seconds=20,
-                edits=2)
+                edits=2, verify=False)
     second = auto.copy()
     second[6:8, :] = 0                               # ... and later kept 80 of them instead
     rec = review_case(cases_from_arrays(img, second, "b")[0], auto, raw, 31, "Rev",
-                      seconds=5, edits=1)
+                      seconds=5, edits=1, verify=False)
     assert rec == ReviewRecord("corrected", 25.0, 3, pytest.approx(2 * 80 / 180),
                                rec.reviewed_at, count=2)   # effort adds up, outcome latest
     cases = read_case_list(ds)
@@ -121,7 +121,7 @@ def test_several_labels_mean_the_dice_over_present_labels(tmp_path):
     auto[14:18, 2:7] = 1                           # 20 spleen pixels called liver
     # the label table comes from the dataset; 'lesion' is in neither mask: not counted
     rec = review_case(cases_from_arrays(img + 60, final, "new")[0], auto, tmp_path, 32,
-                      "Multi", seconds=8, edits=1)
+                      "Multi", seconds=8, edits=1, verify=False)
     liver = 2 * 100 / (120 + 100)
     spleen = 2 * 20 / (20 + 40)
     assert rec.dice_auto_final == pytest.approx((liver + spleen) / 2)
@@ -132,7 +132,7 @@ def test_several_labels_mean_the_dice_over_present_labels(tmp_path):
     # a wrong class is a correction even where the foreground is the same
     with pytest.raises(InputError, match="record it as 'corrected'"):
         review_case(cases_from_arrays(img + 60, final, "new2")[0], auto, tmp_path, 32,
-                    "Multi", seconds=1, edits=0, status="accepted")
+                    "Multi", seconds=1, edits=0, status="accepted", verify=False)
 
 
 def test_a_reviewed_label_replaces_a_zero_shot_one_and_passes_nnunets_check(
@@ -145,6 +145,13 @@ def test_a_reviewed_label_replaces_a_zero_shot_one_and_passes_nnunets_check(
                 edits=1, verify=True)
     np.testing.assert_array_equal(iio.imread(ds / "labelsTr/a.png"), final)
     assert not [p for p in ds.rglob(".*")]          # no temporary file left
+    # when nnU-Net's check fails after the change, the old label and record come back
+    iio.imwrite(ds / "labelsTr/b.png", np.zeros((5, 5), np.uint8))   # someone broke 'b'
+    before = snapshot(ds)
+    with pytest.raises(InputError, match="dataset check failed"):
+        review_case(cases_from_arrays(img, auto, "a")[0], auto, raw, 31, "Rev", seconds=3,
+                    edits=1, verify=True)
+    assert snapshot(ds) == before
 
 
 def test_bad_reviews_are_refused_and_change_nothing(zero_shot_dataset):
@@ -152,19 +159,23 @@ def test_bad_reviews_are_refused_and_change_nothing(zero_shot_dataset):
     before = snapshot(ds)
     img, auto = square_case(0)
     case = cases_from_arrays(img, auto, "a")[0]
+    at = (raw, 31, "Rev")
+    kw = {"seconds": 1, "edits": 0, "verify": False}
     with pytest.raises(InputError, match="record it as 'accepted'"):
-        review_case(case, auto, raw, 31, "Rev", seconds=1, edits=0, status="corrected")
+        review_case(case, auto, *at, **kw, status="corrected")
     with pytest.raises(InputError, match="'accepted' or 'corrected'"):
-        review_case(case, auto, raw, 31, "Rev", seconds=1, edits=0, status="skipped")
+        review_case(case, auto, *at, **kw, status="skipped")
     with pytest.raises(InputError, match="seconds"):
-        review_case(case, auto, raw, 31, "Rev", seconds=-1, edits=0)
+        review_case(case, auto, *at, **{**kw, "seconds": -1})
     with pytest.raises(InputError, match="edits"):
-        review_case(case, auto, raw, 31, "Rev", seconds=1, edits=1.5)
+        review_case(case, auto, *at, **{**kw, "edits": 1.5})
     with pytest.raises(InputError, match="differ in shape"):
-        review_case(case, auto[:10], raw, 31, "Rev", seconds=1, edits=0)
+        review_case(case, auto[:10], *at, **kw)
     small = cases_from_arrays(img[:10, :10], auto[:10, :10], "a")[0]   # not the case's shape
     with pytest.raises(InputError, match="the case"):
-        review_case(small, auto[:10, :10], raw, 31, "Rev", seconds=1, edits=0)
+        review_case(small, auto[:10, :10], *at, **kw)
+    with pytest.raises(InputError, match="differs"):                   # another table
+        review_case(case, auto, *at, **kw, label_table={"disk": 1})
     with pytest.raises(InputError, match="no case 'zz'"):
         record_review(ds, "zz", status="accepted", seconds=1, edits=0)
     assert snapshot(ds) == before

@@ -49,6 +49,12 @@ def add_parser(sub) -> None:
     ex.add_argument("--name", required=True, help="dataset name (letters, digits, _ and -).")
     ex.add_argument("--out", metavar="RAW_DIR", help="nnU-Net raw folder (default $nnUNet_raw).")
     ex.add_argument("--label-name", default="target", help="name of label 1 (e.g. tumor).")
+    ex.add_argument("--labels", metavar="TABLE", default=None,
+                    help="several targets in one label map: value=name pairs, e.g. "
+                         "'1=left lung,2=right lung,3=nodule'; the masks keep these values "
+                         "(other values are refused; values that are not 1..C are remapped "
+                         "in order and recorded). Default: binary, every value > 0 is label 1 "
+                         "(--label-name). With --append, the dataset's own table.")
     ex.add_argument("--channel-name", default=None,
                     help="input channel name; 'CT' makes nnU-Net use CT normalisation (HU "
                          "data), anything else z-score (default 'image').")
@@ -97,15 +103,20 @@ def add_parser(sub) -> None:
 
     pr = nsub.add_parser("predict", help="ensemble prediction + uncertainty of a folder.",
                          description="Predict every image in INPUT with all ensemble "
-                                     "checkpoints: OUT/masks, OUT/probability (mean softmax), "
-                                     "OUT/uncertainty (entropy in nats, 0..ln C) and "
-                                     "OUT/uncertainty_ranking.csv (most uncertain first).")
+                                     "checkpoints: OUT/masks, OUT/probability (mean softmax "
+                                     "of the foreground), OUT/uncertainty (entropy in nats, "
+                                     "0..ln C) and OUT/uncertainty_ranking.csv (most uncertain "
+                                     "first); with several targets the masks are the argmax "
+                                     "in the exported label values and "
+                                     "OUT/class_probabilities holds every class; "
+                                     "OUT/ensemble.json names the classes.")
     dataset(pr)
     pr.add_argument("--input", required=True, metavar="DIR",
                     help="images of the dataset's file type (case.png or case_0000.png).")
     pr.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder.")
     pr.add_argument("--threshold", type=float, default=0.5,
-                    help="foreground probability threshold (default 0.5).")
+                    help="foreground probability threshold (default 0.5; one target only, "
+                         "several use the argmax).")
     pr.add_argument("--checkpoints", nargs="+", metavar="PTH",
                     help="use these checkpoints (default: all of fold_all/ensemble).")
     pr.add_argument("--configuration", default="2d", choices=("2d", "3d_fullres"))
@@ -143,17 +154,26 @@ def run_nnunet(args: argparse.Namespace) -> int:
         raise CLIError("choose an action: export, train, predict, status or cancel "
                        "(medclipsam nnunet --help).")
     if cmd == "export":
-        from ..nnunet.export import cases_from_folders, export_dataset, pair_images_and_masks
+        from ..nnunet.export import (
+            cases_from_folders,
+            export_dataset,
+            format_label_table,
+            nnunet_label_values,
+            pair_images_and_masks,
+            parse_label_table,
+        )
 
         raw = args.out or os.environ.get("nnUNet_raw")
         if not raw:
             raise CLIError("where to write the dataset: pass --out RAW_DIR or set nnUNet_raw.")
+        table = parse_label_table(args.labels) if args.labels is not None else None
         n = len(pair_images_and_masks(args.images, args.masks))
         print(f"Exporting {n} image/mask pairs ...", file=sys.stderr)
         res = export_dataset(cases_from_folders(args.images, args.masks,
-                                                corrected=args.corrected),
+                                                corrected=args.corrected, label_table=table),
                              raw, args.dataset_id, args.name, label_name=args.label_name,
-                             channel_name=args.channel_name, append=args.append,
+                             label_table=table, channel_name=args.channel_name,
+                             append=args.append,
                              verify=not args.no_verify)
         print(f"{'Added' if res.appended else 'Wrote'} {len(res.cases)} cases "
               f"({res.n_corrected} corrected, {res.n_zero_shot} zero-shot, "
@@ -164,6 +184,13 @@ def run_nnunet(args: argparse.Namespace) -> int:
             print(f"Note: {len(res.converted)} image(s) had other channels than the dataset "
                   f"(set by the first image) and were converted (colour -> gray by luminance, "
                   f"or gray -> RGB): {shown}. See medclipsam_cases.json.")
+        if res.label_table:
+            print(f"Labels (value=name): {format_label_table(res.label_table)}")
+            nn_values = nnunet_label_values(res.label_table)
+            if nn_values != res.label_table:
+                print(f"nnU-Net needs consecutive values; they are stored as "
+                      f"{format_label_table(nn_values)} (recorded in dataset.json, and "
+                      "predictions use yours again).")
         print(f"Next: medclipsam nnunet train --dataset-id {args.dataset_id}")
         return 0
     folders = _folders(args)
@@ -192,6 +219,7 @@ def run_nnunet(args: argparse.Namespace) -> int:
         return 0
     if cmd == "predict":
         from ..nnunet.ensemble import load_ensemble, predict_folder
+        from ..nnunet.export import format_label_table
 
         model_dir = job.model_dir_for(folders, args.dataset_id, args.configuration)
         predictor = load_ensemble(model_dir, args.checkpoints, device=args.device,
@@ -200,7 +228,12 @@ def run_nnunet(args: argparse.Namespace) -> int:
         rows = predict_folder(predictor, args.input, args.out, overwrite=args.overwrite,
                               progress=tqdm_progress("predicting"))
         print(f"Predicted {len(rows)} images with {len(predictor.checkpoint_paths)} "
-              f"checkpoints into {args.out}. Most uncertain first (mean entropy, nats):")
+              f"checkpoints into {args.out}.")
+        print(f"Classes in the masks (value=name, also in ensemble.json): "
+              f"{format_label_table(predictor.labels)}"
+              + ("; per-class probabilities in class_probabilities/"
+                 if predictor.n_classes > 2 else "") + ".")
+        print("Most uncertain first (mean entropy, nats, 0..ln C):")
         for r in rows[:5]:
             print(f"  {r['case']}: {r['mean_entropy']:.4f}")
         return 0
