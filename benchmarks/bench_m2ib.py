@@ -2,6 +2,7 @@
 BiomedCLIP architecture, random weights, CPU).
 
     python benchmarks/bench_m2ib.py [--layers 9 7] [--repeats 1] [--threads 2] [--size 512]
+                                    [--readout last_forward|final]
 
 The model is BiomedCLIP's exact architecture (open_clip ``CustomTextCLIP``: timm
 ``vit_base_patch16_224`` trunk, linear projection to 512, a BERT-base text tower with
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per case (best kept)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--size", type=int, default=512, help="image side (pixels)")
+    parser.add_argument("--readout", choices=("last_forward", "final"), default="last_forward",
+                        help="where the map is read (SaliencyConfig.readout)")
     args = parser.parse_args(argv)
 
     import torch
@@ -99,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         n_params = sum(p.numel() for p in clip.model.parameters())
         print(f"# M2IB, BiomedCLIP architecture ({n_params / 1e6:.0f} M parameters, random), "
               f"{args.size}x{args.size} image, {platform.processor() or platform.machine()}, "
-              f"torch {torch.__version__}, {args.threads} threads\n")
+              f"torch {torch.__version__}, {args.threads} threads, readout {args.readout}\n")
         print("| layer | reference s | fast s | speed-up | max abs diff of maps |")
         print("|---:|---:|---:|---:|---:|")
         ok = True
         for layer in args.layers:
-            cfg = SaliencyConfig(layer=layer)
+            cfg = SaliencyConfig(layer=layer, readout=args.readout)
             # warm-up (allocator, lazy init) on the fast path only: it is the cheaper one
             m2ib_saliency(clip, image, prompt, SaliencyConfig(layer=layer, steps=1))
             t_ref, ref = _time(lambda cfg=cfg: m2ib_saliency_reference(clip, image, prompt, cfg),
