@@ -108,3 +108,46 @@ class GuiSession:
     def accept(self) -> None:
         self.segment.accept_button.click()
         self.shot("accepted")
+
+    # -- pseudo-labels & training ------------------------------------------------------
+    def dock_training(self, folders: dict[str, Path], dataset_id: int = 1):
+        """Plugins > MedCLIP-SAM > Pseudo-labels & training; the nnU-Net folders typed in."""
+        from napari_helpers import TRAINING
+
+        _, self.training = self.viewer.window.add_plugin_dock_widget(PLUGIN, TRAINING)
+        for key, path in folders.items():
+            self.training.folder_edits[key].setText(str(path))
+        self.training.dataset_spin.setValue(dataset_id)
+        return self.training
+
+    def export(self, labels: str = "label map") -> None:
+        t = self.training
+        t.image_combo.setCurrentText(self.image.name)
+        t.labels_combo.setCurrentText(labels)
+        t.corrected_check.setChecked(True)
+        t.export_button.click()
+        assert t.wait(300), "export timed out"
+        self.shot("exported")
+
+    def train_tiny(self, timeout: float = 600) -> None:
+        """A tiny schedule (2 epochs, 2 checkpoints, 2 iterations each) on the CPU; waits
+        until the background job is done, failed or cancelled."""
+        t = self.training
+        t.epochs_spin.setValue(2)
+        t.cycles_spin.setValue(1)
+        t.checkpoints_spin.setValue(2)
+        t.iterations_spin.setValue(2)
+        t.val_iterations_spin.setValue(1)
+        t.device_combo.setCurrentText("cpu")
+        t.data_workers = 0
+        t.start_button.click()
+        wait_until(lambda: t.refresh_status().phase in ("done", "failed", "cancelled",
+                                                        "crashed"), timeout=timeout)
+        self.shot("trained")
+
+    def predict(self) -> None:
+        t = self.training
+        t.image_combo.setCurrentText(self.image.name)
+        t.predict_button.click()
+        assert t.wait(300), "prediction timed out"
+        self.shot("predicted")

@@ -6,6 +6,9 @@ Pseudo-labels & training: export, a tiny training, predict, and the three nnU-Ne
 Tiny random-weight models (``set_pipeline``): the flow is under test, not the maps.
 """
 
+import json
+import math
+
 import numpy as np
 import pytest
 
@@ -23,6 +26,7 @@ def isolated(tmp_path, monkeypatch):
 
 def test_a_whole_session_from_the_menus(make_napari_viewer, tiny_clip_dir,
                                         tiny_sam_checkpoint, tmp_path):
+    pytest.importorskip("nnunetv2")
     viewer = make_napari_viewer()
     s = GuiSession(viewer, tiny_pipeline(tiny_clip_dir, tiny_sam_checkpoint))
     image = s.open_sample()
@@ -69,3 +73,31 @@ def test_a_whole_session_from_the_menus(make_napari_viewer, tiny_clip_dir,
     assert (data == 2).sum() == 160 * (330 - 180)
     names = dict(zip(label_map.features["index"], label_map.features["name"], strict=True))
     assert names == {0: "background", 1: "left lung", 2: "right lung"}
+
+    # 6. Plugins > Pseudo-labels & training: export the label map as two named classes
+    folders = {k: tmp_path / "nnunet" / k for k in ("raw", "preprocessed", "results")}
+    t = s.dock_training(folders, dataset_id=5)
+    try:
+        s.export()
+        assert "Exported 1 case(s)" in t.last_status, t.last_status
+        [dataset] = (tmp_path / "nnunet" / "raw").glob("Dataset005_*")
+        labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+        assert labels == {"background": 0, "left lung": 1, "right lung": 2}
+
+        # 7. a tiny background training, then the ensemble's three layers over the image
+        s.train_tiny()
+        assert t.status.phase == "done", (t.status, t.log_view.toPlainText()[-2000:])
+        s.predict()
+        prob, mask, unc = (viewer.layers[f"nnU-Net {k}"]
+                           for k in ("probability", "mask", "uncertainty"))
+        for layer in (prob, mask, unc):
+            assert layer.data.shape == (400, 400)
+        assert set(np.unique(mask.data)) <= {0, 1, 2}
+        assert list(mask.features["name"]) == ["background", "left lung", "right lung"]
+        assert 0 <= unc.data.min() and unc.data.max() <= math.log(3) + 1e-6
+        assert 0 <= prob.data.min() and prob.data.max() <= 1 + 1e-6
+    finally:
+        from napari_medclipsam.nnunet.job import cancel
+
+        for job_dir in folders["results"].glob("*/medclipsam_job"):
+            cancel(job_dir)
