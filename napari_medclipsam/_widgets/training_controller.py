@@ -231,7 +231,8 @@ class Prediction:
         Per output class (background first): its name and its value in ``mask``.
     n_checkpoints : int
     stack : bool
-        A (Z, Y, X) stack: its review rows are slices.
+        A (Z, Y, X) stack predicted by a 2-D model: its review rows are its slices (a volume
+        of a 3-D model is one row).
     """
 
     source: str
@@ -518,11 +519,13 @@ class TrainingController:
 
     def predict(self, image: np.ndarray, spacing: Sequence[float] | None, model_dir: Path,
                 checkpoints: Sequence[Path], *, device: str = "auto", rgb: bool = False,
-                source: str = "", progress: ProgressFn | None = None,
+                source: str = "", review_slices: bool = True,
+                progress: ProgressFn | None = None,
                 should_stop: StopFn | None = None) -> Prediction:
         """Segment ``image`` ((Y, X), (Y, X, 3) with ``rgb``, or (Z, Y, X)) with the
         checkpoint ensemble (loaded once and kept); worker thread. The prediction becomes the
-        last one and its review queue the current queue."""
+        last one and its review queue the current queue: a stack's slices (``review_slices``,
+        for a 2-D model), else one row for the whole image or volume."""
         from napari_medclipsam.nnunet.ensemble import load_ensemble
 
         key = self._key(model_dir, checkpoints, device)
@@ -534,7 +537,8 @@ class TrainingController:
         self.predictor, self._predictor_key = predictor, key
         names = tuple(result.class_names) or ("background", "target")
         values = tuple(result.label_values) or tuple(range(len(names)))
-        stack = result.mask.ndim == 3 and not rgb and result.mask.shape[0] > 1
+        stack = (review_slices and result.mask.ndim == 3 and not rgb
+                 and result.mask.shape[0] > 1)
         prediction = Prediction(source, result.foreground.astype(np.float32), result.mask,
                                 result.entropy.astype(np.float32), names, values,
                                 result.n_checkpoints, stack)

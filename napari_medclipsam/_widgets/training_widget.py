@@ -657,6 +657,7 @@ class TrainingWidget(QWidget):
         self._launch(self.controller.predict, np.asarray(layer.data),
                      tuple(float(s) for s in layer.scale[-layer.ndim:]), model_dir, checkpoints,
                      device=device, rgb=bool(layer.rgb), source=layer.name,
+                     review_slices=self.configuration_combo.currentText() == "2d",
                      progress=self._progress("Predicting: checkpoint"),
                      on_done=self._on_predicted)
 
