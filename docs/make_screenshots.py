@@ -54,6 +54,21 @@ def main(out: Path) -> None:
     for layer in viewer.layers:
         layer.visible = layer.name in (s.image.name, "label map", "boxes [right lung]")
     shot("widget")
+
+    folders = {k: tmp / "nnunet" / k for k in ("raw", "preprocessed", "results")}
+    t = s.dock_training(folders, dataset_id=1)
+    s.export()
+    s.train_tiny()
+    s.predict()
+    for layer in viewer.layers:
+        layer.visible = layer.name in (s.image.name, "nnU-Net uncertainty")
+    viewer.window.remove_dock_widget(w)  # the training widget alone on the right
+    from qtpy.QtWidgets import QScrollArea
+
+    for area in t.findChildren(QScrollArea):  # show the status, Predict and Review
+        area.verticalScrollBar().setValue(area.verticalScrollBar().maximum())
+    shot("training_widget")
+    print(t.last_status)
     print({k: str(v) for k, v in shots.items()})
     viewer.close()
 

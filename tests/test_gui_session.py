@@ -94,8 +94,8 @@ def test_a_whole_session_from_the_menus(make_napari_viewer, tiny_clip_dir,
             assert layer.data.shape == (400, 400)
         assert set(np.unique(mask.data)) <= {0, 1, 2}
         assert list(mask.features["name"]) == ["background", "left lung", "right lung"]
-        assert 0 <= unc.data.min() and unc.data.max() <= math.log(3) + 1e-6
-        assert 0 <= prob.data.min() and prob.data.max() <= 1 + 1e-6
+        assert unc.data.min() >= 0 and unc.data.max() <= math.log(3) + 1e-6
+        assert prob.data.min() >= 0 and prob.data.max() <= 1 + 1e-6
     finally:
         from napari_medclipsam.nnunet.job import cancel
 

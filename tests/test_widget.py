@@ -154,6 +154,10 @@ def test_presets_fill_prompt_and_parameters(widget):
     assert widget.topk_spin.value() == 2 and widget.box_mode_combo.currentText() == "per_component"
     widget.preset_combo.setCurrentText("breast tumor (ultrasound)")
     assert widget.layer_spin.value() == 9 and widget.beta_spin.value() == 1.0
+    # the settings the fields do not show come with the preset too (the authors' script)
+    config = widget.run_state()["config"]
+    assert config["saliency"]["seed"] == 12 and config["saliency"]["readout"] == "last_forward"
+    assert config["coarse"]["method"] == "kmeans" and config["coarse"]["kmeans_size"] == 256
 
 
 def test_box_conversions_round_trip():

@@ -74,6 +74,7 @@ from napari_medclipsam.core.config import (
 )
 from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.core.postprocess import Prompts
+from napari_medclipsam.core.presets import list_presets
 
 if TYPE_CHECKING:
     import napari
@@ -83,21 +84,6 @@ CUSTOM = "(custom)"
 LABEL_MAP = "label map"
 SETTINGS = SettingsStore("segment_widget.json")
 
-# Preset -> prompt ensemble and stage parameters (MedCLIP-SAMv2 scripts' values).
-PRESETS: dict[str, dict[str, Any]] = {
-    "breast tumor (ultrasound)": {
-        "prompt": "breast tumor\na hypoechoic breast tumor in an ultrasound image",
-        "layer": 9, "beta": 1.0, "top_k": 1, "box_mode": "single",
-    },
-    "both lungs (chest X-ray)": {
-        "prompt": "both lungs\nleft and right lungs in a chest x-ray",
-        "layer": 7, "beta": 0.1, "top_k": 2, "box_mode": "per_component",
-    },
-    "brain tumor (MRI)": {
-        "prompt": "brain tumor\na bright brain tumor in an MRI scan",
-        "layer": 9, "beta": 2.0, "top_k": 1, "box_mode": "single",
-    },
-}
 KINDS = ("saliency", "coarse mask", "boxes", "points", "SAM mask")
 
 
@@ -130,6 +116,7 @@ class SegmentWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.controller = SegmentController()
+        self._preset_config: PipelineConfig | None = None
         self._worker = None
         self._stop = threading.Event()
         self._updating_layers = False
@@ -156,7 +143,10 @@ class SegmentWidget(QWidget):
         self.image_combo = QComboBox()
         form.addRow("Image", self.image_combo)
         self.preset_combo = QComboBox()
-        self.preset_combo.addItems([CUSTOM, *PRESETS])
+        self.preset_combo.addItems([CUSTOM, *(p.title for p in list_presets())])
+        self.preset_combo.setToolTip(
+            "The authors' settings per task of the paper's Table 1 (and the paper's own coarse "
+            "mask): prompt, saliency layer/beta/seed, coarse mask, prompts and SAM model.")
         self.preset_combo.currentTextChanged.connect(self.apply_preset)
         form.addRow("Preset", self.preset_combo)
         self.prompt_edit = QPlainTextEdit()
@@ -276,16 +266,20 @@ class SegmentWidget(QWidget):
         """How many times SAM re-ran from edited prompts (tests and benchmarks read it)."""
         return self.controller.state.refine_count
 
-    def apply_preset(self, name: str) -> None:
-        """Fill the prompt and parameters of a preset (``(custom)`` changes nothing)."""
-        preset = PRESETS.get(name)
+    def apply_preset(self, title: str) -> None:
+        """Apply the preset with this title (see :mod:`napari_medclipsam.core.presets`): its
+        prompts, and every setting it fixes, shown ones and hidden ones (seed, readout, KMeans
+        size, ranking) alike. ``(custom)`` keeps the fields and drops the hidden settings."""
+        preset = next((p for p in list_presets() if p.title == title), None)
         if preset is None:
+            self._preset_config = None
             return
-        self.prompt_edit.setPlainText(preset["prompt"])
-        self.layer_spin.setValue(preset["layer"])
-        self.beta_spin.setValue(preset["beta"])
-        self.topk_spin.setValue(preset["top_k"])
-        self.box_mode_combo.setCurrentText(preset["box_mode"])
+        self._preset_config = preset.apply(PipelineConfig())
+        self.prompt_edit.setPlainText(preset.prompt_text)
+        self.set_fields_from_config(self._preset_config)
+        if not self.controller.injected:
+            self.sam_combo.setCurrentText(self._preset_config.sam_model)
+        self.preset_combo.setToolTip(f"{preset.name}: {preset.description}\n{preset.summary()}")
 
     def set_fields_from_config(self, config: PipelineConfig) -> None:
         """Show a config's stage parameters in the advanced fields."""
@@ -337,6 +331,9 @@ class SegmentWidget(QWidget):
         )
 
     def _base_config(self) -> PipelineConfig | None:
+        """The settings the fields do not show: a chosen preset's, else the pipeline's."""
+        if self._preset_config is not None:
+            return self._preset_config
         pipeline = self.controller.pipeline
         return pipeline.config if pipeline is not None else None
 
@@ -632,6 +629,10 @@ class SegmentWidget(QWidget):
     def apply_state(self, state: dict[str, Any]) -> None:
         """Fill the widget from :meth:`run_state`'s dictionary (e.g. a saved run)."""
         config = PipelineConfig.from_dict(state.get("config", {}))
+        self._preset_config = config  # its settings the fields do not show are kept too
+        self.preset_combo.blockSignals(True)
+        self.preset_combo.setCurrentText(CUSTOM)
+        self.preset_combo.blockSignals(False)
         self.prompt_edit.setPlainText("\n".join(state.get("prompt", [])))
         self.set_fields_from_config(config)
         self.all_slices_check.setChecked(bool(state.get("all_slices", False)))
