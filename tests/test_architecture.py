@@ -187,3 +187,18 @@ def test_the_checker_finds_offences(tmp_path, monkeypatch):
                        match=r"(?s)1 offending.*bad.py:4: .*_as_prompts") as info:
         test_no_private_name_imported_across_modules("core")
     assert "_helpers" not in str(info.value)  # a private module is not a private name
+
+
+def test_no_test_builds_a_widget_by_hand():
+    """GUI tests open widgets as napari does (the Plugins menu path), never by calling the
+    widget classes: a hand-built widget stayed green while the menu failed."""
+    widget_classes = {"SegmentWidget", "TrainingWidget"}
+    offences = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+                if name in widget_classes:
+                    offences.append(f"{path.name}:{node.lineno}: {name}(...)")
+    assert not offences, "\n".join(offences)
