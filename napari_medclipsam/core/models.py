@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_CLIP_MODEL
+from .runtime import avoid_triton_llvm_clash
 
 logger = logging.getLogger(__name__)
 
@@ -376,6 +377,7 @@ def load_clip(source: str = DEFAULT_CLIP_MODEL, device: str | None = None) -> Cl
     ModelUnavailableError
         With instructions, when the weights cannot be found or downloaded.
     """
+    avoid_triton_llvm_clash()  # a napari viewer may exist (Mesa LLVM): see core.runtime
     device = resolve_device(device)
     key = ("clip", source, device)
     with _CACHE_LOCK:
@@ -467,6 +469,7 @@ def load_sam(name: str = "vit_h", checkpoint: str | None = None, device: str | N
     loader calls a bare ``torch.load``, which trusts pickles and fails on CPU-only machines for
     checkpoints saved on a GPU.
     """
+    avoid_triton_llvm_clash()
     device = resolve_device(device)
     path = Path(checkpoint).expanduser() if checkpoint else None
     key = ("sam", f"{name}:{path}", device)

@@ -36,7 +36,6 @@ import csv
 import json
 import math
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import CancelledError, InputError
+from ..core.runtime import avoid_triton_llvm_clash
 from .export import LABEL_VALUES_KEY
 
 NATURAL_ENDINGS = (".png", ".bmp", ".tif")
@@ -211,30 +211,6 @@ def classes_of(dataset_json: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
 
 
 # --------------------------------------------------------------------------- predictor
-
-
-def avoid_triton_llvm_clash() -> bool:
-    """Hide ``triton`` from this process when Mesa's ``libLLVM`` is loaded; True if hidden.
-
-    nnU-Net's predictor imports ``torch._dynamo``, which imports ``triton`` if it is
-    installed (CUDA builds of torch on Linux ship it). ``triton``'s own statically linked LLVM
-    crashes the process (segmentation fault) when Mesa's ``libLLVM`` is already loaded, which
-    is the case in napari with software OpenGL (llvmpipe) or radeonsi. Triton is only used by
-    ``torch.compile``, which the prediction does not use; with ``sys.modules['triton'] = None``
-    torch sees no triton.
-    """
-    if "triton" in sys.modules or not sys.platform.startswith("linux"):
-        return False
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-    if "libLLVM" not in maps:
-        return False
-    sys.modules["triton"] = None
-    return True
-
-
 
 
 def list_checkpoints(model_dir: str | Path) -> list[Path]:
