@@ -36,16 +36,10 @@ def toy_clip_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_pipeline(tiny_clip_dir, tiny_sam_checkpoint):
     """A ZeroShotPipeline on the tiny random-weight CLIP and SAM (2 saliency steps)."""
-    from tiny_sam import build_tiny_sam
+    from tiny_pipeline import build_tiny_pipeline
 
-    from napari_medclipsam.core.config import PipelineConfig, SaliencyConfig
-    from napari_medclipsam.core.models import clear_model_cache, load_clip, load_sam
-    from napari_medclipsam.core.pipeline import ZeroShotPipeline
+    from napari_medclipsam.core.models import clear_model_cache
 
     clear_model_cache()
-    config = PipelineConfig(clip_model=f"local-dir:{tiny_clip_dir}", device="cpu",
-                            saliency=SaliencyConfig(layer=2, steps=2, batch_size=2))
-    clip = load_clip(config.clip_model, "cpu")
-    sam = load_sam("vit_b", tiny_sam_checkpoint, "cpu", builder=build_tiny_sam)
-    yield ZeroShotPipeline(config, clip=clip, sam=sam)
+    yield build_tiny_pipeline(tiny_clip_dir, tiny_sam_checkpoint, steps=2)
     clear_model_cache()

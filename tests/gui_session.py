@@ -33,19 +33,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 300.0) -> None:
 
 def tiny_pipeline(clip_dir: str | Path, sam_checkpoint: str | Path, steps: int = 3):
     """The chain on the tiny random-weight CLIP and SAM of the tests."""
-    from tiny_clip import register_tiny_vit
-    from tiny_sam import build_tiny_sam
+    from tiny_pipeline import build_tiny_pipeline
 
-    from napari_medclipsam.core.config import PipelineConfig, SaliencyConfig
-    from napari_medclipsam.core.models import load_clip, load_sam
-    from napari_medclipsam.core.pipeline import ZeroShotPipeline
-
-    register_tiny_vit()
-    config = PipelineConfig(clip_model=f"local-dir:{clip_dir}", device="cpu",
-                            saliency=SaliencyConfig(layer=2, steps=steps, batch_size=2))
-    return ZeroShotPipeline(config, clip=load_clip(config.clip_model, "cpu"),
-                            sam=load_sam("vit_b", sam_checkpoint, "cpu",
-                                         builder=build_tiny_sam))
+    return build_tiny_pipeline(clip_dir, sam_checkpoint, steps=steps)
 
 
 class GuiSession:

@@ -202,3 +202,22 @@ def test_no_test_builds_a_widget_by_hand():
                 if name in widget_classes:
                     offences.append(f"{path.name}:{node.lineno}: {name}(...)")
     assert not offences, "\n".join(offences)
+
+
+GUI = ("qtpy", "napari", "PyQt5", "PyQt6", "superqt")
+
+
+@pytest.mark.parametrize(("module", "forbidden"), [
+    ("segment_controller", GUI),
+    ("training_controller", (*GUI, "torch")),
+])
+def test_controllers_import_no_gui(module, forbidden):
+    """The widgets' controllers are testable without Qt or napari: importing one in a fresh
+    interpreter loads neither (nor torch, for the training controller)."""
+    import subprocess
+
+    code = (f"import sys, {PACKAGE}._widgets.{module}; "
+            f"bad = [n for n in {forbidden!r} if n in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -5,23 +5,18 @@ import dataclasses
 import numpy as np
 import pytest
 
-from napari_medclipsam.core.config import CoarseMaskConfig, PipelineConfig, SaliencyConfig
+from napari_medclipsam.core.config import CoarseMaskConfig
 from napari_medclipsam.core.errors import CancelledError
-from napari_medclipsam.core.models import clear_model_cache, load_clip, load_sam
-from napari_medclipsam.core.pipeline import ZeroShotPipeline
+from napari_medclipsam.core.models import clear_model_cache
 from napari_medclipsam.core.postprocess import keep_largest_components
 
 
 @pytest.fixture
 def pipeline(tiny_clip_dir, tiny_sam_checkpoint):
-    from tiny_sam import build_tiny_sam
+    from tiny_pipeline import build_tiny_pipeline
 
     clear_model_cache()
-    config = PipelineConfig(clip_model=f"local-dir:{tiny_clip_dir}", device="cpu",
-                            saliency=SaliencyConfig(layer=2, steps=3, batch_size=2))
-    clip = load_clip(config.clip_model, "cpu")
-    sam = load_sam("vit_b", tiny_sam_checkpoint, "cpu", builder=build_tiny_sam)
-    yield ZeroShotPipeline(config, clip=clip, sam=sam)
+    yield build_tiny_pipeline(tiny_clip_dir, tiny_sam_checkpoint, steps=3)
     clear_model_cache()
 
 

@@ -17,17 +17,6 @@ def _image(h=48, w=64):
     return img
 
 
-def test_controller_imports_no_qt_or_napari():
-    import subprocess
-    import sys
-
-    code = ("import sys, napari_medclipsam._widgets.segment_controller as m; "
-            "bad = [n for n in ('qtpy', 'napari', 'PyQt5', 'PyQt6', 'superqt') "
-            "if n in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
 def test_run_all_then_box_edit_reuses_the_embedding(tiny_pipeline):
     ctl = SegmentController(tiny_pipeline)
     run = ctl.run_all(_image(), ["a disk"], source="scan")

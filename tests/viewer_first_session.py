@@ -18,19 +18,9 @@ _, widget = viewer.window.add_plugin_dock_widget("napari-medclipsam",
                                                  "Text-prompt segmentation")
 # the heavy imports (open_clip -> torchvision -> torch._dynamo -> triton) happen only now,
 # after the viewer and its GL context exist
-from tiny_clip import register_tiny_vit  # noqa: E402
-from tiny_sam import build_tiny_sam  # noqa: E402
+from tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
-from napari_medclipsam.core.config import PipelineConfig, SaliencyConfig  # noqa: E402
-from napari_medclipsam.core.models import load_clip, load_sam  # noqa: E402
-from napari_medclipsam.core.pipeline import ZeroShotPipeline  # noqa: E402
-
-register_tiny_vit()  # the tiny CLIP's timm trunk
-config = PipelineConfig(clip_model=f"local-dir:{sys.argv[1]}", device="cpu",
-                        saliency=SaliencyConfig(layer=2, steps=2, batch_size=2))
-widget.set_pipeline(ZeroShotPipeline(
-    config, clip=load_clip(config.clip_model, "cpu"),
-    sam=load_sam("vit_b", sys.argv[2], "cpu", builder=build_tiny_sam)))
+widget.set_pipeline(build_tiny_pipeline(sys.argv[1], sys.argv[2]))
 widget.prompt_edit.setPlainText("a bright ellipse")
 widget.run_button.click()
 end = time.monotonic() + 300

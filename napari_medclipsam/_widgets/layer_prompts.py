@@ -64,8 +64,9 @@ def points_from_layer(data: np.ndarray, features: Mapping | None) -> tuple[np.nd
 
     Points without a ``label`` feature (drawn by hand) are positive.
     """
-    data = np.asarray(data, dtype=np.float32).reshape(-1, np.shape(data)[-1] if len(data)
-                                                      else 2)
+    data = np.asarray(data, dtype=np.float32)
+    if data.size == 0:
+        data = data.reshape(0, 2)
     points = data[:, -2:][:, ::-1].copy()
     labels = None
     if features is not None and "label" in features and len(features["label"]) == len(points):
