@@ -117,3 +117,38 @@ def test_unknown_sam_and_device():
         resolve_device("tpu")
     assert resolve_device("cpu") == "cpu"
     assert resolve_device(None) in ("cpu", "cuda", "mps")
+
+
+def test_every_missing_model_is_reported_at_once_before_any_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    built = []
+    monkeypatch.setattr(models, "_build_clip", lambda *a, **k: built.append(a))
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailableError) as err:
+        models.check_model_sources(
+            clip_model="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+            sam_model="vit_b", sam_checkpoint=str(tmp_path / "sam_missing.pth"), device="tpu")
+    assert time.perf_counter() - start < 10 and not built
+    message = str(err.value)
+    assert message.startswith("3 problem(s) with the models; nothing was computed:")
+    assert "Unknown device 'tpu'" in message
+    assert "CLIP: Could not download" in message and "local-dir:" in message
+    assert f"SAM: SAM checkpoint not found: {tmp_path / 'sam_missing.pth'}" in message
+
+
+def test_complete_sources_pass_the_check(tiny_clip_dir, tiny_sam_checkpoint):
+    models.check_model_sources(f"local-dir:{tiny_clip_dir}", "vit_b", str(tiny_sam_checkpoint),
+                               "cpu")
+
+
+def test_clip_without_vocabulary_is_refused(tmp_path, tiny_clip_dir):
+    import shutil
+
+    broken = tmp_path / "clip_no_vocab"
+    shutil.copytree(tiny_clip_dir, broken)
+    for vocab in broken.rglob("vocab.txt"):
+        vocab.unlink()
+    with pytest.raises(ModelUnavailableError, match=r"no tokenizer vocabulary.*\[UNK\]"):
+        models.check_model_sources(clip_model=f"local-dir:{broken}")
+    with pytest.raises(ModelUnavailableError, match="no tokenizer vocabulary"):
+        load_clip(f"local-dir:{broken}", "cpu")

@@ -95,12 +95,43 @@ def test_grayscale_16bit_and_rgb_inputs(pipeline):
 
 def test_volume_slice_by_slice(pipeline):
     vol = np.stack([_image(seed=z) for z in range(3)]).astype(np.int16) * 10
-    seen = []
+    seen, finished = [], []
     result = pipeline.segment_volume(vol, "a disk", slices=[0, 2],
-                                     progress=lambda s, f: seen.append(s))
+                                     progress=lambda s, f: seen.append((s, f)),
+                                     on_slice=lambda z, r: finished.append((z, r.mask.copy())))
     assert result.mask.shape == vol.shape and result.saliency.shape == vol.shape
-    assert seen == ["slice 0", "slice 2"]
+    stages = [s for s, _ in seen]
+    assert stages[0] == "slice 1/2 (z=0): saliency step 0/3"
+    assert "slice 2/2 (z=2): saliency step 3/3" in stages
+    assert stages[-1] == "slice 2/2 (z=2): done"
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [z for z, _ in finished] == [0, 2] == result.completed
+    assert all((m == result.mask[z]).all() for z, m in finished)
     assert not result.saliency[1].any()  # slice 1 was not requested
     assert set(result.found_slices) <= {0, 2}
     with pytest.raises(ValueError, match="out of range"):
         pipeline.segment_volume(vol, "a disk", slices=[5])
+
+
+def test_volume_cancel_keeps_finished_slices(pipeline):
+    from napari_medclipsam.core.errors import CancelledError
+
+    vol = np.stack([_image(seed=z) for z in range(3)]).astype(np.int16) * 10
+    done = []
+    with pytest.raises(CancelledError) as info:
+        pipeline.segment_volume(vol, "a disk", on_slice=lambda z, r: done.append(z),
+                                should_stop=lambda: len(done) >= 2)
+    assert done == [0, 1] == info.value.partial.completed
+    partial = info.value.partial
+    assert partial.saliency[:2].any() and not partial.saliency[2].any()
+
+
+def test_stage_names_of_one_image(pipeline):
+    seen = []
+    pipeline.session.clear_cache()
+    pipeline.segment(_image(), "a disk", progress=lambda s, f: seen.append(s))
+    assert seen[0] == "saliency step 0/3" and "saliency step 3/3" in seen
+    assert "coarse mask" in seen and seen[-1] == "done"
+    if "SAM mask" in seen:  # something was found: SAM encoded the new image once
+        assert seen.count("encoding image (SAM)") == 1

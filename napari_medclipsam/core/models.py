@@ -283,6 +283,8 @@ def _build_clip(config_dir: Path, weights: Path | None, source: str, device: str
     text_path = None
     if "hf_model_name" in text_cfg:
         text_path = _text_dir(config_dir, text_cfg, allow_download)
+        if (problem := _check_text_files(Path(text_path))) is not None:
+            raise ModelUnavailableError(problem)
         text_cfg["hf_model_name"] = text_path
         text_cfg["hf_tokenizer_name"] = text_path
         text_cfg["hf_model_pretrained"] = False
@@ -387,6 +389,120 @@ def load_clip(source: str = DEFAULT_CLIP_MODEL, device: str | None = None) -> Cl
     with _CACHE_LOCK:
         _CACHE[key] = bundle
     return bundle
+
+
+def _check_text_files(text_dir: Path) -> str | None:
+    """A problem with a Hugging Face text tower's tokenizer files, or None."""
+    if not ((text_dir / "vocab.txt").is_file() or (text_dir / "tokenizer.json").is_file()):
+        return (f"{text_dir} has no tokenizer vocabulary (vocab.txt or tokenizer.json): every "
+                "word of the prompt would become [UNK] and the text would be ignored. Copy the "
+                "text model's vocab.txt there.")
+    return None
+
+
+def check_clip_source(source: str) -> list[str]:
+    """Problems that would stop :func:`load_clip` from loading ``source``, found without
+    building the model (hub files are downloaded into the cache, or found there).
+
+    Returns
+    -------
+    list of str
+        One message per problem (empty when the source looks complete).
+    """
+    if source.startswith("hf-hub:"):
+        repo = source.removeprefix("hf-hub:")
+        try:
+            folder = _hub_snapshot(repo, ["open_clip_config.json", "*.bin", "*.safetensors",
+                                          *TEXT_FILES[1:]])
+        except Exception as exc:  # network, auth, missing repo
+            return [_offline_clip_message(source, exc)]
+        return [] if _find_weights(folder) is not None else [
+            f"The hub model {repo} has no CLIP weights (open_clip_pytorch_model.bin)."]
+    if source.startswith("local-dir:") or Path(source).expanduser().is_dir():
+        folder = Path(source.removeprefix("local-dir:")).expanduser()
+        if not folder.is_dir():
+            return [f"CLIP folder not found: {folder} (--clip-model {source})."]
+        problems = []
+        config_path = folder / "open_clip_config.json"
+        if not config_path.is_file():
+            problems.append(f"{folder} has no open_clip_config.json; a CLIP folder needs it "
+                            "beside the weights (as the Hugging Face BiomedCLIP repository has).")
+        if _find_weights(folder) is None:
+            problems.append(f"No CLIP weights found in {folder} (expected "
+                            "open_clip_pytorch_model.bin or .safetensors).")
+        if config_path.is_file():
+            try:
+                text_cfg = json.loads(config_path.read_text()).get("model_cfg", {}).get(
+                    "text_cfg", {})
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
+                return [*problems, f"{config_path} is not a valid open_clip config ({exc})."]
+            if isinstance(text_cfg, dict) and "hf_model_name" in text_cfg:
+                text_dir = next((c for c in (folder, folder / "text")
+                                 if (c / "config.json").is_file()), None)
+                if text_dir is None and Path(str(text_cfg["hf_model_name"])).is_dir():
+                    text_dir = Path(str(text_cfg["hf_model_name"]))
+                if text_dir is None:
+                    problems.append(
+                        f"The CLIP folder {folder} has no text-tower config (config.json); put "
+                        f"the text model's config.json, vocab.txt and tokenizer_config.json in "
+                        f"{folder / 'text'}.")
+                elif (problem := _check_text_files(text_dir)) is not None:
+                    problems.append(problem)
+        return problems
+    path = Path(source).expanduser()
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        if not path.is_file():
+            return [f"CLIP checkpoint not found: {path}."]
+        if (path.parent / "open_clip_config.json").is_file():
+            return [p for p in check_clip_source(f"local-dir:{path.parent}")
+                    if not p.startswith("No CLIP weights")]
+        return check_clip_source(DEFAULT_CLIP_MODEL)
+    return [f"Unknown CLIP model {source!r}: give a Hugging Face id as 'hf-hub:ORG/NAME', a "
+            "local folder as 'local-dir:PATH', or a checkpoint file (.pt/.pth/.bin/.safetensors)."]
+
+
+def check_sam_source(name: str, checkpoint: str | None = None) -> list[str]:
+    """Problems that would stop :func:`load_sam`; downloads the official checkpoint when
+    none is given (hash-checked), so a later load finds it in the cache."""
+    if name not in SAM_CHECKPOINTS:
+        return [f"Unknown SAM model {name!r}; choose one of {', '.join(SAM_MODELS)}."]
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            return [f"SAM checkpoint not found: {path}."]
+        return []
+    try:
+        download_sam_checkpoint(name)
+    except ModelUnavailableError as exc:
+        return [str(exc)]
+    return []
+
+
+def check_model_sources(clip_model: str | None = None, sam_model: str | None = None,
+                        sam_checkpoint: str | None = None, device: str | None = None) -> None:
+    """Check every model file and download before any work, and report all problems at once.
+
+    ``None`` skips a model (one already loaded). Missing hub files and official SAM
+    checkpoints are downloaded now (with progress), so the loads that follow are local.
+
+    Raises
+    ------
+    ModelUnavailableError
+        Naming every problem found (device, CLIP, SAM), each with what to do.
+    """
+    problems: list[str] = []
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if clip_model is not None:
+        problems += [f"CLIP: {p}" for p in check_clip_source(clip_model)]
+    if sam_model is not None:
+        problems += [f"SAM: {p}" for p in check_sam_source(sam_model, sam_checkpoint)]
+    if problems:
+        head = (f"{len(problems)} problem(s) with the models; nothing was computed:"
+                if len(problems) > 1 else "")
+        raise ModelUnavailableError("\n".join([head, *problems]) if head else problems[0])
 
 
 # --------------------------------------------------------------------------- SAM

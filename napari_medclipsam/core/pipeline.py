@@ -26,6 +26,7 @@ from .postprocess import CoarseResult, Prompts, coarse_mask, keep_largest_compon
 
 ProgressFn = Callable[[str, float], None]
 StopFn = Callable[[], bool]
+SliceFn = Callable[[int, "SegmentationResult"], None]
 
 NOTHING_FOUND = ("Nothing found: the saliency map has no component that passes the threshold "
                  "and confidence filter (eta_c). Try another prompt, a lower eta_c or another "
@@ -75,6 +76,7 @@ class VolumeResult:
     mask: np.ndarray  # (Z, Y, X) bool
     prompts: dict[int, Prompts]  # per slice index, only slices where something was found
     found_slices: list[int]
+    completed: list[int] = field(default_factory=list)  # slices run so far, in run order
 
 
 def _check_stop(should_stop: StopFn | None) -> None:
@@ -154,6 +156,30 @@ class ZeroShotPipeline:
             return self.config.coarse.top_k
         return n
 
+    def prepare(self, progress: ProgressFn | None = None) -> None:
+        """Check every model source, then load the models not loaded yet.
+
+        All files and downloads are checked first (:func:`~.models.check_model_sources`), so
+        a missing SAM checkpoint is reported together with a missing CLIP, before any model
+        is loaded or any image computed. Stages reported: ``checking models``,
+        ``loading CLIP``, ``loading SAM``.
+        """
+        from .models import check_model_sources
+
+        report = progress or (lambda stage, fraction: None)
+        if self._clip is None or self._sam is None:
+            report("checking models", 0.0)
+            check_model_sources(
+                clip_model=self.config.clip_model if self._clip is None else None,
+                sam_model=self.config.sam_model if self._sam is None else None,
+                sam_checkpoint=self.config.sam_checkpoint, device=self.config.device)
+        if self._clip is None:
+            report("loading CLIP", 0.0)
+            _ = self.clip
+        if self._sam is None:
+            report("loading SAM", 0.0)
+            _ = self.sam
+
     def refine(self, image_rgb: np.ndarray, prompts: Prompts) -> np.ndarray:
         """SAM mask (HxW bool) for prompts on an HxWx3 uint8 image (embedding cached)."""
         if prompts.empty:
@@ -190,19 +216,32 @@ class ZeroShotPipeline:
         report = progress or (lambda stage, fraction: None)
         _check_stop(should_stop)
         steps = self.config.saliency.steps
-        saliency = self.saliency(rgb, text, progress=lambda i, n: report("saliency", 0.8 * i / n),
-                                 should_stop=should_stop)
+        if self._clip is None:
+            report("loading CLIP", 0.0)
+            _ = self.clip
+        report(f"saliency step 0/{steps}", 0.0)
+        saliency = self.saliency(
+            rgb, text, should_stop=should_stop,
+            progress=lambda i, n: report(f"saliency step {i}/{n}", 0.7 * i / n))
         _check_stop(should_stop)
+        report("coarse mask", 0.72)
         coarse = coarse_mask(saliency, self.config.coarse)
-        report("coarse", 0.85)
         prompts = make_prompts(coarse.labels, self.config.prompts)
-        report("prompts", 0.9)
         if coarse.empty or prompts.empty:
             report("done", 1.0)
             return SegmentationResult(saliency, coarse, prompts,
                                       np.zeros(rgb.shape[:2], dtype=bool), False, NOTHING_FOUND,
                                       {"saliency_steps": steps}, rgb=rgb)
         _check_stop(should_stop)
+        if self._sam is None:
+            report("loading SAM", 0.74)
+            _ = self.sam
+        session = self.session
+        if not session.is_cached(session.key_for(rgb)):
+            report("encoding image (SAM)", 0.76)
+            session.set_image(rgb)
+        _check_stop(should_stop)
+        report("SAM mask", 0.97)
         mask = self.refine(rgb, prompts)
         report("done", 1.0)
         message = (f"{len(coarse.components)} component(s) kept of {coarse.n_candidates}; "
@@ -212,11 +251,18 @@ class ZeroShotPipeline:
     def segment_volume(self, volume: np.ndarray, text: str | Sequence[str],
                        window: Window | None = None, slices: Sequence[int] | None = None,
                        progress: ProgressFn | None = None,
-                       should_stop: StopFn | None = None) -> VolumeResult:
+                       should_stop: StopFn | None = None,
+                       on_slice: SliceFn | None = None) -> VolumeResult:
         """Run the chain slice by slice on a (Z, Y, X) volume.
 
         One window (given, or the volume's percentiles) is used for every slice, so slices
         are normalised alike. ``slices`` restricts the work to some indices (others stay 0).
+
+        ``progress(stage, fraction)`` names the slice and its stage
+        (``"slice 3/8 (z=12): saliency step 4/10"``) with the fraction of the whole run.
+        ``on_slice(z, result)`` is called as each slice finishes, so a caller can save it at
+        once. When ``should_stop`` stops the run, the :class:`CancelledError` raised carries
+        the finished slices as ``partial`` (a :class:`VolumeResult`).
         """
         volume = np.asarray(volume)
         if volume.ndim != 3:
@@ -226,18 +272,28 @@ class ZeroShotPipeline:
         bad = [i for i in indices if not 0 <= i < volume.shape[0]]
         if bad:
             raise InputError(f"Slice indices out of range 0..{volume.shape[0] - 1}: {bad}.")
-        sal = np.zeros(volume.shape, dtype=np.float32)
-        coarse = np.zeros(volume.shape, dtype=bool)
-        mask = np.zeros(volume.shape, dtype=bool)
-        prompts: dict[int, Prompts] = {}
-        found: list[int] = []
+        result = VolumeResult(np.zeros(volume.shape, dtype=np.float32),
+                              np.zeros(volume.shape, dtype=bool),
+                              np.zeros(volume.shape, dtype=bool), {}, [])
+        total = len(indices)
         for n, z in enumerate(indices):
-            _check_stop(should_stop)
-            result = self.segment(volume[z], text, window=window, should_stop=should_stop)
-            sal[z], coarse[z], mask[z] = result.saliency, result.coarse.mask, result.mask
-            if result.found:
-                prompts[z] = result.prompts
-                found.append(z)
-            if progress is not None:
-                progress(f"slice {z}", (n + 1) / len(indices))
-        return VolumeResult(sal, coarse, mask, prompts, found)
+            def inner(stage: str, fraction: float, n=n, z=z) -> None:
+                if progress is not None:
+                    progress(f"slice {n + 1}/{total} (z={z}): {stage}", (n + fraction) / total)
+
+            try:
+                _check_stop(should_stop)
+                one = self.segment(volume[z], text, window=window, should_stop=should_stop,
+                                   progress=inner)
+            except CancelledError as exc:
+                exc.partial = result
+                raise
+            result.saliency[z], result.coarse[z], result.mask[z] = (
+                one.saliency, one.coarse.mask, one.mask)
+            result.completed.append(z)
+            if one.found:
+                result.prompts[z] = one.prompts
+                result.found_slices.append(z)
+            if on_slice is not None:
+                on_slice(z, one)
+        return result
