@@ -141,3 +141,89 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
 def test_file_stem_handles_double_suffix():
     assert file_stem("a/b/case_01.nii.gz") == "case_01"
     assert file_stem("img.final.png") == "img.final"
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (a child we started and waited for)."""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def test_atomic_path_temporary_is_named_and_owned(tmp_path):
+    import os
+
+    target = tmp_path / "map.tif"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path
+        assert tmp.name.startswith(f".map.tif.partial-{os.getpid()}-")
+        assert tmp.name.endswith(".tif") and tmp.exists()
+        tmp.write_bytes(b"x")
+    assert [p.name for p in tmp_path.iterdir()] == ["map.tif"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_and_folders_honour_the_umask(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        write_mask_png(tmp_path / "new" / "m.png", np.ones((4, 4), bool))
+    finally:
+        os.umask(old)
+    file_mode = stat.S_IMODE((tmp_path / "new" / "m.png").stat().st_mode)
+    dir_mode = stat.S_IMODE((tmp_path / "new").stat().st_mode)
+    assert file_mode == 0o666 & ~umask
+    assert dir_mode == 0o777 & ~umask
+
+
+def test_remove_stale_temporaries_removes_only_dead_runs_leftovers(tmp_path):
+    import os
+    import time
+
+    from napari_medclipsam.core.io import remove_stale_temporaries
+
+    dead = _dead_pid()
+    stale = tmp_path / f".sal.tif.partial-{dead}-0123abcd.tif"
+    stale.write_bytes(b"half a map")
+    live = tmp_path / f".sal.tif.partial-{os.getpid()}-89abcdef.tif"
+    live.write_bytes(b"being written")
+    old_live = tmp_path / f".old.png.partial-{os.getpid()}-00000000.png"
+    old_live.write_bytes(b"a reused pid's leftover")
+    day_ago = time.time() - 2 * 24 * 3600
+    os.utime(old_live, (day_ago, day_ago))
+    keep = {
+        ".hidden.tif": b"the user's hidden file",
+        "sal.tif": b"a finished map",
+        f".sal.tif.partial-{dead}-0123abcd.png": b"suffix differs from the target's",
+        f".sal.tif.partial-{dead}-XYZ.tif": b"not our token",
+        f"sal.tif.partial-{dead}-0123abcd.tif": b"not hidden",
+    }
+    for name, data in keep.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / f".dir.tif.partial-{dead}-0123abcd.tif").mkdir()   # a folder: not ours
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([stale, old_live])
+    assert not stale.exists() and not old_live.exists()
+    assert live.read_bytes() == b"being written"
+    for name, data in keep.items():
+        assert (tmp_path / name).read_bytes() == data
+    assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_remove_stale_temporaries_keeps_what_this_process_writes(tmp_path):
+    import os
+    import time
+
+    from napari_medclipsam.core.io import remove_stale_temporaries
+
+    with atomic_path(tmp_path / "a.png") as tmp:
+        day_ago = time.time() - 2 * 24 * 3600
+        os.utime(tmp, (day_ago, day_ago))
+        assert remove_stale_temporaries(tmp_path) == []
+        tmp.write_bytes(b"done")
+    assert (tmp_path / "a.png").read_bytes() == b"done"

@@ -26,7 +26,11 @@ Conventions
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import secrets
+import stat
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -580,22 +584,126 @@ def to_rgb_uint8(image: np.ndarray, window: Window | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
+_TEMP_MARK = ".partial-"
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]{8})"
+                      r"(?P<suffix>\.[^/]*)$")
+_STALE_AFTER_S = 24 * 3600.0          # a live pid's temporary older than this is stale too
+_ACTIVE_TEMPS: set[Path] = set()      # temporaries this process is writing now
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows
+    (``/proc/self/status``), else by setting and restoring it under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def temporary_name(target: str | Path) -> str:
+    """The name of a temporary file for ``target``:
+    ``.{target.name}.partial-{pid}-{8 hex}{suffixes}`` (hidden, recognisable as ours, owned
+    by a process id so :func:`remove_stale_temporaries` can tell a killed run's leftovers)."""
+    target = Path(target)
+    suffix = "".join(target.suffixes) or ".tmp"
+    return f".{target.name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def _parse_temporary(name: str) -> int | None:
+    """The owning pid when ``name`` is exactly one of our temporary names, else None."""
+    match = _TEMP_RE.match(name)
+    if match is None:
+        return None
+    target, suffix = match["name"], match["suffix"]
+    expected = "".join(Path(target).suffixes) or ".tmp"
+    return int(match["pid"]) if suffix == expected else None
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` in one
-    step, on error it is removed, so a reader never sees a half-written file."""
+    step, on error it is removed, so a reader never sees a half-written file.
+
+    The temporary is named by :func:`temporary_name` and created empty (exclusively); the
+    final file gets mode ``0o666 & ~umask`` like any file the user's tools create. A
+    temporary left by a killed process is removed by :func:`remove_stale_temporaries`.
+    Missing parent folders are made with the umask's modes.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    while True:
+        tmp_path = target.parent / temporary_name(target)
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        break
+    active = tmp_path.resolve()
+    _ACTIVE_TEMPS.add(active)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, target)
     finally:
+        _ACTIVE_TEMPS.discard(active)
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.pid_exists(pid)
+    except (OSError, ValueError):
+        return True          # cannot tell: keep the file
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files a killed run left in ``folder`` (not recursive).
+
+    Only files named exactly as :func:`atomic_path` names its temporaries are considered,
+    and of those only the ones whose process is gone, or whose process id is alive but the
+    file is older than a day (the id was reused); a temporary this process is writing now is
+    never removed. Any other file, hidden or not, is left alone.
+
+    Returns
+    -------
+    list of Path
+        The files removed (sorted).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for entry in sorted(folder.iterdir()):
+        pid = _parse_temporary(entry.name)
+        if pid is None or entry.resolve() in _ACTIVE_TEMPS:
+            continue
+        try:
+            info = entry.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        if _pid_alive(pid) and now - info.st_mtime < _STALE_AFTER_S:
+            continue
+        try:
+            entry.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(entry)
+    return removed
 
 
 def write_text(path: str | Path, text: str) -> None:
