@@ -32,20 +32,44 @@ Conventions
   differ); a mask without a table may only join a dataset with one target.
 * Volumes are (Z, Y, X); ``spacing`` is given in that order.
 
-Safety: a new dataset is written into a hidden staging folder and renamed into place only after
-nnU-Net's own integrity check passed, so an interrupted export leaves nothing behind. Appending
-(only on request) never replaces an existing case: the new files are written beside the
-dataset, moved in, checked, and removed again if the check fails.
+Safety (what nnU-Net can see of an export is always a whole dataset)
+------------------------------------------------------------------------
+* One writer per dataset ID: every export, append, relabel and repair holds the dataset's lock
+  (``RAW/.Dataset{ID:03d}.medclipsam.lock``, a ``filelock``; the kernel lets it go when the
+  process dies, so a killed run never leaves it taken). A second writer is refused at once.
+* A new dataset is written into a hidden staging folder beside it
+  (``RAW/.Dataset{ID:03d}_{Name}.partial-{pid}-{token}``), checked by nnU-Net, and renamed into
+  place in one step. A staging folder whose process is gone (the pid in its name is dead, or
+  alive but started later than the folder's recorded owner) is removed by the next run.
+* An append is journalled: the new files are written and checked in a hidden staging folder
+  inside the dataset (``.medclipsam-append-staging``; for the check it also holds links to the
+  dataset's own files), then the journal ``.medclipsam-append.json`` listing every file to add
+  and the new ``dataset.json``'s hash is written and fsync'd, the labels and images are moved in,
+  ``medclipsam_cases.json`` is written and ``dataset.json`` LAST (atomically), then the journal
+  is deleted. A journal found by the next export, append, relabel or training of that dataset
+  (or ``medclipsam nnunet repair``) means a run died half way: the append is completed when the
+  new ``dataset.json`` is in place or every listed file is still there (in the dataset or the
+  staging folder), else rolled back (the listed files removed, their cases dropped from
+  ``medclipsam_cases.json``); one line says which (:func:`repair_dataset`).
+* Cases are never overwritten; :func:`replace_label` is the one deliberate exception.
+* Test hook (tests only): ``MEDCLIPSAM_TEST_KILL_AT=POINT[#N]`` SIGKILLs the process at the Nth
+  (default first) pass through a named point (:data:`FAULT_POINTS`), so fault tests can kill
+  an export between any two steps.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
+import os
 import re
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +85,25 @@ MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_labels", "_gt", "-mask", "_seg
 _SAFE = re.compile(r"[^A-Za-z0-9-]+")
 LABEL_VALUES_KEY = "medclipsam_label_values"
 RESERVED_LABEL_NAMES = ("background", "ignore")   # nnU-Net's: label 0, and unannotated pixels
+JOURNAL = ".medclipsam-append.json"
+APPEND_STAGING = ".medclipsam-append-staging"
+KILL_AT_ENV = "MEDCLIPSAM_TEST_KILL_AT"             # test-only fault injection (see above)
+FAULT_POINTS = (
+    "export:staged",          # new export: every case written into the staging folder
+    "export:checked",         # new export: checked, just before the rename into place
+    "append:staged",          # append: every case written into the staging folder
+    "append:journal",         # append: journal written, nothing moved yet
+    "append:move",            # append: after each file moved into the dataset (use #N)
+    "append:cases",           # append: medclipsam_cases.json written, dataset.json not yet
+    "append:dataset-json",    # append: dataset.json written, journal not deleted yet
+)
+_OWNER_FILE = ".medclipsam-owner.json"              # inside a new export's staging folder
+_PARTIAL_RE = re.compile(r"^\.Dataset\d{3}_[A-Za-z0-9_-]+\.partial-"
+                         r"(?:(?P<pid>\d+)-[0-9a-f]{8}|(?P<legacy>[a-z0-9_]{8}))$")
+_LEGACY_STALE_S = 24 * 3600.0                       # pid-less staging of an older version
+_RELABEL_RE = re.compile(r"^\.[A-Za-z0-9_-]+\.relabel\.(png|nii\.gz)$")
+_FAULT_HITS: dict[str, int] = {}
+log = logging.getLogger("medclipsam")
 
 
 @dataclass
@@ -126,6 +169,8 @@ class ExportResult:
     """Cases converted to the dataset's kind (colour -> gray by luminance, or gray -> RGB)."""
     label_table: dict[str, int] | None = None
     """The dataset's label table (name -> value in the masks); None for a binary export."""
+    repaired: list[str] = field(default_factory=list)
+    """What the run found and repaired first (a killed export's leftovers), one line each."""
 
 
 # --------------------------------------------------------------------------- names
@@ -545,8 +590,9 @@ def _dataset_json(channel_names: dict[str, str], label_name: str, n: int, file_e
     return out
 
 
-def _verify(folder: Path) -> None:
-    """nnU-Net's ``verify_dataset_integrity``, in a child process.
+def _verify(folder: Path, name: str | None = None) -> None:
+    """nnU-Net's ``verify_dataset_integrity``, in a child process (``name``: the dataset's
+    name in the message, when ``folder`` is its staging folder).
 
     It starts a ``spawn`` pool, which re-imports the caller's main module: from a script
     without a ``__main__`` guard, or inside napari, that would recurse or hang. A fresh
@@ -562,7 +608,361 @@ def _verify(folder: Path) -> None:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         reason = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines
                       else f"exit status {proc.returncode}")
-        raise InputError(f"nnU-Net's dataset check failed for {folder.name}: {reason}")
+        raise InputError(f"nnU-Net's dataset check failed for {name or folder.name}: {reason}")
+
+
+# --------------------------------------------------------------------------- faults, locks, repair
+
+
+def fault_point(name: str) -> None:
+    """Test-only hook: SIGKILL this process at ``name`` when ``$MEDCLIPSAM_TEST_KILL_AT`` is
+    ``name`` or ``name#N`` (the Nth pass). Does nothing otherwise."""
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec:
+        return
+    point, _, nth = spec.partition("#")
+    if point != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(nth or 1):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def lock_path(raw_dir: str | Path, dataset_id: int) -> Path:
+    """The lock file every writer of dataset ``dataset_id`` in ``raw_dir`` holds."""
+    return Path(raw_dir) / f".Dataset{int(dataset_id):03d}.medclipsam.lock"
+
+
+def _check_raw_dir(raw_dir: Path) -> None:
+    if raw_dir.exists() and not raw_dir.is_dir():
+        raise InputError(f"{raw_dir} is a file, not a folder: give nnU-Net's raw folder "
+                         "(a folder; it is created if missing).")
+
+
+@contextlib.contextmanager
+def dataset_lock(raw_dir: str | Path, dataset_id: int) -> Iterator[None]:
+    """Hold the lock of dataset ``dataset_id`` (refused at once when another process holds it).
+
+    The lock is an OS file lock (``filelock``): it goes with the process, so a killed export
+    never leaves the dataset locked; the empty lock file stays (hidden) in ``raw_dir``.
+    """
+    from filelock import FileLock, Timeout
+
+    raw_dir = Path(raw_dir)
+    _check_raw_dir(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path(raw_dir, dataset_id)), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise InputError(f"Dataset{int(dataset_id):03d} in {raw_dir} is being written by "
+                         "another export, append or review right now: wait until it has "
+                         "finished, then try again.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_bytes(data) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temporary file, fsync, rename,
+    fsync of the folder); the file gets the umask's mode."""
+    from ..core.io import temporary_name
+
+    tmp = path.parent / temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _process_matches(pid: int, create_time: float | None) -> bool | None:
+    """True: ``pid`` runs and (if given) started at ``create_time``; False: gone or another
+    process now; None: cannot tell."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or abs(proc.create_time() - create_time) <= 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, OSError):
+        return None
+
+
+def _own_create_time() -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:
+        return None
+
+
+def remove_stale_staging(raw_dir: str | Path) -> list[Path]:
+    """Remove the staging folders of new exports whose process is gone; return them.
+
+    Only hidden folders named exactly ``.Dataset{NNN}_{Name}.partial-{pid}-{8 hex}`` are
+    considered, and of those only the ones whose pid is dead, or alive but started at another
+    time than the owner recorded in the folder (the pid was reused). Staging folders of older
+    versions (``.Dataset{NNN}_{Name}.partial-{8 chars}``, no pid) go when older than a day.
+    """
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        return []
+    removed = []
+    for entry in sorted(raw_dir.iterdir()):
+        match = _PARTIAL_RE.match(entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        if match["legacy"]:
+            try:
+                stale = time.time() - entry.stat().st_mtime > _LEGACY_STALE_S
+            except OSError:
+                continue
+        else:
+            try:
+                owner = json.loads((entry / _OWNER_FILE).read_text())
+                pid, created = int(owner["pid"]), owner.get("create_time")
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, created = int(match["pid"]), None
+            if pid != int(match["pid"]):
+                continue   # not a folder we wrote
+            stale = _process_matches(pid, created) is False
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+    return removed
+
+
+def _journal_cases(journal: dict) -> str:
+    cases = list(journal.get("cases", []))
+    shown = ", ".join(cases[:5]) + (" ..." if len(cases) > 5 else "")
+    return f"{len(cases)} case(s): {shown}" if cases else "no cases"
+
+
+def _read_journal(folder: Path) -> dict | None:
+    path = folder / JOURNAL
+    if not path.is_file():
+        return None
+    try:
+        journal = json.loads(path.read_text())
+        files = journal["files"]
+        if (not isinstance(files, list) or journal.get("staging") != APPEND_STAGING
+                or not all(_journal_path_ok(f) for f in files)):
+            raise ValueError("unexpected content")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not a journal this tool wrote ({exc}): look at it, and "
+                         "remove it by hand once the dataset is as it should be.") from None
+    return journal
+
+
+def _journal_path_ok(rel) -> bool:
+    return (isinstance(rel, str) and rel.count("/") == 1
+            and rel.split("/")[0] in ("imagesTr", "labelsTr")
+            and re.fullmatch(r"[A-Za-z0-9_-]+\.(png|nii\.gz)", rel.split("/")[1]) is not None)
+
+
+def _finish_append(folder: Path, journal: dict) -> None:
+    """Roll an append forward from wherever it stopped (idempotent): move the rest of the
+    listed files in (labels first), write the case list, then dataset.json, then drop the
+    journal and the staging folder."""
+    staging = folder / APPEND_STAGING
+    files = sorted(journal["files"], key=lambda rel: (not rel.startswith("labelsTr/"), rel))
+    for rel in files:
+        src, dest = staging / rel, folder / rel
+        if dest.exists():
+            if src.exists():
+                raise InputError(f"{dest} and its staged copy both exist: the dataset was "
+                                 "changed during the append; check it by hand.")
+            continue
+        os.rename(src, dest)
+        fault_point("append:move")
+    for sub in ("labelsTr", "imagesTr"):
+        _fsync_dir(folder / sub)
+    if (staging / CASES_FILE).is_file():
+        _write_durable(folder / CASES_FILE, (staging / CASES_FILE).read_bytes())
+    fault_point("append:cases")
+    if _sha256(folder / "dataset.json") != journal["dataset_json_sha256"]:
+        _write_durable(folder / "dataset.json", (staging / "dataset.json").read_bytes())
+    fault_point("append:dataset-json")
+    (folder / JOURNAL).unlink()
+    _fsync_dir(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _roll_back_append(folder: Path, journal: dict) -> None:
+    """Undo an append that has not written its dataset.json (idempotent): remove the listed
+    files from the dataset, drop their cases from the case list, then the journal."""
+    for rel in journal["files"]:
+        (folder / rel).unlink(missing_ok=True)
+    for sub in ("labelsTr", "imagesTr"):
+        if (folder / sub).is_dir():
+            _fsync_dir(folder / sub)
+    path = folder / CASES_FILE
+    if path.is_file():
+        cases = json.loads(path.read_text())
+        kept = {k: v for k, v in cases.items() if k not in set(journal.get("cases", []))}
+        if kept != cases:
+            if kept or journal.get("had_case_list", True):
+                _write_durable(path, _json_bytes(kept))
+            else:
+                path.unlink()
+    (folder / JOURNAL).unlink(missing_ok=True)
+    _fsync_dir(folder)
+    shutil.rmtree(folder / APPEND_STAGING, ignore_errors=True)
+
+
+def _repair_folder(folder: Path) -> list[str]:
+    """Finish or undo a killed append in ``folder`` and remove a killed run's leftovers there
+    (the caller holds the dataset's lock)."""
+    from ..core.io import remove_stale_temporaries
+
+    notes = []
+    journal = _read_journal(folder)
+    if journal is not None:
+        staging = folder / APPEND_STAGING
+        committed = _sha256(folder / "dataset.json") == journal["dataset_json_sha256"]
+        complete = (staging / "dataset.json").is_file() and all(
+            (folder / rel).exists() or (staging / rel).exists() for rel in journal["files"])
+        who = f"(pid {journal.get('pid', '?')}, {_journal_cases(journal)})"
+        if committed or complete:
+            _finish_append(folder, journal)
+            notes.append(f"{folder.name}: completed an append that was interrupted {who}.")
+        else:
+            _roll_back_append(folder, journal)
+            notes.append(f"{folder.name}: rolled back an append that was interrupted {who}; "
+                         "the dataset is as it was before it: export those cases again.")
+    elif (folder / APPEND_STAGING).exists():
+        shutil.rmtree(folder / APPEND_STAGING, ignore_errors=True)
+        notes.append(f"{folder.name}: removed the staging folder of an append that was "
+                     "interrupted before it changed the dataset.")
+    leftovers = remove_stale_temporaries(folder) + [
+        p for p in sorted(folder.iterdir()) if _RELABEL_RE.match(p.name) and p.is_file()]
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    if leftovers:
+        notes.append(f"{folder.name}: removed {len(leftovers)} temporary file(s) of an "
+                     "interrupted run.")
+    return notes
+
+
+def _repair_locked(raw_dir: Path, dataset_id: int) -> list[str]:
+    notes = [f"Removed the staging folder of an export that was interrupted: {p.name}."
+             for p in remove_stale_staging(raw_dir)]
+    folder = find_dataset(raw_dir, dataset_id)
+    if folder is not None:
+        notes += _repair_folder(folder)
+    for note in notes:
+        log.warning(note)
+    return notes
+
+
+def repair_dataset(raw_dir: str | Path, dataset_id: int) -> list[str]:
+    """Find and repair what killed runs left for dataset ``dataset_id`` in ``raw_dir``.
+
+    Completes or rolls back an interrupted append (its journal), removes staging folders of
+    killed new exports (of any dataset; only those whose process is gone) and temporary files
+    in the dataset. Every export, append and relabel does this first; the training does it
+    before planning. Returns one line per thing done (also logged as a warning); [] when
+    nothing was left over.
+    """
+    raw_dir = Path(raw_dir)
+    _check_raw_dir(raw_dir)
+    if not raw_dir.is_dir():
+        return []
+    with dataset_lock(raw_dir, dataset_id):
+        return _repair_locked(raw_dir, dataset_id)
+
+
+def _link_for_check(src: Path, dest: Path) -> None:
+    """A link to ``src`` at ``dest`` (hard link, else symbolic), for nnU-Net's check."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        os.symlink(src.resolve(), dest)
+
+
+def _commit_append(folder: Path, staging: Path, written: list[str], ds_json: dict,
+                   all_cases: dict, had_case_list: bool, verify: bool) -> None:
+    """Move the cases staged in ``staging`` into the dataset ``folder`` (journalled)."""
+    ending = ds_json["file_ending"]
+    files = [f"labelsTr/{c}{ending}" for c in written] + [
+        f"imagesTr/{c}_0000{ending}" for c in written]
+    for rel in files:
+        if (folder / rel).exists():
+            raise InputError(f"{folder / rel} appeared during the export; stopped.")
+        _fsync_file(staging / rel)
+    new_json = _json_bytes(ds_json)
+    _write_durable(staging / "dataset.json", new_json)
+    _write_durable(staging / CASES_FILE, _json_bytes(all_cases))
+    if verify:
+        # nnU-Net checks a whole dataset: the staging folder gets links to the dataset's own
+        # files beside the new ones, so the check runs before the dataset changes at all.
+        for sub in ("imagesTr", "labelsTr"):
+            for f in sorted((folder / sub).iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    _link_for_check(f, staging / sub / f.name)
+        _verify(staging, folder.name)
+    for sub in ("imagesTr", "labelsTr"):
+        _fsync_dir(staging / sub)
+    _fsync_dir(staging)
+    fault_point("append:staged")
+    journal = {"format": 1, "pid": os.getpid(), "create_time": _own_create_time(),
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "staging": APPEND_STAGING,
+               "cases": list(written), "files": files,
+               "dataset_json_sha256": hashlib.sha256(new_json).hexdigest(),
+               "had_case_list": had_case_list}
+    _write_durable(folder / JOURNAL, _json_bytes(journal))
+    fault_point("append:journal")
+    try:
+        _finish_append(folder, journal)
+    except BaseException:
+        if _sha256(folder / "dataset.json") != journal["dataset_json_sha256"]:
+            _roll_back_append(folder, journal)
+        raise
 
 
 def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id: int,
@@ -606,6 +1006,20 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
     """
     raw_dir = Path(raw_dir)
     folder_name = dataset_folder_name(dataset_id, name)
+    with dataset_lock(raw_dir, dataset_id):
+        repaired = _repair_locked(raw_dir, dataset_id)
+        result = _export_locked(cases, raw_dir, dataset_id, name, folder_name,
+                                label_name=label_name, label_table=label_table,
+                                channel_name=channel_name, append=append, verify=verify,
+                                progress=progress)
+    result.repaired = repaired
+    return result
+
+
+def _export_locked(cases: Iterable[ExportCase], raw_dir: Path, dataset_id: int, name: str,
+                   folder_name: str, *, label_name: str, label_table: Mapping[str, int] | None,
+                   channel_name: str | None, append: bool, verify: bool,
+                   progress: Callable[[int, int | None], None] | None) -> ExportResult:
     existing = find_dataset(raw_dir, dataset_id)
     if existing is not None and not append:
         raise InputError(f"{existing} exists already: add cases to it with append "
@@ -613,7 +1027,6 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
     if existing is not None and existing.name != folder_name:
         raise InputError(f"Dataset ID {dataset_id} is {existing.name}, not {folder_name}: use "
                          f"its name or another ID.")
-    raw_dir.mkdir(parents=True, exist_ok=True)
     old_json: dict | None = None
     old_cases: dict = {}
     if existing is not None:
@@ -628,7 +1041,18 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
         raise _table_error(folder_name, ds_table, table)
     saw_binary = False
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.partial-", dir=raw_dir))
+    if existing is None:
+        # beside the dataset; renamed into place whole. The owner file tells a later run
+        # whether the process that writes it is still alive.
+        staging = raw_dir / f".{folder_name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()
+        (staging / _OWNER_FILE).write_text(json.dumps(
+            {"pid": os.getpid(), "create_time": _own_create_time()}))
+    else:
+        # inside the dataset (hidden, so nnU-Net ignores it): the moves are renames
+        staging = existing / APPEND_STAGING
+        shutil.rmtree(staging, ignore_errors=True)   # no journal: nothing was moved from it
+        staging.mkdir()
     try:
         (staging / "imagesTr").mkdir()
         (staging / "labelsTr").mkdir()
@@ -713,32 +1137,24 @@ def export_dataset(cases: Iterable[ExportCase], raw_dir: str | Path, dataset_id:
         if existing is None:
             write_json(staging / "dataset.json", ds_json)
             write_json(staging / CASES_FILE, all_cases)
+            fault_point("export:staged")
             if verify:
-                _verify(staging)
+                _verify(staging, folder_name)
+            (staging / _OWNER_FILE).unlink()
+            for sub in ("imagesTr", "labelsTr"):
+                for f in (staging / sub).iterdir():
+                    _fsync_file(f)
+                _fsync_dir(staging / sub)
+            fault_point("export:checked")
             target = raw_dir / folder_name
             staging.rename(target)   # one atomic step: the dataset appears whole or not at all
             staging = None
+            _fsync_dir(raw_dir)
         else:
             target = existing
-            moved = []
-            try:
-                for sub in ("imagesTr", "labelsTr"):
-                    for f in sorted((staging / sub).iterdir()):
-                        dest = target / sub / f.name
-                        if dest.exists():
-                            raise InputError(f"{dest} appeared during the export; stopped.")
-                        f.rename(dest)
-                        moved.append(dest)
-                write_json(target / "dataset.json", ds_json)
-                write_json(target / CASES_FILE, all_cases)
-                if verify:
-                    _verify(target)
-            except BaseException:
-                for f in moved:
-                    f.unlink(missing_ok=True)
-                write_json(target / "dataset.json", old_json)
-                write_json(target / CASES_FILE, old_cases)
-                raise
+            _commit_append(existing, staging, list(written), ds_json, all_cases,
+                           (existing / CASES_FILE).is_file(), verify)
+            staging = None
         n_corr = sum(v["corrected"] for v in written.values())
         return ExportResult(target, folder_name, list(written), n_corr, len(written) - n_corr,
                             file_ending, existing is not None, converted,
@@ -775,6 +1191,18 @@ def replace_label(folder: str | Path, case_id: str, mask: np.ndarray, *,
         The case's new entry in ``medclipsam_cases.json``.
     """
     folder = Path(folder)
+    match = re.match(r"Dataset(\d{3})_", folder.name)
+    if match is None or not folder.is_dir():
+        raise InputError(f"{folder} is not a dataset folder (RAW/Dataset{{NNN}}_{{Name}}).")
+    with dataset_lock(folder.parent, int(match[1])):
+        _repair_locked(folder.parent, int(match[1]))
+        return _replace_label_locked(folder, case_id, mask, label_table=label_table,
+                                     corrected=corrected, record=record, verify=verify)
+
+
+def _replace_label_locked(folder: Path, case_id: str, mask: np.ndarray, *,
+                          label_table: Mapping[str, int] | None, corrected: bool,
+                          record: dict | None, verify: bool) -> dict:
     ds_json = json.loads((folder / "dataset.json").read_text())
     ending = ds_json["file_ending"]
     lab_path = folder / "labelsTr" / f"{case_id}{ending}"
