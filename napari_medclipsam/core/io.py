@@ -115,13 +115,106 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+# --------------------------------------------------------------------------- size limits
+
+#: Environment variable: the largest number of pixels (2-D, per channel) or voxels (3-D) a
+#: file may decode to. A number (``4e9``) sets both limits; ``none`` or ``0`` turns the check
+#: off. The check reads only the file's header, before any pixel is decoded.
+MAX_PIXELS_ENV = "MEDCLIPSAM_MAX_PIXELS"
+#: Default limit for a 2-D image: PIL's own refusal threshold (twice
+#: ``PIL.Image.MAX_IMAGE_PIXELS`` as Pillow ships it), about 13,400 x 13,400 pixels.
+DEFAULT_MAX_PIXELS_2D = 2 * 89_478_485
+#: Default limit for a volume: 1.5e9 voxels (about 1,150^3; 3 GB as int16, 6 GB as float32).
+DEFAULT_MAX_VOXELS_3D = 1_500_000_000
+
+_PIL_LOCK = threading.Lock()
+
+
+def max_pixels(volume: bool = False) -> int | None:
+    """The decoded-size limit in force: ``$MEDCLIPSAM_MAX_PIXELS`` when set, else
+    :data:`DEFAULT_MAX_VOXELS_3D` for volumes and :data:`DEFAULT_MAX_PIXELS_2D` for 2-D
+    images; None when the check is turned off."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_VOXELS_3D if volume else DEFAULT_MAX_PIXELS_2D
+    if text.lower() in ("0", "none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value) or value < 1:
+        raise InputError(f"{MAX_PIXELS_ENV}={text!r} is not a pixel count; set it to a number "
+                         "such as 4e9, or to 'none' to turn the size check off.")
+    return int(value)
+
+
+def check_decoded_size(shape: tuple[int, ...], path: str | Path) -> None:
+    """Refuse, before decoding, an image whose header promises an empty axis or more pixels
+    than :func:`max_pixels` allows.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Spatial shape from the header, without a colour axis: (H, W) or (Z, Y, X)
+        (a leading frame/page axis counts as Z).
+    """
+    name = Path(path).name
+    shape = tuple(int(s) for s in shape)
+    if not shape or min(shape) <= 0:
+        raise InputError(f"{name}: the image has an empty axis (shape {shape}).")
+    count = int(np.prod(shape, dtype=object))
+    volume = len(shape) > 2 and int(np.prod(shape[:-2], dtype=object)) > 1
+    limit = max_pixels(volume)
+    if limit is not None and count > limit:
+        kind = "voxels" if volume else "pixels"
+        raise InputError(
+            f"{name}: its header asks for {'x'.join(map(str, shape))} = {count:,} {kind}, "
+            f"over the limit of {limit:,} (a decompression bomb or a damaged header?); if the "
+            f"file is genuine, raise the limit with {MAX_PIXELS_ENV}=N.")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _looks_like_text(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def read_image(path: str | Path) -> ImageData:
     """Read a PNG/JPEG/TIFF/BMP image, a NIfTI image or volume, or a DICOM file.
+
+    What comes back for each kind of file and mode:
+
+    - PIL formats (PNG, JPEG, BMP; first frame only): ``1`` -> uint8 0/255; ``L`` -> uint8;
+      ``LA``/``La`` -> uint8 (alpha dropped: gray + alpha is an image, not a volume); ``P``/
+      ``PA`` -> uint8 gray when the palette is gray, else RGB; ``RGB``/``RGBA`` as stored;
+      ``CMYK`` (Adobe-inverted JPEGs included), ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``,
+      ``RGBa`` -> RGB; ``I;16*`` -> uint16; ``I`` -> int32; ``F`` -> float32.
+    - TIFF (tifffile): the first series; several pages of one size are a (Z, Y, X) volume;
+      any integer or float dtype; gray + alpha drops the alpha; MINISWHITE is inverted, palette
+      and CMYK (separated) TIFFs become RGB.
+    - NIfTI: 2-D, 3-D, and 4-D with one volume (squeezed); a 4-D file with several volumes is
+      refused (say which one to use by extracting it). RGB24 NIfTI images become RGB.
+    - DICOM: rescaled (slope/intercept); MONOCHROME1 inverted so bright is dense, its window
+      mirrored to match; a WindowWidth <= 0 is ignored (automatic window); RGB, YBR and
+      PALETTE COLOR become uint8 RGB; multi-frame grayscale is a (frames, Y, X) volume.
+
+    The header's size is checked before decoding (:func:`check_decoded_size`).
 
     Raises
     ------
     InputError
-        For a missing, empty, unreadable or unsupported file, with what to do instead.
+        For a missing, empty, unreadable, truncated, oversized or unsupported file, in one
+        line that names the cause.
     """
     path = Path(path)
     if not path.is_file():
@@ -134,64 +227,234 @@ def read_image(path: str | Path) -> ImageData:
             return _read_nifti(path)
         if suffix in DICOM_SUFFIXES or (suffix not in SUPPORTED and is_dicom_file(path)):
             return _read_dicom(path)
+        if suffix in (".tif", ".tiff"):
+            return _read_tiff(path)
         if suffix in IMAGE_SUFFIXES:
-            return _read_raster(path)
+            return _read_pil(path)
     except InputError:
         raise
+    except MemoryError as exc:
+        raise InputError(f"Could not read {path}: not enough memory to decode it.") from exc
     except Exception as exc:
-        raise InputError(f"Could not read {path}: {type(exc).__name__}: {exc}") from exc
+        text = " (the file holds text)" if _looks_like_text(path) else ""
+        raise InputError(f"Could not read {path}{text}: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())}") from exc
     raise InputError(f"{path.name}: unsupported file type {suffix!r}; supported: "
                      f"{', '.join(SUPPORTED)}.")
 
 
-def _read_raster(path: Path) -> ImageData:
-    if _suffix(path) in (".tif", ".tiff"):
-        import tifffile
+def _image2d(data: np.ndarray, path: Path, spacing=None, meta=None) -> ImageData:
+    return ImageData(data, False, tuple(spacing or (1.0, 1.0)), path, dict(meta or {}))
 
-        data = tifffile.imread(str(path))
-    else:
-        import imageio.v3 as iio
 
-        data = iio.imread(str(path))
-    data = np.asarray(data)
-    return _classify(data, path, spacing=None, meta={})
+def _gray_if_equal(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 whose channels are equal -> HxW."""
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return np.ascontiguousarray(rgb[..., 0])
+    return rgb
+
+
+def _open_pil(path: Path):
+    """PIL.Image.open with PIL's own bomb check lifted (ours, :func:`check_decoded_size`,
+    runs next on the header's size and names the environment variable)."""
+    from PIL import Image, UnidentifiedImageError
+
+    with _PIL_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        except UnidentifiedImageError as exc:
+            what = "a text file" if _looks_like_text(path) else "not an image PIL can read"
+            raise InputError(f"{path.name}: not a {_suffix(path).lstrip('.').upper()} image "
+                             f"({what}).") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def pil_to_array(im) -> np.ndarray:
+    """A PIL image of any mode -> (H, W) or (H, W, 3|4) array (see :func:`read_image`)."""
+    mode = im.mode
+    if mode == "1":
+        return np.asarray(im, dtype=bool).astype(np.uint8) * 255
+    if mode in ("L", "RGB", "RGBA", "F"):
+        return np.asarray(im)
+    if mode in ("LA", "La"):
+        return np.asarray(im.getchannel(0))
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info
+        rgb = np.asarray(im.convert("RGBA" if has_alpha else "RGB"))[..., :3]
+        return _gray_if_equal(rgb)
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.uint16)
+    if mode == "I":
+        return np.asarray(im).astype(np.int32)
+    if mode in ("RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(im.convert("RGB"))
+    try:
+        return np.asarray(im.convert("RGB"))
+    except (ValueError, OSError) as exc:
+        raise InputError(f"PIL image mode {mode!r} is not supported.") from exc
+
+
+def _read_pil(path: Path) -> ImageData:
+    im = _open_pil(path)
+    with im:
+        width, height = im.size
+        check_decoded_size((height, width), path)
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"Could not decode {path.name}: the file is truncated or damaged "
+                             f"({' '.join(str(exc).split())}).") from exc
+        data = pil_to_array(im)
+    return _image2d(data, path, meta={"mode": im.mode})
+
+
+def _read_tiff(path: Path) -> ImageData:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(str(path))
+    except tifffile.TiffFileError as exc:
+        what = " (the file holds text)" if _looks_like_text(path) else ""
+        raise InputError(f"{path.name}: not a TIFF image{what}: {exc}.") from exc
+    with tif:
+        if not tif.series:
+            raise InputError(f"{path.name}: the TIFF file holds no image.")
+        series = tif.series[0]
+        axes, shape = series.axes, tuple(series.shape)
+        check_decoded_size(tuple(n for n, a in zip(shape, axes, strict=True) if a != "S"),
+                           path)
+        page = series.pages[0] if series.pages else tif.pages[0]
+        photometric = int(getattr(page, "photometric", 1))
+        compression = int(getattr(page, "compression", 1))
+        colormap = getattr(page, "colormap", None)
+        try:
+            data = np.asarray(series.asarray())
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"Could not decode {path.name}: the file is truncated or damaged "
+                             f"({' '.join(str(exc).split())}).") from exc
+    # drop singleton axes other than Y, X and the samples
+    keep = [i for i, a in enumerate(axes) if a in "YXS" or shape[i] > 1]
+    data = data.reshape([shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    samples = shape[axes.index("S")] if "S" in axes else 1
+    if photometric == 3 and colormap is not None and samples == 1:       # PALETTE
+        lut = np.asarray(colormap)
+        lut = (lut >> 8).astype(np.uint8) if lut.max() > 255 else lut.astype(np.uint8)
+        data = _gray_if_equal(np.moveaxis(lut[:, data], 0, -1))
+        axes, samples = axes + "S", 3
+    elif photometric == 0 and samples == 1:                               # MINISWHITE
+        if data.dtype.kind in "ui":
+            info = np.iinfo(data.dtype)
+            data = (info.max + info.min - data.astype(np.int64)).astype(data.dtype)
+        elif data.dtype.kind == "f":
+            data = float(np.nanmax(data)) + float(np.nanmin(data)) - data
+        elif data.dtype == bool:
+            data = ~data
+    elif photometric == 5 and samples >= 4 and data.dtype == np.uint8:   # SEPARATED (CMYK)
+        cmy, k = data[..., :3].astype(np.float32), data[..., 3:4].astype(np.float32)
+        data = np.rint((255.0 - cmy) * (255.0 - k) / 255.0).astype(np.uint8)
+        samples = 3
+    elif photometric == 6 and samples == 3 and data.dtype == np.uint8 \
+            and compression not in (6, 7):                                # YCbCr, raw
+        data = _ycbcr_to_rgb(data)
+    if samples == 2:                       # gray + alpha: an image, not a 2-column volume
+        data = data[..., 0]
+    elif samples > 4:
+        data = data[..., :3]
+    if data.dtype == bool:
+        data = data.astype(np.uint8) * 255
+    colour = data.ndim >= 3 and "S" in axes and samples in (3, 4)
+    planes = data.ndim - (3 if colour else 2)
+    meta = {"axes": axes}
+    if planes == 0:
+        return _image2d(data, path, meta=meta)
+    if planes == 1 and not colour:
+        return ImageData(data, True, (1.0, 1.0, 1.0), path, meta)
+    raise InputError(f"{path.name}: a TIFF of shape {shape} (axes {series.axes}) is not a 2-D "
+                     "image or a grayscale (Z, Y, X) stack; save the image or volume to use "
+                     "on its own.")
+
+
+def _ycbcr_to_rgb(data: np.ndarray) -> np.ndarray:
+    """uint8 YCbCr (ITU-R BT.601, full range, as TIFF and JPEG store it) -> uint8 RGB."""
+    y, cb, cr = (data[..., i].astype(np.float32) for i in range(3))
+    cb, cr = cb - 128.0, cr - 128.0
+    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 def _classify(data: np.ndarray, path: Path, spacing, meta) -> ImageData:
     data = np.squeeze(data) if data.ndim > 3 else data
     if data.ndim == 2:
-        return ImageData(data, False, tuple(spacing or (1.0, 1.0)), path, meta)
+        return _image2d(data, path, spacing, meta)
     if data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4:
-        return ImageData(data, False, tuple(spacing or (1.0, 1.0)), path, meta)
-    if data.ndim == 3 and data.shape[-1] == 1:
-        return ImageData(data[..., 0], False, tuple(spacing or (1.0, 1.0)), path, meta)
+        return _image2d(data, path, spacing, meta)
+    if data.ndim == 3 and data.shape[-1] in (1, 2) and data.shape[0] > 4:
+        return _image2d(data[..., 0], path, spacing, meta)    # gray (+ alpha, dropped)
     if data.ndim == 3:
         return ImageData(data, True, tuple(spacing or (1.0, 1.0, 1.0)), path, meta)
     raise InputError(f"{path.name}: cannot use an array of shape {data.shape}; expected a 2-D "
                      "image (H, W[, C]) or a 3-D volume (Z, Y, X).")
 
 
+def _nifti_unit(header) -> str:
+    try:
+        unit = header.get_xyzt_units()[0]
+    except Exception:  # noqa: BLE001 - a damaged units field is not worth refusing the file
+        return "mm"
+    return {"micron": "um", "meter": "m"}.get(unit, "mm")
+
+
 def _read_nifti(path: Path) -> ImageData:
     import nibabel as nib
 
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    try:
+        img = nib.load(str(path))
+    except nib.filebasedimages.ImageFileError as exc:
+        what = " (the file holds text)" if _looks_like_text(path) else ""
+        raise InputError(f"{path.name}: not a NIfTI image{what}: "
+                         f"{' '.join(str(exc).split())}") from exc
+    stored = tuple(int(n) for n in img.header.get_data_shape())
+    shape = stored
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4:
+        raise InputError(
+            f"{path.name}: a 4-D NIfTI {shape} holding {shape[3]} volumes; one 3-D volume per "
+            "file is read: extract the one to use (e.g. nibabel: nib.save(img.slicer[..., 0], "
+            "'one.nii.gz'), or fslroi IN OUT 0 1).")
+    if len(shape) > 4 or len(shape) < 2:
+        raise InputError(f"{path.name}: NIfTI with shape {stored} is not supported "
+                         "(expected 2-D or 3-D scalar data).")
+    flat = len(shape) == 2 or shape[2] == 1
+    check_decoded_size(shape[:2][::-1] if flat else shape[::-1], path)
+    try:
+        data = np.asarray(img.dataobj).reshape(shape)
+    except (EOFError, OSError, ValueError) as exc:
+        raise InputError(f"Could not decode {path.name}: the file is truncated or damaged "
+                         f"({' '.join(str(exc).split())}).") from exc
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
     meta = {"affine": img.affine, "header": img.header,
             "qform_code": int(img.header["qform_code"]),
-            "sform_code": int(img.header["sform_code"])}
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 2 or (data.ndim == 3 and data.shape[2] == 1):
+            "sform_code": int(img.header["sform_code"]),
+            "spacing_known": True, "spacing_unit": _nifti_unit(img.header)}
+    rgb = data.dtype.names is not None
+    if rgb:
+        if not flat or not set("RGB") <= set(data.dtype.names):
+            raise InputError(f"{path.name}: a colour NIfTI volume ({data.dtype.names}) is not "
+                             "supported; convert it to grayscale.")
+        data = np.stack([data[c] for c in "RGB"], axis=-1)
+    if flat:
         meta["origin"] = scale_translate_from_affine(img.affine, 2)[1]
-        data = data if data.ndim == 2 else data[:, :, 0]
-        return ImageData(data.T, False, zooms[:2][::-1], path, meta)
-    if data.ndim == 3:
-        meta["origin"] = scale_translate_from_affine(img.affine, 3)[1]
-        return ImageData(np.ascontiguousarray(data.transpose(2, 1, 0)), True, zooms[::-1],
-                         path, meta)
-    raise InputError(f"{path.name}: NIfTI with shape {data.shape} is not supported "
-                     "(expected 2-D or 3-D scalar data).")
+        data = data.reshape(shape[:2] + data.shape[len(shape):])
+        data = np.swapaxes(data, 0, 1) if rgb else data.T
+        return ImageData(data, False, zooms[:2][::-1], path, meta)
+    meta["origin"] = scale_translate_from_affine(img.affine, 3)[1]
+    return ImageData(np.ascontiguousarray(data.transpose(2, 1, 0)), True, zooms[::-1],
+                     path, meta)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -246,27 +509,25 @@ def is_dicom_file(path: str | Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def _first(value) -> float:
-    """A DICOM decimal string that may be multi-valued -> its first value."""
+def _dicom_window(ds) -> Window | None:
+    """The first valid WindowCenter/WindowWidth pair (in rescaled units, e.g. HU); None when
+    absent or when no width is > 0 (a width of 0 means no window: the automatic one is used).
+    """
     from pydicom.multival import MultiValue
 
-    if isinstance(value, MultiValue | list | tuple):
-        value = value[0]
-    return float(value)
-
-
-def _dicom_window(ds) -> Window | None:
-    """WindowCenter/WindowWidth (in rescaled units, e.g. HU) when present and valid."""
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is None or width is None:
+    centers, widths = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centers is None or widths is None:
         return None
-    try:
-        center, width = _first(center), _first(width)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if not np.isfinite([center, width]).all() or width <= 0:
-        return None
-    return Window.from_center_width(center, width)
+    centers = list(centers) if isinstance(centers, MultiValue | list | tuple) else [centers]
+    widths = list(widths) if isinstance(widths, MultiValue | list | tuple) else [widths]
+    for center, width in zip(centers, widths, strict=False):
+        try:
+            center, width = float(center), float(width)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite([center, width]).all() and width > 0:
+            return Window.from_center_width(center, width)
+    return None
 
 
 def _rescale(ds) -> tuple[float, float]:
@@ -324,35 +585,74 @@ def _dicom_meta(ds, path) -> dict[str, Any]:
 def _read_dicom(path: Path) -> ImageData:
     import pydicom
 
-    ds = pydicom.dcmread(str(path))
+    try:
+        ds = pydicom.dcmread(str(path))
+    except pydicom.errors.InvalidDicomError as exc:
+        what = " (the file holds text)" if _looks_like_text(path) else ""
+        raise InputError(f"{path.name}: not a DICOM file{what}.") from exc
     if "PixelData" not in ds:
         raise InputError(f"{path.name}: the DICOM file holds no image (no PixelData).")
-    data = ds.pixel_array.astype(np.float32)
-    rgb = ds.get("PhotometricInterpretation") == "RGB"
-    if not rgb:
-        slope, intercept = _rescale(ds)
-        data = data * slope + intercept
-        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-            data = data.max() + data.min() - data
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    check_decoded_size((frames, rows, cols) if frames > 1 else (rows, cols), path)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    try:
+        data = ds.pixel_array
+    except Exception as exc:
+        raise InputError(f"Could not decode the pixels of {path.name} "
+                         f"({photometric}, {ds.file_meta.get('TransferSyntaxUID', '?')}): "
+                         f"{' '.join(str(exc).split())}") from exc
     pixel = ds.get("PixelSpacing")
-    pixel = tuple(float(s) for s in pixel) if pixel is not None else (1.0, 1.0)
+    pixel = tuple(float(s) for s in pixel) if pixel is not None and len(pixel) == 2 \
+        else None
     meta = _dicom_meta(ds, path)
+    if pixel is not None:
+        meta.update(spacing_known=True, spacing_unit="mm")
+    if samples >= 3 or photometric == "PALETTE COLOR":
+        data = _dicom_rgb(ds, data, photometric)
+        if data.ndim == 4:
+            raise InputError(f"{path.name}: a colour multi-frame DICOM ({data.shape[0]} "
+                             "frames) is not supported; save the frame to use as an image.")
+        return _image2d(data, path, pixel, meta)
+    data = data.astype(np.float32)
+    slope, intercept = _rescale(ds)
+    data = data * slope + intercept
     window = _dicom_window(ds)
+    if photometric == "MONOCHROME1":          # stored dark = dense: flip so bright is dense
+        high, low = float(np.nanmax(data)), float(np.nanmin(data))
+        data = high + low - data
+        if window is not None:
+            window = Window(high + low - window.high, high + low - window.low)
     if window is not None:
         meta["window"] = window
-    if rgb:
-        return _classify(data.astype(np.uint8), path, pixel, meta)
     step = _slice_step(ds)
     affine = _dicom_affine(ds, step)
     if affine is not None:
         meta["affine"] = affine
-    if data.ndim == 3 and data.shape[-1] not in (3, 4):   # multi-frame: (frames, rows, cols)
+    if data.ndim == 3:                         # multi-frame: (frames, rows, cols)
         if affine is not None:
             meta["origin"] = scale_translate_from_affine(affine, 3)[1]
-        return ImageData(data, True, (step, *pixel), path, meta)
+        return ImageData(data, True, (step, *(pixel or (1.0, 1.0))), path, meta)
     if affine is not None:
         meta["origin"] = scale_translate_from_affine(affine, 2)[1]
-    return _classify(data, path, pixel, meta)
+    return _image2d(data, path, pixel, meta)
+
+
+def _dicom_rgb(ds, data: np.ndarray, photometric: str) -> np.ndarray:
+    """Colour DICOM pixels -> uint8 RGB (pydicom has already turned YBR into RGB)."""
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        data = apply_color_lut(data, ds)
+    else:
+        bits = int(ds.get("BitsStored", 8) or 8)
+        data = data[..., :3]
+    if data.dtype != np.uint8:
+        shift = max(bits - 8, 0)
+        data = np.clip(data.astype(np.int64) >> shift, 0, 255).astype(np.uint8)
+    return data
 
 
 def _dicom_files(source) -> list[Path]:
@@ -471,6 +771,8 @@ def read_dicom_series(source: str | Path | list[str | Path]) -> ImageData:
         step = _slice_step(first_ds)
 
     rows, cols = int(first_ds.Rows), int(first_ds.Columns)
+    check_decoded_size((len(members), rows, cols) if len(members) > 1 else (rows, cols),
+                       Path(members[0][0]).parent if len(members) > 1 else members[0][0])
     slopes = [_rescale(ds) for _, ds in members]
     integral = all(float(s).is_integer() and float(i).is_integer() for s, i in slopes)
     bits = int(first_ds.get("BitsStored", 16) or 16)
@@ -496,15 +798,19 @@ def read_dicom_series(source: str | Path | list[str | Path]) -> ImageData:
             volume[z] = pixels.astype(np.float32) * slope + intercept
         else:
             volume[z] = pixels.astype(np.int32) * int(slope) + int(intercept)
-    if first_ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        volume = (float(volume.max()) + float(volume.min()) - volume.astype(np.float64)
-                  ).astype(dtype)
+    window = _dicom_window(first_ds)
+    if str(first_ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        high, low = float(volume.max()), float(volume.min())
+        volume = (high + low - volume.astype(np.float64)).astype(dtype)
+        if window is not None:
+            window = Window(high + low - window.high, high + low - window.low)
     if dtype == np.int32 and volume.size and volume.min() >= -(2 ** 15) \
             and volume.max() < 2 ** 15:
         volume = volume.astype(np.int16)
     pixel = first_ds.get("PixelSpacing")
+    if pixel is not None:
+        meta.update(spacing_known=True, spacing_unit="mm")
     pixel = tuple(float(s) for s in pixel) if pixel is not None else (1.0, 1.0)
-    window = _dicom_window(first_ds)
     if window is not None:
         meta["window"] = window
     affine = _dicom_affine(first_ds, step)
@@ -552,28 +858,66 @@ def apply_window(data: np.ndarray, window: Window) -> np.ndarray:
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 
 
+#: The smallest side, in pixels, of a 2-D image the segmentation chain accepts.
+MIN_SIDE = 8
+#: The largest aspect ratio (long side : short side) the chain accepts: SAM resizes the long
+#: side to 1024 pixels, so at 50:1 the short side keeps about 20 pixels; far beyond, it
+#: rounds to 0 and the chain cannot run.
+MAX_ASPECT = 50.0
+
+
+def check_image_shape(shape: tuple[int, ...]) -> None:
+    """Refuse a 2-D image the segmentation chain cannot use: an empty axis, a side shorter
+    than :data:`MIN_SIDE` pixels, or an aspect ratio beyond :data:`MAX_ASPECT`:1.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (H, W) or (H, W, C).
+    """
+    height, width = (int(n) for n in shape[:2])
+    if height == 0 or width == 0:
+        raise InputError(f"The image is empty ({height}x{width} pixels).")
+    if min(height, width) < MIN_SIDE:
+        raise InputError(f"The image is {height}x{width} pixels; segmentation needs at least "
+                         f"{MIN_SIDE} pixels on each side (enlarge or pad it).")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT:
+        raise InputError(f"The image is {height}x{width} pixels, an aspect ratio of "
+                         f"{ratio:.0f}:1; segmentation handles at most {MAX_ASPECT:g}:1 "
+                         "(crop it, or pad it closer to square).")
+
+
 def to_rgb_uint8(image: np.ndarray, window: Window | None = None) -> np.ndarray:
     """Any 2-D image -> HxWx3 uint8 RGB (see the module docstring for the windowing).
 
     Parameters
     ----------
     image : np.ndarray
-        (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); bool, integer or float.
+        (H, W), (H, W, 1), (H, W, 2) (gray + alpha), (H, W, 3) or (H, W, 4); bool, integer
+        or float. Its shape must pass :func:`check_image_shape`.
     window : Window, optional
         Intensity window for non-uint8 data; default: the image's 0.5-99.5 percentiles.
+
+    Raises
+    ------
+    InputError
+        A volume or an unusable shape (:func:`check_image_shape`), or, without a window, an
+        image with no finite value.
     """
     image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 1:
+    if image.ndim == 3 and image.shape[-1] in (1, 2):
         image = image[..., 0]
     if image.ndim == 3 and image.shape[-1] == 4:
         image = image[..., :3]
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
         raise InputError(f"Expected a 2-D grayscale or RGB(A) image; got shape {image.shape}. "
                          "For a volume, process it slice by slice.")
-    if min(image.shape[:2]) < 2:
-        raise InputError(f"The image is too small ({image.shape[0]}x{image.shape[1]}).")
+    check_image_shape(image.shape)
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
+    if image.dtype.kind not in "uifb":
+        raise InputError(f"Cannot use image data of type {image.dtype}; expected numbers.")
     if image.dtype != np.uint8 or window is not None:
         image = apply_window(image, window or auto_window(image))
     if image.ndim == 2:
