@@ -1,10 +1,14 @@
 """Image-caption pairs for CLIP fine-tuning and retrieval evaluation.
 
-Two layouts are read:
+Three layouts are read (text files in UTF-8):
 
-* a CSV file with a header holding an image column (``path``, ``image``, ``filename`` or
-  ``file``) and a caption column (``caption`` or ``text``); relative paths are taken from the
-  CSV's folder;
+* a CSV file with a header holding an image column (``path``, ``image``, ``filename``,
+  ``file``, ``image_path`` or ``filepath``) and a caption column (``caption``, ``text``,
+  ``report`` or ``title``); relative paths are taken from the CSV's folder. A ``.tsv``, or a
+  CSV whose header has tabs and no commas (open_clip's ``filepath<TAB>title`` files), is read
+  with tabs;
+* a JSON file: a list of objects with the same keys, or one object mapping image paths to
+  captions; or JSON Lines (``.jsonl``), one object per line (PMC-OA's layout);
 * a folder of images, each with a sidecar text file of the same name (``case1.png`` +
   ``case1.txt``).
 
@@ -16,7 +20,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,8 +36,10 @@ from ..core.io import SUPPORTED, read_image, to_rgb_uint8
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-IMAGE_COLUMNS = ("path", "image", "filename", "file", "image_path")
-CAPTION_COLUMNS = ("caption", "text", "report")
+IMAGE_COLUMNS = ("path", "image", "filename", "file", "image_path", "filepath")
+CAPTION_COLUMNS = ("caption", "text", "report", "title")  # filepath/title: open_clip's CSVs
+TABLE_SUFFIXES = (".csv", ".tsv")
+JSON_SUFFIXES = (".json", ".jsonl")
 MIN_CAPTION_CHARS = 20
 # Kept: letters and digits of any script, whitespace, and the punctuation that carries
 # meaning in radiology captions (decimal points, ranges, sizes, percentages, lists).
@@ -61,55 +70,143 @@ def _pick(columns: list[str], choices: tuple[str, ...], what: str, path: Path) -
                      f"{', '.join(choices)} (found: {', '.join(columns) or 'nothing'}).")
 
 
+def _read_utf8(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start}); save the {what} as "
+                         "UTF-8.") from exc
+
+
+def _image_path(name: str, base: Path) -> Path:
+    image = Path(name).expanduser()
+    return image if image.is_absolute() else base / image
+
+
 def _read_csv(path: Path) -> list[Pair]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+    """A CSV (comma) or TSV/open_clip-style CSV (tab, when the header has tabs and no
+    commas) with a header naming an image and a caption column."""
+    text = _read_utf8(path, "table")
+    if "\0" in text:
+        raise InputError(f"{path} is not a text table (it holds NUL bytes); give a CSV with "
+                         "a header row, e.g. path,caption.")
+    header = text.split("\n", 1)[0]
+    tabs = path.suffix.lower() == ".tsv" or ("\t" in header and "," not in header)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tabs else ",",
+                            strict=True)
+    try:
         columns = list(reader.fieldnames or [])
         image_col = _pick(columns, IMAGE_COLUMNS, "image", path)
         caption_col = _pick(columns, CAPTION_COLUMNS, "caption", path)
         pairs = []
         for row in reader:
-            name = (row.get(image_col) or "").strip()
+            name = row.get(image_col)
+            name = name.strip() if isinstance(name, str) else ""
             if not name:
                 continue
-            image = Path(name).expanduser()
-            if not image.is_absolute():
-                image = path.parent / image
-            pairs.append(Pair(image, row.get(caption_col) or ""))
+            caption = row.get(caption_col)
+            pairs.append(Pair(_image_path(name, path.parent),
+                              caption if isinstance(caption, str) else ""))
+    except csv.Error as exc:
+        raise InputError(f"{path}, line {reader.line_num}: not a valid CSV ({exc}).") from exc
     return pairs
 
 
-def _read_folder(folder: Path) -> list[Pair]:
+def _read_json(path: Path) -> list[Pair]:
+    """A JSON list of objects (image and caption keys as the CSV's columns), a JSON object
+    mapping image paths to captions, or JSON Lines (one such object per line)."""
+    text = _read_utf8(path, "captions")
+    try:
+        if path.suffix.lower() == ".jsonl":
+            lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            records, where = [], []
+            for n, line in lines:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}, line {n}: not valid JSON ({exc.msg}, column "
+                                     f"{exc.colno}).") from exc
+                where.append(f"line {n}")
+        else:
+            data = json.loads(text)
+            if isinstance(data, dict):
+                data = [{"path": k, "caption": v} for k, v in data.items()]
+            if not isinstance(data, list):
+                raise InputError(f"{path}: expected a list of {{\"path\": ..., \"caption\": ...}} "
+                                 "objects or an object mapping image paths to captions; got "
+                                 f"{type(data).__name__}.")
+            records, where = data, [f"entry {i + 1}" for i in range(len(data))]
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno}).") from exc
     pairs = []
+    for record, at in zip(records, where, strict=True):
+        if not isinstance(record, dict):
+            raise InputError(f"{path}, {at}: expected an object with image and caption keys; "
+                             f"got {type(record).__name__}.")
+        keys = list(record)
+        image_key = _pick(keys, IMAGE_COLUMNS, "image", path)
+        caption_key = _pick(keys, CAPTION_COLUMNS, "caption", path)
+        name, caption = record[image_key], record[caption_key]
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"{path}, {at}: the image path must be text; got {name!r:.60}.")
+        if not isinstance(caption, str):
+            raise InputError(f"{path}, {at}: the caption must be text; got "
+                             f"{type(caption).__name__} {caption!r:.60}.")
+        pairs.append(Pair(_image_path(name.strip(), path.parent), caption))
+    return pairs
+
+
+def _caption_file(image: Path) -> Path:
+    stem = image.name[: -len(".nii.gz")] if image.name.lower().endswith(".nii.gz") \
+        else image.name[: -len(image.suffix)]
+    return image.with_name(stem + ".txt")
+
+
+def _read_folder(folder: Path, log: Callable[[str], None] | None) -> list[Pair]:
+    pairs, uncaptioned = [], []
     for image in sorted(folder.iterdir()):
         name = image.name.lower()
         if not image.is_file() or not any(name.endswith(s) for s in SUPPORTED):
             continue
-        sidecar = image.with_name(image.name[: -len(image.suffix)] + ".txt")
-        if name.endswith(".nii.gz"):
-            sidecar = image.with_name(image.name[: -len(".nii.gz")] + ".txt")
+        sidecar = _caption_file(image)
         if sidecar.is_file():
-            pairs.append(Pair(image, sidecar.read_text(encoding="utf-8", errors="replace")))
+            pairs.append(Pair(image, _read_utf8(sidecar, "caption")))
+        else:
+            uncaptioned.append(image.name)
+    if uncaptioned and not pairs:
+        raise InputError(f"{folder}: {len(uncaptioned)} image(s) but no caption files; put "
+                         f"each caption in a .txt of the image's name beside it (e.g. "
+                         f"{_caption_file(folder / uncaptioned[0]).name}).")
+    if uncaptioned and log is not None:
+        log(f"{len(uncaptioned)} image(s) in {folder} have no caption file and are left out "
+            f"(e.g. {', '.join(uncaptioned[:3])}).")
     return pairs
 
 
-def read_pairs(source: str | Path) -> list[Pair]:
-    """Read (image, raw caption) pairs from a CSV file or a folder with sidecar ``.txt`` files.
+def read_pairs(source: str | Path, log: Callable[[str], None] | None = None) -> list[Pair]:
+    """Read (image, raw caption) pairs from a CSV/TSV, a JSON/JSON Lines file or a folder
+    with sidecar ``.txt`` files (see the module docstring).
+
+    ``log`` receives a line when some images of a folder have no caption file.
 
     Raises
     ------
     InputError
-        When the source does not exist, has no pairs, or names images that are missing
-        (the first few are listed).
+        When the source does not exist, is not UTF-8, is not valid CSV/JSON, has no pairs,
+        or names images that are missing (the first few are listed).
     """
     source = Path(source).expanduser()
-    if source.is_file() and source.suffix.lower() in (".csv", ".tsv"):
+    suffix = source.suffix.lower()
+    if source.is_file() and suffix in TABLE_SUFFIXES:
         pairs = _read_csv(source)
+    elif source.is_file() and suffix in JSON_SUFFIXES:
+        pairs = _read_json(source)
     elif source.is_dir():
-        pairs = _read_folder(source)
+        pairs = _read_folder(source, log)
     elif source.exists():
-        raise InputError(f"{source}: give a CSV file (path,caption) or a folder of images "
-                         "with same-name .txt captions.")
+        raise InputError(f"{source}: give a CSV file (path,caption), a JSON file or a folder "
+                         "of images with same-name .txt captions.")
     else:
         raise InputError(f"Caption data not found: {source}.")
     if not pairs:
