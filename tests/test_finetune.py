@@ -209,10 +209,59 @@ def test_refuses_to_overwrite_resumes_and_cancels(tiny_clip_dir, tmp_path):
                                                           "batch_size": 8}),
                       device="cpu", resume=True)
 
+    # Cancelled in epoch 1 of a new output: nothing appears, nothing is left beside it.
     calls = []
-    with pytest.raises(CancelledError, match="resume"):
+    with pytest.raises(CancelledError, match="nothing was saved"):
         finetune_clip(source, csv, tmp_path / "cancelled", cfg, device="cpu",
                       should_stop=lambda: calls.append(1) or len(calls) > 1)
+    assert not (tmp_path / "cancelled").exists()
+    assert not [p.name for p in tmp_path.iterdir() if "finetune-" in p.name]
+
+    # Cancelled in epoch 2: the folder holds epoch 1 (published after it), and resumes.
+    calls.clear()
+    two = FinetuneConfig(**{**FAST, "epochs": 2, "batch_size": 8})
+    with pytest.raises(CancelledError, match="after epoch 1 is saved .*resume"):
+        finetune_clip(source, csv, tmp_path / "half", two, device="cpu",
+                      should_stop=lambda: calls.append(1) or len(calls) > 2)
+    info = json.loads((tmp_path / "half" / "finetune.json").read_text())
+    assert info["epochs_done"] == 1 and info["complete"] is False
+    res = finetune_clip(source, csv, tmp_path / "half", two, device="cpu", resume=True)
+    assert [h["epoch"] for h in res.history] == [1, 2]
+
+    # Cancelled --overwrite: the earlier model stays byte-identical.
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    calls.clear()
+    with pytest.raises(CancelledError, match="keeps the earlier model"):
+        finetune_clip(source, csv, out, cfg, device="cpu", overwrite=True,
+                      should_stop=lambda: calls.append(1) or len(calls) > 1)
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p.name for p in tmp_path.iterdir() if "finetune-" in p.name]
+
+
+def test_overwrite_swaps_in_the_new_model_and_keeps_the_users_files(tiny_clip_dir, tmp_path):
+    import torch
+
+    from napari_medclipsam.finetune.train import FinetuneConfig, finetune_clip
+
+    csv = _toy_pairs(tmp_path / "data", 24, seed=6)
+    source = f"local-dir:{tiny_clip_dir}"
+    out = tmp_path / "out"
+    finetune_clip(source, csv, out, FinetuneConfig(**{**FAST, "epochs": 1, "batch_size": 8}),
+                  device="cpu")
+    (out / "retrieval.json").write_text('{"mine": 1}')  # the user's file in the output
+    (out / "notes").mkdir()
+    (out / "notes" / "a.txt").write_text("keep me")
+    old = (out / "open_clip_pytorch_model.bin").read_bytes()
+    res = finetune_clip(source, csv, out, FinetuneConfig(**{**FAST, "epochs": 1,
+                                                            "batch_size": 8, "lr": 1e-3}),
+                        device="cpu", overwrite=True)
+    assert res.out_dir == out and (out / "open_clip_pytorch_model.bin").read_bytes() != old
+    assert json.loads((out / "finetune.json").read_text())["config"]["lr"] == 1e-3
+    assert (out / "retrieval.json").read_text() == '{"mine": 1}'
+    assert (out / "notes" / "a.txt").read_text() == "keep me"
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["config"]["lr"] == 1e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
 
 
 def test_freezing_layers_keeps_them_unchanged(tiny_clip_dir, tmp_path):
@@ -264,4 +313,6 @@ def test_cli_finetune_then_eval_retrieval(tiny_clip_dir, tmp_path, capsys):
     assert saved["repeats"] == 2 and saved["n_pairs"] == 24 and saved["batch_size"] == 24
     assert main(["finetune-clip", str(csv), "-o", str(out), "--clip-model",
                  f"local-dir:{tiny_clip_dir}", "--batch-size", "1"]) == 2
-    assert "batch_size must be at least 2" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (
+        "medclipsam finetune-clip: error: --batch-size must be at least 2 (contrastive "
+        "learning needs pairs to compare); got 1.")

@@ -10,7 +10,14 @@ the same folder in the napari widget)::
     OUT/checkpoints/last.pt         model, optimiser and history after the last finished
                                     epoch (tensors and plain values only: it loads with
                                     ``weights_only=True``), for ``resume``
-    OUT/finetune.json               parameters, data split, per-epoch losses, best epoch
+    OUT/finetune.json               parameters, data split, per-epoch losses, best epoch,
+                                    epochs done and whether the run is complete
+
+OUT is never the source model's folder or the data's (nor inside or around them); a
+non-empty OUT is written only with ``resume`` or ``overwrite``; a new OUT appears complete
+after the first epoch, an overwritten one is swapped in when the run ends, so a killed run
+leaves no half-written folder and never loses the old model (see
+:mod:`napari_medclipsam.finetune.output`).
 
 Defaults are the paper's (DHN-NCE, tau 0.6, beta1 = beta2 = 0.15, lr 1e-6, batch 64, 224x224
 with CLIP normalisation, 85/15 split). The model's own ``logit_scale`` is not trained: the
@@ -23,6 +30,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +40,19 @@ from typing import Any
 from ..core.errors import CancelledError, InputError
 from ..core.io import atomic_path, write_text
 from .data import MIN_CAPTION_CHARS, PairDataset, clean_pairs, read_pairs, split_pairs
+from .output import (
+    CONFIG_NAME,
+    INFO_NAME,
+    LAST_CHECKPOINT,
+    TEXT_FILES,
+    WEIGHTS_NAME,
+    OutputFolder,
+    check_separate,
+)
 
-WEIGHTS_NAME = "open_clip_pytorch_model.bin"
-LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
-TEXT_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.json")
+__all__ = ["LAST_CHECKPOINT", "LOSS_NAMES", "WEIGHTS_NAME", "FinetuneConfig", "FinetuneResult",
+           "clip_inputs", "data_inputs", "finetune_clip", "load_checkpoint", "load_source_clip"]
+
 LOSS_NAMES = ("dhn-nce", "hn-nce", "dcl", "infonce")  # keys of losses.LOSSES (no torch here)
 ProgressFn = Callable[[int, int], None]
 StopFn = Callable[[], bool]
@@ -167,11 +183,10 @@ def _freeze(model, config: FinetuneConfig) -> None:
 
 def _copy_model_files(clip, out_dir: Path) -> None:
     config_dir = clip.extra.get("config_dir")
-    if not config_dir or not (Path(config_dir) / "open_clip_config.json").is_file():
-        raise InputError(f"{clip.source}: cannot find its open_clip_config.json to save the "
+    if not config_dir or not (Path(config_dir) / CONFIG_NAME).is_file():
+        raise InputError(f"{clip.source}: cannot find its {CONFIG_NAME} to save the "
                          "fine-tuned model beside it.")
-    shutil.copyfile(Path(config_dir) / "open_clip_config.json",
-                    out_dir / "open_clip_config.json")
+    shutil.copyfile(Path(config_dir) / CONFIG_NAME, out_dir / CONFIG_NAME)
     text_dir = clip.extra.get("text_dir")
     if text_dir:
         (out_dir / "text").mkdir(exist_ok=True)
@@ -180,17 +195,162 @@ def _copy_model_files(clip, out_dir: Path) -> None:
                 shutil.copyfile(Path(text_dir) / name, out_dir / "text" / name)
 
 
+def _write_failure(path: Path, exc: BaseException) -> str:
+    reason = getattr(exc, "strerror", None)
+    if not reason:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        reason = ("the disk is full" if free is not None and free < (64 << 20)
+                  else f"{type(exc).__name__}")
+    return f"Could not write {path}: {reason}. Free some space or choose another folder (-o)."
+
+
 def _save(obj: Any, path: Path) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as RuntimeError
+        raise InputError(_write_failure(path, exc)) from exc
+
+
+def _write_info(path: Path, info: dict[str, Any]) -> None:
+    try:
+        write_text(path, json.dumps(info, indent=2) + "\n")
+    except OSError as exc:
+        raise InputError(_write_failure(path, exc)) from exc
 
 
 def _collate(items):
     import torch
 
+    bad = [it[2] for it in items if it[2] is not None]
+    if bad:
+        return None, bad
     return torch.stack([it[0] for it in items]), [it[1] for it in items]
+
+
+class _CheckedPairs:
+    """A PairDataset whose unreadable images come back as a message (from a DataLoader
+    worker too) instead of an exception with a worker's traceback in its text."""
+
+    def __init__(self, dataset: PairDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            image, caption = self.dataset[index]
+        except InputError as exc:
+            return None, None, str(exc)
+        return image, caption, None
+
+
+def _unsafe_pickle(exc: BaseException) -> bool:
+    return isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower()
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def clip_inputs(clip_source: str, clip=None) -> tuple[list[tuple[Path, str]],
+                                                      list[tuple[Path, str]]]:
+    """The folders and files of the source CLIP (``([(folder, what)], [(file, what)])``)
+    that fine-tuning must never write: the ``local-dir:`` folder, a checkpoint file and the
+    folder holding its config; with a loaded ``clip``, also where it was loaded from (the
+    hub cache's snapshot, the text tower's folder, the weights)."""
+    from ..core.models import CHECKPOINT_SUFFIXES
+
+    folders: list[tuple[Path, str]] = []
+    files: list[tuple[Path, str]] = []
+    if not clip_source.startswith("hf-hub:"):
+        path = Path(clip_source.removeprefix("local-dir:")).expanduser()
+        if clip_source.startswith("local-dir:") or path.is_dir():
+            folders.append((path, "source model folder"))
+        elif path.suffix in CHECKPOINT_SUFFIXES:
+            files.append((path, "source model's weights"))
+            if (path.parent / CONFIG_NAME).is_file():
+                folders.append((path.parent, "source model folder"))
+    if clip is not None:
+        for key in ("config_dir", "text_dir"):
+            if clip.extra.get(key):
+                folders.append((Path(clip.extra[key]), "source model folder"))
+        if clip.weights_path:
+            files.append((Path(clip.weights_path), "source model's weights"))
+    return folders, files
+
+
+def data_inputs(data: str | Path, pairs) -> tuple[list[tuple[Path, str]],
+                                                  list[tuple[Path, str]]]:
+    """The caption data's folder (a sidecar folder) or file (CSV/JSON) and every image."""
+    data = Path(data).expanduser()
+    if data.is_dir():
+        folders = [(data, "caption data folder")]
+        files = []
+    else:
+        folders, files = [], [(data, "caption file")]
+    files += [(p.image, "training image") for p in pairs]
+    return folders, files
+
+
+def load_source_clip(clip_source: str, device: str):
+    """:func:`~napari_medclipsam.core.models.load_clip`, with damaged or unsafe weights
+    reported as one :class:`InputError` line (never torch's advice to load them unsafely)."""
+    import logging
+
+    from ..core.models import ModelUnavailableError, load_clip
+
+    try:
+        return load_clip(clip_source, device)
+    except (InputError, ModelUnavailableError):
+        raise
+    except Exception as exc:
+        logging.getLogger("medclipsam").debug("loading %s failed", clip_source, exc_info=True)
+        if _unsafe_pickle(exc):
+            raise InputError(
+                f"The CLIP model {clip_source} was not loaded: its weights file holds Python "
+                "objects, not only tensors, and such a file can run code when it is opened. "
+                "Use the model's original weights.") from None
+        raise InputError(
+            f"The CLIP model {clip_source} could not be loaded: its weights file is damaged, "
+            "truncated or not a PyTorch/safetensors state dict for its open_clip_config.json "
+            f"({type(exc).__name__}). Copy or download the weights again.") from None
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "best_val", "config")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a fine-tuning ``last.pt`` (``weights_only=True``, on the CPU).
+
+    Raises
+    ------
+    InputError
+        One line when it holds Python objects (refused, not loaded), is damaged, or is not
+        a fine-tuning checkpoint.
+    """
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if _unsafe_pickle(exc):
+            raise InputError(f"{path} was not loaded: it holds Python objects, not only "
+                             "tensors and plain values, so it was not written by fine-tuning "
+                             "(or was changed) and could run code. Start again with "
+                             "--overwrite.") from None
+        raise InputError(f"{path} cannot be read: it is damaged or truncated "
+                         f"({type(exc).__name__}). Start again with --overwrite.") from None
+    if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS) \
+            or not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        raise InputError(f"{path} is not a fine-tuning checkpoint (no model, optimiser and "
+                         "epoch in it). Start again with --overwrite.")
+    return state
 
 
 # --------------------------------------------------------------------------- the loop
@@ -215,35 +375,43 @@ def finetune_clip(
     clip_source : str
         Anything :func:`~napari_medclipsam.core.models.load_clip` accepts.
     data : path
-        A CSV (path,caption) or a folder of images with same-name ``.txt`` captions.
+        A CSV (path,caption), a JSON file or a folder of images with same-name ``.txt``
+        captions (see :mod:`napari_medclipsam.finetune.data`).
     out_dir : path
-        The folder to write (see the module docstring). An existing fine-tuning folder is
-        never overwritten unless ``overwrite``; with ``resume`` training continues from its
-        ``checkpoints/last.pt`` (same parameters required; ``epochs`` may be raised).
+        The folder to write (see the module docstring). It may not be, hold or lie inside
+        the source model's folder or the data folder, nor hold a data file. A new or empty
+        folder is written; a non-empty one only with ``overwrite`` (an earlier fine-tuning
+        output, replaced when the new run is complete; its other files are kept) or
+        ``resume`` (training continues from its ``checkpoints/last.pt``; same parameters
+        required, ``epochs`` may be raised). See :mod:`napari_medclipsam.finetune.output`.
     progress : callable, optional
         ``progress(step, total_steps)`` after every optimisation step.
     should_stop : callable, optional
-        Checked before every step; on True the last finished epoch stays saved (resumable)
-        and :class:`CancelledError` is raised.
+        Checked before every step; on True :class:`CancelledError` is raised: a new output
+        keeps its last finished epoch (resumable), an overwritten one keeps the old model.
     log : callable, optional
-        Receives one line per epoch.
-    """
-    import torch
+        Receives one line per epoch and notes (leftovers cleaned, batch size reduced).
 
-    from ..core.models import load_clip, resolve_device
+    Raises
+    ------
+    InputError
+        For anything wrong with the data, the output folder, the model's files or a
+        checkpoint, in one line (nothing of the user's is changed).
+    ModelUnavailableError
+        When the model's files are missing (as :func:`check_model_sources` says).
+    """
+    from ..core.models import check_model_sources, resolve_device
 
     config = config or FinetuneConfig()
     say = log or (lambda line: None)
     out_dir = Path(out_dir).expanduser()
-    last_path = out_dir / LAST_CHECKPOINT
-    existing = out_dir.is_dir() and ((out_dir / WEIGHTS_NAME).exists() or last_path.exists())
-    if existing and not (resume or overwrite):
-        raise InputError(f"{out_dir} already holds a fine-tuned model. Pass resume to continue "
-                         "its training, overwrite to start again, or choose another folder.")
-    if resume and not last_path.is_file():
-        raise InputError(f"Nothing to resume: {last_path} does not exist.")
+    try:
+        device = resolve_device(device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
-    pairs, n_dropped = clean_pairs(read_pairs(data), config.min_caption_chars)
+    raw_pairs = read_pairs(data, log=say)
+    pairs, n_dropped = clean_pairs(raw_pairs, config.min_caption_chars)
     if len(pairs) < 3:
         raise InputError(f"{data}: only {len(pairs)} pair(s) left after dropping captions "
                          f"shorter than {config.min_caption_chars} characters; fine-tuning "
@@ -251,9 +419,32 @@ def finetune_clip(
     train_pairs, val_pairs = split_pairs(pairs, config.val_fraction, config.seed)
     if len(train_pairs) < 2:
         raise InputError("Fewer than 2 training pairs after the split.")
+    model_folders, model_files = clip_inputs(clip_source)
+    data_folders, data_files = data_inputs(data, raw_pairs)
+    check_separate(out_dir, model_folders + data_folders, model_files + data_files)
+    OutputFolder.check(out_dir, resume=resume, overwrite=overwrite)  # before the slow load
 
-    device = resolve_device(device)
-    clip = load_clip(clip_source, device)
+    check_model_sources(clip_model=clip_source, device=device)
+    clip = load_source_clip(clip_source, device)
+    check_separate(out_dir, *clip_inputs(clip_source, clip))
+
+    output = OutputFolder.open(out_dir, resume=resume, overwrite=overwrite, log=say)
+    try:
+        result = _train(clip, clip_source, data, output, config, device, train_pairs,
+                        val_pairs, n_dropped, progress, should_stop, say)
+        output.finish()
+    except BaseException:
+        output.abort()
+        raise
+    return result
+
+
+def _train(clip, clip_source, data, output: OutputFolder, config: FinetuneConfig, device,
+           train_pairs, val_pairs, n_dropped, progress, should_stop, say) -> FinetuneResult:
+    import torch
+
+    out_dir = output.out
+    state = load_checkpoint(out_dir / LAST_CHECKPOINT) if output.mode == "resume" else None
     model = copy.deepcopy(clip.model).to(device)
     _freeze(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -264,39 +455,48 @@ def finetune_clip(
 
     history: list[dict[str, float]] = []
     start_epoch, best_val, best_epoch = 0, float("inf"), None
-    if resume:
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
+    if state is not None:
         saved = dict(state["config"])
         mismatch = {k for k, v in config.to_dict().items() if k != "epochs" and saved.get(k) != v}
         if mismatch or state.get("source") != clip_source:
             raise InputError(f"Cannot resume {out_dir}: it was trained with other parameters "
                              f"({', '.join(sorted(mismatch)) or 'clip model'}). Use the same "
                              "ones, or overwrite.")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if use_amp and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        history = [dict(h) for h in state["history"]]
-        best_val = float(state["best_val"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if use_amp and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            start_epoch = int(state["epoch"])
+            history = [dict(h) for h in state["history"]]
+            best_val = float(state["best_val"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise InputError(f"{out_dir / LAST_CHECKPOINT} does not fit the model "
+                             f"{clip_source} ({type(exc).__name__}); resume with the model it "
+                             "was trained from, or start again with --overwrite.") from None
         best_epoch = state.get("best_epoch")
         say(f"resuming after epoch {start_epoch}")
     else:
-        if out_dir.exists() and overwrite:
-            for name in (WEIGHTS_NAME, "finetune.json"):
-                (out_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        _copy_model_files(clip, out_dir)
+        (output.work / LAST_CHECKPOINT.parent).mkdir(exist_ok=True)
+        _copy_model_files(clip, output.work)
 
     size, mean, std = clip.image_size, clip.mean, clip.std
-    train_set = PairDataset(train_pairs, size, mean, std)
-    val_set = PairDataset(val_pairs, size, mean, std)
+    train_set = _CheckedPairs(PairDataset(train_pairs, size, mean, std))
+    val_set = _CheckedPairs(PairDataset(val_pairs, size, mean, std))
     batch = min(config.batch_size, len(train_set))
+    if batch < config.batch_size:
+        say(f"batch size {config.batch_size} is more than the {len(train_set)} training "
+            f"pairs: each step uses all {batch}.")
     steps_per_epoch = len(train_set) // batch
     total = steps_per_epoch * config.epochs
     step = steps_per_epoch * start_epoch
     tokenizer = clip.tokenizer
+
+    def checked(images, captions):
+        if images is None:
+            raise InputError(f"{captions[0]} (a training image of {data}: fix or remove it"
+                             + (", then --resume)." if output.published else ")."))
+        return images, captions
 
     def batch_loss(images, captions):
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
@@ -304,11 +504,22 @@ def finetune_clip(
             txt = model.encode_text(tokenizer(list(captions)).to(device))
         return loss_fn(img.float(), txt.float())
 
-    def save_state(epoch: int) -> None:
-        _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "scaler": scaler.state_dict() if use_amp else {}, "epoch": epoch,
-               "history": history, "best_val": best_val, "best_epoch": best_epoch,
-               "config": config.to_dict(), "source": clip_source}, last_path)
+    def info(epochs_done: int) -> dict[str, Any]:
+        return {"source": clip_source, "data": str(data), "config": config.to_dict(),
+                "batch_size_used": batch, "n_train": len(train_pairs), "n_val": len(val_pairs),
+                "n_dropped": n_dropped, "history": history, "best_epoch": best_epoch,
+                "epochs_done": epochs_done, "complete": epochs_done >= config.epochs,
+                "weights": WEIGHTS_NAME, "versions": {"torch": torch.__version__}}
+
+    def cancelled(epoch: int) -> CancelledError:
+        if output.mode == "overwrite":
+            kept = f"{out_dir} keeps the earlier model; nothing of this run was saved."
+        elif output.published:
+            kept = (f"the model after epoch {epoch} is saved in {out_dir} (resume to "
+                    "continue).")
+        else:
+            kept = "nothing was saved (no epoch had finished)."
+        return CancelledError(f"Fine-tuning cancelled in epoch {epoch + 1}; {kept}")
 
     result = FinetuneResult(out_dir, history, best_epoch, len(train_pairs), len(val_pairs),
                             n_dropped)
@@ -321,9 +532,8 @@ def finetune_clip(
         losses = []
         for images, captions in loader:
             if should_stop is not None and should_stop():
-                raise CancelledError(f"Fine-tuning cancelled in epoch {epoch + 1}; the model "
-                                     f"after epoch {epoch} is saved in {last_path} (resume).")
-            loss = batch_loss(images, captions)
+                raise cancelled(epoch)
+            loss = batch_loss(*checked(images, captions))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -339,6 +549,7 @@ def finetune_clip(
                                                   num_workers=config.num_workers,
                                                   collate_fn=_collate)
             for images, captions in vloader:
+                images, captions = checked(images, captions)
                 if len(captions) >= 2:
                     val_losses.append(float(batch_loss(images, captions)))
         train_loss = float(sum(losses) / max(len(losses), 1))
@@ -346,17 +557,23 @@ def finetune_clip(
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
         # The best epoch by validation loss (by training loss when there is no validation).
         score = val_loss if val_losses else train_loss
+        work = output.work
+        # Written in this order so that a run killed between two files resumes correctly:
+        # the weights of a new best first, then the state naming it, then the summary.
         if score < best_val:
             best_val, best_epoch = score, epoch + 1
-            _save(model.state_dict(), out_dir / WEIGHTS_NAME)
-        save_state(epoch + 1)
+            _save(model.state_dict(), work / WEIGHTS_NAME)
+        _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "scaler": scaler.state_dict() if use_amp else {}, "epoch": epoch + 1,
+               "history": history, "best_val": best_val, "best_epoch": best_epoch,
+               "config": config.to_dict(), "source": clip_source}, work / LAST_CHECKPOINT)
+        _write_info(work / INFO_NAME, info(epoch + 1))
+        output.epoch_saved()
         say(f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, "
             f"val loss {val_loss:.4f}" + (" (best)" if best_epoch == epoch + 1 else ""))
 
+    if output.mode == "resume" and start_epoch >= config.epochs:
+        say(f"{out_dir} has already trained {start_epoch} epoch(s); raise the number of "
+            "epochs to train more.")
     result.history, result.best_epoch = history, best_epoch
-    info = {"source": clip_source, "data": str(data), "config": config.to_dict(),
-            "n_train": len(train_pairs), "n_val": len(val_pairs), "n_dropped": n_dropped,
-            "history": history, "best_epoch": best_epoch, "weights": WEIGHTS_NAME,
-            "versions": {"torch": torch.__version__}}
-    write_text(out_dir / "finetune.json", json.dumps(info, indent=2) + "\n")
     return result
