@@ -138,11 +138,13 @@ def slice_index(viewer: napari.Viewer, layer) -> int:
 @dataclass(frozen=True)
 class Outcome:
     """What a guarded worker call ended with: a ``value``, an ``error`` message, or
-    ``cancelled``; exactly one applies."""
+    ``cancelled``; exactly one applies. A cancelled call may leave ``partial``: what it
+    finished before it stopped (the ``partial`` of the :class:`CancelledError` it raised)."""
 
     value: Any = None
     error: str | None = None
     cancelled: bool = False
+    partial: Any = None
 
     @property
     def ok(self) -> bool:
@@ -161,8 +163,8 @@ def run_guarded(func: Callable, *args, **kwargs) -> Outcome:
     avoid_triton_llvm_clash()
     try:
         return Outcome(value=func(*args, **kwargs))
-    except CancelledError:
-        return Outcome(cancelled=True)
+    except CancelledError as exc:
+        return Outcome(cancelled=True, partial=getattr(exc, "partial", None))
     except (ModelUnavailableError, *USER_ERRORS) as exc:
         return Outcome(error=str(exc))
     except Exception as exc:  # a bug: report it, never crash napari
