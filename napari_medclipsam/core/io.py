@@ -21,10 +21,18 @@ Conventions
     for a CT lung window, in Hounsfield units) or, by default, taken from the 0.5th and
     99.5th percentiles of the image, or of the whole volume for volumes, so every slice
     of a scan is windowed the same way.
+* Safety: a file's decoded size is checked from its header before any pixel is decoded
+  (:func:`check_decoded_size`; limit ``$MEDCLIPSAM_MAX_PIXELS``, default 178,956,970 pixels
+  for 2-D images, PIL's own threshold, and 1.5e9 voxels for volumes). The chain refuses 2-D
+  images with a side under 8 pixels or an aspect ratio over 50:1 (:func:`check_image_shape`).
+  Writes are atomic (:func:`atomic_path`), honour the umask, and leave temporaries named
+  ``.NAME.partial-PID-TOKEN.SUFFIX`` that :func:`remove_stale_temporaries` cleans after a
+  killed run. Every image mode the readers meet is listed in :func:`read_image`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -972,7 +980,7 @@ def _parse_temporary(name: str) -> int | None:
 
 
 @contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
+def atomic_path(target: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` in one
     step, on error it is removed, so a reader never sees a half-written file.
 
@@ -980,9 +988,15 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     final file gets mode ``0o666 & ~umask`` like any file the user's tools create. A
     temporary left by a killed process is removed by :func:`remove_stale_temporaries`.
     Missing parent folders are made with the umask's modes.
+
+    With ``overwrite=False`` an existing ``target`` is never replaced, not even one that
+    appears while the temporary is written: the file is linked into place (no clobber) and
+    :class:`FileExistsError` is raised if ``target`` exists by then.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, "File exists", str(target))
     while True:
         tmp_path = target.parent / temporary_name(target)
         try:
@@ -996,11 +1010,27 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~current_umask())
-        os.replace(tmp_path, target)
+        if overwrite:
+            os.replace(tmp_path, target)
+        else:
+            _link_no_clobber(tmp_path, target)
     finally:
         _ACTIVE_TEMPS.discard(active)
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _link_no_clobber(source: Path, target: Path) -> None:
+    """Put ``source`` at ``target`` unless ``target`` exists (atomically where the file
+    system has hard links; else checked just before the rename)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+        os.replace(source, target)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1050,9 +1080,10 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+def write_text(path: str | Path, text: str, *, overwrite: bool = True) -> None:
+    """Write ``text`` (UTF-8) atomically; ``overwrite=False``: see :func:`atomic_path`."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_mask_png(path: str | Path, mask: np.ndarray) -> None:
