@@ -146,7 +146,9 @@ def test_volume_slice_by_slice_to_nifti(model_flags, tmp_path, capsys):
     mask = nib.load(str(out / "masks" / "vol.nii.gz"))
     assert mask.shape == (40, 32, 3) and np.allclose(mask.affine, affine)
     prompts = json.loads((out / "prompts" / "vol.json").read_text())
-    assert set(prompts) == {"slices", "found_slices"}
+    assert {"slices", "found_slices"} <= set(prompts)
+    assert prompts["slices_run"] == [0, 1, 2] and prompts["skipped_slices"] == []
+    assert not (out / "partial").exists()  # the partial files go once the volume is written
 
 
 def test_nothing_found_is_reported_not_crashed(model_flags, image_dir, tmp_path, capsys):

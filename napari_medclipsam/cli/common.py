@@ -1,11 +1,23 @@
 """What several ``medclipsam`` subcommands share: the user-error type, model and chain
-flags, and a tqdm progress callback."""
+flags, a tqdm progress callback, and the CLI-wide handling of warnings, OS errors and
+SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import logging
-from collections.abc import Callable
+import os
+import re
+import signal
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from ..core.config import (
     BOX_MODES,
@@ -21,13 +33,19 @@ from ..core.config import (
     SamConfig,
 )
 
-__all__ = ["CLIError", "add_chain_flags", "add_model_flags", "logger", "tqdm_progress"]
+__all__ = ["CLIError", "Terminated", "add_chain_flags", "add_model_flags", "check_device",
+           "check_writable_folder", "logger", "oserror_line", "quiet_warnings", "read_json_file",
+           "sigterm_as_interrupt", "tqdm_progress"]
 
 logger = logging.getLogger("medclipsam")
 
 
 class CLIError(Exception):
     """A user mistake: printed as one clear line, exit status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received (see :func:`sigterm_as_interrupt`): stops the work like Ctrl-C."""
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -106,3 +124,137 @@ def tqdm_progress(desc: str) -> Callable[[int, int], None]:
             bar["bar"].close()
 
     return update
+
+
+# --------------------------------------------------------------------------- CLI-wide
+
+#: Third-party warnings are hidden unless ``--debug``: users cannot act on them (e.g.
+#: ``FutureWarning: torch.jit.interface is deprecated``, timm/transformers deprecations).
+_OUR_MODULES = r"napari_medclipsam(\.|$)"
+
+
+def quiet_warnings(debug: bool = False) -> None:
+    """Install the warning filters of a CLI run (call inside ``warnings.catch_warnings()``,
+    before torch, timm or open_clip are imported, so their import-time warnings are covered).
+
+    Without ``debug`` every warning is hidden except a ``UserWarning`` raised by this
+    package itself; with it, every warning is shown (once per place)."""
+    if debug:
+        warnings.simplefilter("default")
+        return
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", category=UserWarning, module=_OUR_MODULES)
+
+
+def oserror_line(exc: OSError) -> str:
+    """One line for an OSError (no traceback): what failed, on which file, what to do."""
+    name = exc.filename if exc.filename is not None else ""
+    where = f" ({name})" if name else ""
+    code = exc.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return (f"no space left on the device{where}; free some space or choose another "
+                "-o folder, then rerun (with --resume where the command has it).")
+    if code == errno.EROFS:
+        return f"read-only file system{where}; choose a folder you can write to."
+    if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}; choose a file or folder you can use."
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file or folder{where}."
+    if isinstance(exc, IsADirectoryError):
+        return f"is a folder, not a file{where}."
+    if isinstance(exc, NotADirectoryError):
+        return f"not a folder{where}."
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text[0].lower()}{text[1:]}{where}."
+
+
+_DEVICE_RE = re.compile(r"^(cpu|mps|auto|cuda(:[0-9]+)?)$")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse an unknown or unavailable ``--device`` before any model loads (imports torch
+    only for cuda/mps, whose availability it checks)."""
+    if device in (None, ""):
+        return
+    if not _DEVICE_RE.match(device):
+        raise CLIError(f"--device {device}: unknown device; use cpu, cuda, cuda:N or mps "
+                       "(or leave it out to choose automatically).")
+    if device in ("cpu", "auto"):
+        return
+    from ..core.models import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def read_json_file(path: str | Path, flag: str) -> Any:
+    """A JSON file given on the command line, or a :class:`CLIError` naming ``flag`` and the
+    cause (missing, a folder, unreadable, not UTF-8, not valid JSON)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{flag} {path}: is a folder; give a JSON file.")
+    if not path.is_file():
+        raise CLIError(f"{flag} {path}: file not found.")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: cannot read it ({exc.strerror or exc}).") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{flag} {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 "
+                       "JSON.") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{flag} {path}: not valid JSON ({exc.msg} at line {exc.lineno} "
+                       f"column {exc.colno}).") from exc
+
+
+def check_writable_folder(folder: str | Path, flag: str = "-o") -> None:
+    """Refuse an output folder that is a file or cannot be written, before any work:
+    the folder (or its nearest existing parent) must take a new entry. Leaves nothing
+    behind."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"{flag} {folder}: exists and is not a folder; choose a folder.")
+    probe_in = folder
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise CLIError(f"{flag} {folder}: {probe_in} is a file, not a folder; choose another "
+                       "place.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".medclipsam-probe-", dir=probe_in))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise CLIError(f"{flag} {folder}: cannot write in {probe_in} ({reason}); choose a "
+                       "folder you can write to.") from exc
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main
+    thread, so a stopped run saves its work as on Ctrl-C. Outside the main thread, or where
+    the platform has no SIGTERM, nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or \
+            not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
