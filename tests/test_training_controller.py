@@ -13,15 +13,33 @@ import pandas as pd
 import pytest
 
 from napari_medclipsam._widgets.training_controller import (
+    CPU_REFERENCE_CORES,
+    EPOCH_OVERHEAD_S,
+    LOG_LINES,
+    MAX_LINE,
+    SCHEDULE_PRESETS,
+    SECONDS_PER_ITERATION,
+    STARTUP_S,
+    VALIDATION_COST,
     JobStatus,
     Prediction,
     TrainingController,
+    estimate_training,
     export_label_table,
+    filter_log,
     folders_from_values,
+    format_duration,
+    full_log,
+    guess_device,
+    in_gui_words,
     label_name_from_layer,
     label_table_from_features,
+    measured_seconds_per_iteration,
+    preset_named,
+    preset_of,
     schedule_from_values,
     status_line,
+    uncertainty_words,
 )
 from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.nnunet.job import NnUNetFolders, format_eta
@@ -322,3 +340,311 @@ def test_a_folder_ranking_becomes_the_queue(tmp_path):
     os.remove(images / "a_0000.png")
     with pytest.raises(InputError, match="No image for case 'a'"):
         ctl.load_ranking(pred, images)
+
+
+# --------------------------------------------------------------------------- time estimate
+PAPER = dict(epochs=600, cycles=3, checkpoints_per_cycle=10, iterations_per_epoch=250,
+             val_iterations_per_epoch=50)
+
+
+def _expected_seconds(schedule, per_iteration, device):
+    per_epoch = (schedule.iterations_per_epoch
+                 + VALIDATION_COST * schedule.val_iterations_per_epoch) * per_iteration
+    return STARTUP_S + schedule.epochs * (per_epoch + EPOCH_OVERHEAD_S[device])
+
+
+def test_the_estimate_is_epochs_times_iterations_times_the_device_cost():
+    paper = schedule_from_values(**PAPER)
+    cpu = estimate_training(paper, "cpu", "2d", cores=CPU_REFERENCE_CORES)
+    assert cpu.seconds_per_iteration == SECONDS_PER_ITERATION[("cpu", "2d")]
+    assert cpu.seconds == pytest.approx(
+        _expected_seconds(paper, SECONDS_PER_ITERATION[("cpu", "2d")], "cpu"))
+    assert cpu.iterations == 150_000 and not cpu.measured
+    # nnU-Net's length on a CPU is days, and the words say so and offer the quick preset
+    assert cpu.seconds > 5 * 24 * 3600 and cpu.too_long
+    assert cpu.duration.endswith("days")
+    assert "days" in cpu.words() and "Quick try" in cpu.words() and "CPU" in cpu.words()
+    # more cores: faster, but not linearly
+    eight = estimate_training(paper, "cpu", "2d", cores=8)
+    assert cpu.seconds / 4 < eight.seconds < cpu.seconds / 2
+    # the same schedule on a GPU: hours, without the warning
+    gpu = estimate_training(paper, "cuda", "2d")
+    assert 3600 < gpu.seconds < 24 * 3600 and not gpu.too_long
+    assert gpu.duration.endswith("h") and "GPU" in gpu.words()
+    assert "Quick try" not in gpu.words()
+    # a 3-D iteration costs more; a resumed run counts only the epochs left
+    assert estimate_training(paper, "cuda", "3d_fullres").seconds > gpu.seconds
+    half = estimate_training(paper, "cuda", "2d", epochs_done=300)
+    assert half.iterations == 75_000
+    assert half.seconds - STARTUP_S == pytest.approx((gpu.seconds - STARTUP_S) / 2)
+    # a measured cost replaces the table's
+    measured = estimate_training(paper, "cpu", seconds_per_iteration=0.5, why="chosen")
+    assert measured.measured and measured.seconds == pytest.approx(
+        _expected_seconds(paper, 0.5, "cpu"))
+    assert "timed in this dataset's last run" in measured.words()
+
+
+def test_presets_set_the_schedule_and_say_their_time():
+    keys = [p.key for p in SCHEDULE_PRESETS]
+    assert keys == ["quick", "short", "paper"]
+    for preset in SCHEDULE_PRESETS:
+        schedule = preset.schedule()                       # every preset is a valid schedule
+        assert preset_of(preset.values()) is preset and preset_named(preset.key) is preset
+        assert schedule.n_checkpoints == preset.cycles * preset.checkpoints_per_cycle
+    assert preset_named("paper").values() == PAPER
+    assert preset_of({**PAPER, "epochs": 300}) is None     # custom
+    with pytest.raises(InputError, match="quick, short, paper"):
+        preset_named("fast")
+    quick = preset_named("quick")
+    # "a first model within the hour on a CPU", even on 2 cores
+    on_cpu = estimate_training(quick.schedule(), "cpu", cores=2)
+    assert on_cpu.seconds < 3600 and not on_cpu.too_long
+    label = quick.label("cpu", cores=2)
+    assert label == f"Quick try: ~{on_cpu.duration}" and label.endswith("min")
+    assert preset_named("paper").label("cpu", cores=2).endswith("days")
+    assert preset_named("paper").label("cuda").endswith(" h")
+    assert "10 epochs × 20 iterations" in quick.details
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (30, "1 min"), (80, "2 min"), (44 * 60, "44 min"), (90 * 60, "1.5 h"), (2 * 3600, "2 h"),
+    (20 * 3600, "20 h"), (3 * 86400, "3 days"), (5.26 * 86400, "5.3 days"),
+    (15.2 * 86400, "15 days")])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_the_cost_measured_in_a_previous_run(folders):
+    status = {"epoch_time_s": 62.0, "device": "cpu", "iterations_per_epoch": 4}
+    schedule = {"iterations_per_epoch": 4, "val_iterations_per_epoch": 2}
+    expected = (62.0 - EPOCH_OVERHEAD_S["cpu"]) / (4 + VALIDATION_COST * 2)
+    assert measured_seconds_per_iteration(status, schedule, "cpu") == pytest.approx(expected)
+    assert measured_seconds_per_iteration({**status, "device": "cuda:0"}, schedule,
+                                          "cuda") == pytest.approx(
+        (62.0 - EPOCH_OVERHEAD_S["cuda"]) / (4 + VALIDATION_COST * 2))
+    assert measured_seconds_per_iteration(status, schedule, "cuda") is None  # other device
+    assert measured_seconds_per_iteration({"device": "cpu"}, schedule, "cpu") is None
+
+    # the controller uses this dataset's last run when it was on the same device
+    ctl = TrainingController()
+    (folders.raw / "Dataset004_Toy").mkdir(parents=True)
+    job_dir = folders.results / "Dataset004_Toy" / "medclipsam_job"
+    job_dir.mkdir(parents=True)
+    (job_dir / "job.json").write_text(json.dumps(
+        {"schedule": schedule, "device": "cpu", "configuration": "2d"}))
+    (job_dir / "status.json").write_text(json.dumps(
+        {"phase": "cancelled", "epoch": 2, "epochs": 10, **status}))
+    paper = schedule_from_values(**PAPER)
+    assert not ctl.estimate(paper, "cpu").measured              # no job located yet
+    ctl.locate_job(folders, 4)
+    estimate = ctl.estimate(paper, "cpu", "2d")
+    assert estimate.measured and estimate.seconds_per_iteration == pytest.approx(expected)
+    assert not ctl.estimate(paper, "cuda").measured             # not measured there
+    assert not ctl.estimate(paper, "cpu", "3d_fullres").measured
+
+
+def test_guess_device_without_importing_torch(monkeypatch):
+    import importlib.metadata
+    import sys
+    import types
+
+    for choice in ("cpu", "cuda", "mps"):
+        assert guess_device(choice) == (choice, "chosen")
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True),
+                                 backends=types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    assert guess_device("auto") == ("cuda", "found by torch")
+    fake.cuda.is_available = lambda: False
+    assert guess_device("auto") == ("cpu", "torch finds no GPU")
+    # torch not imported: a CPU-only build says CPU whatever drivers there are
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.5.0+cpu")
+    assert guess_device("auto") == ("cpu", "torch is the CPU-only build")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.5.0+cu124")
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/proc/driver/nvidia/version")
+    assert guess_device("auto") == ("cuda", "an NVIDIA driver is installed")
+    assert "torch" not in sys.modules
+
+
+# --------------------------------------------------------------------------- the job's log
+NETWORK_DUMP = """\
+PlainConvUNet(
+  (encoder): PlainConvEncoder(
+    (stages): Sequential(
+      (0): Sequential(
+        (0): StackedConvBlocks(
+          (convs): Sequential(
+            (0): ConvDropoutNormReLU(
+              (conv): Conv2d(1, 32, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+            )
+          )
+        )
+      )
+    )
+  )
+)"""
+PLANS = "{'data_identifier': 'nnUNetPlans_2d', 'batch_size': 10, " + \
+    ", ".join(f"'k{i}': {i}" for i in range(200)) + "}"
+JOB_LOG = f"""
+==== 2026-11-24 09:28:29 start Dataset001_M
+Dataset001_M
+Using <class 'nnunetv2.imageio.natural_image_reader_writer.NaturalImage2DIO'> as reader/writer
+
+####################
+verify_dataset_integrity Done.
+If you didn't see any error messages then your dataset is most likely OK!
+####################
+2D U-Net configuration:
+{PLANS}
+/x/torch/jit/_script.py:1643: FutureWarning: `torch.jit.interface` is deprecated.
+  warnings.warn(
+Trainer 'nnUNetTrainerCheckpointEnsemble' not found in nnunetv2.training.nnUNetTrainer.
+Searching in: /x/trainers
+  Inspecting module: nnUNetTrainerCheckpointEnsemble
+Found class nnUNetTrainerCheckpointEnsemble in nnUNetTrainerCheckpointEnsemble
+Using device: cpu
+
+#######################################################################
+Please cite the following paper when using nnU-Net:
+Isensee, F., Jaeger, P. F., Kohl, S. A., Petersen, J., & Maier-Hein, K. H. (2021). nnU-Net: a
+#######################################################################
+
+{NETWORK_DUMP}
+2026-11-24 09:28:45.008401: Unable to plot network architecture:
+2026-11-24 09:28:45.008439: No module named 'hiddenlayer'
+This is the configuration used by this training:
+Configuration name: 2d
+ {PLANS}
+
+These are the global plan.json settings:
+ {PLANS}
+
+2026-11-24 09:28:46.310723: Epoch 0
+2026-11-24 09:28:46.310800: Current learning rate: 0.01
+2026-11-24 09:29:17.880100: train_loss 0.038
+2026-11-24 09:29:17.880200: Pseudo dice [np.float32(0.9597)]
+2026-11-24 09:29:17.880476: Epoch time: 31.57 s
+2026-11-24 09:29:18.353449: Yayy! New best EMA pseudo Dice: 0.2888999879360199
+2026-11-24 09:29:19.273583: Epoch 1
+2026-11-24 09:30:21.440000: Ensemble checkpoint cycle1_epoch0002.pth
+2026-11-24 09:30:21.446206: Epoch time: 62.17 s
+Traceback (most recent call last):
+  File "/x/job.py", line 3, in _run
+RuntimeError: {{'boom': 1}} out of memory
+"""
+
+
+def test_the_log_tail_leaves_out_nnunets_dumps():
+    text = filter_log(JOB_LOG, lines=100)
+    lines = text.splitlines()
+    for dump in ("PlainConvUNet(", "(encoder)", "Conv2d(", "data_identifier", "####",
+                 "Please cite", "Isensee", "FutureWarning", "warnings.warn", "Searching in",
+                 "Inspecting module", "reader/writer", "configuration used by",
+                 "plan.json settings", "hiddenlayer", "verify_dataset_integrity"):
+        assert dump not in text, dump
+    assert lines[0] == "==== 2026-11-24 09:28:29 start Dataset001_M"
+    assert "09:28:46 Epoch 0" in lines and "09:28:46 Current learning rate: 0.01" in lines
+    assert "09:29:17 Pseudo dice [0.9597]" in lines                  # no np.float32(...)
+    assert "09:30:21 Ensemble checkpoint cycle1_epoch0002.pth" in lines
+    assert "09:30:21 Epoch time: 62.17 s" in lines
+    # errors stay, even when they look like a dump
+    assert lines[-3:] == ["Traceback (most recent call last):",
+                          '  File "/x/job.py", line 3, in _run',
+                          "RuntimeError: {'boom': 1} out of memory"]
+    assert all(len(line) <= MAX_LINE for line in lines)
+    assert filter_log(JOB_LOG).splitlines() == lines[-LOG_LINES:]    # the last lines
+    assert filter_log(None) == filter_log("") == ""
+    long = "2026-11-24 09:30:21.446206: note " + "x" * 500
+    assert filter_log(long) == "09:30:21 note " + "x" * (MAX_LINE - 8) + "..."
+
+
+def test_refresh_shows_the_filtered_tail_and_the_full_log_keeps_everything(folders):
+    ctl = TrainingController()
+    assert ctl.full_log() == (None, "")
+    (folders.raw / "Dataset006_Toy").mkdir(parents=True)
+    job_dir = folders.results / "Dataset006_Toy" / "medclipsam_job"
+    job_dir.mkdir(parents=True)
+    (job_dir / "status.json").write_text(json.dumps({"phase": "failed", "epoch": 2,
+                                                     "epochs": 4, "error": "Boom"}))
+    ctl.locate_job(folders, 6)
+    assert ctl.full_log() == (job_dir / "log.txt", "")               # nothing written yet
+    (job_dir / "log.txt").write_text(JOB_LOG)
+    status = ctl.refresh()
+    assert status.log_tail == filter_log(JOB_LOG)
+    assert "PlainConvUNet" not in status.log_tail and "Epoch time: 62.17 s" in status.log_tail
+    path, text = ctl.full_log()
+    assert path == job_dir / "log.txt" and text == JOB_LOG
+    assert "PlainConvUNet(" in text and "data_identifier" in text
+    _, cut = full_log(job_dir, max_bytes=200)
+    assert cut.startswith("[... the first ") and cut.endswith("out of memory\n")
+    assert len(cut) < 300
+
+
+def test_status_line_says_the_iteration_of_a_long_epoch():
+    raw = {"phase": "training", "running": True, "epoch": 3, "epochs": 600, "cycle": 1,
+           "cycles": 3, "iteration": 120, "iterations_per_epoch": 250}
+    assert status_line(raw).endswith(" · iteration 120/250 of epoch 4")
+    assert "iteration" not in status_line({**raw, "running": False, "phase": "cancelled"})
+    assert "iteration" not in status_line({**raw, "iteration": 0})
+
+
+# --------------------------------------------------------------------------- GUI words
+def test_messages_say_what_to_click_not_what_to_type(folders):
+    from napari_medclipsam.nnunet.export import cases_from_arrays, export_dataset
+    from napari_medclipsam.nnunet.job import model_dir_for
+
+    ctl = TrainingController()
+    paper = schedule_from_values(**PAPER)
+    with pytest.raises(InputError) as info:                          # nothing exported
+        ctl.start(folders, 3, paper)
+    assert "click Export first" in str(info.value)
+    cases = cases_from_arrays(*_disks(), "c0")
+    export_dataset(cases, folders.raw, 3, "Toy", verify=False)
+    with pytest.raises(InputError) as info:                          # nothing to resume
+        ctl.start(folders, 3, paper, resume=True)
+    assert "Nothing to resume" in str(info.value)
+    (model_dir_for(folders, 3, "2d") / "fold_all").mkdir(parents=True)
+    with pytest.raises(InputError) as info:                          # trained already
+        ctl.start(folders, 3, paper)
+    assert "press Resume, or tick 'start over' and press Start" in str(info.value)
+    assert not (folders.results / "Dataset003_Toy" / "medclipsam_job").exists()
+    try:                                                             # exported already
+        export_dataset(cases, folders.raw, 3, "Toy", verify=False)
+    except InputError as exc:
+        message = in_gui_words(str(exc))
+    assert "tick 'append to existing dataset'" in message
+    from napari_medclipsam.nnunet.job import dataset_name_for
+
+    try:
+        dataset_name_for(folders, 9)
+    except InputError as exc:
+        message = in_gui_words(str(exc))
+    assert "click Export first" in message
+    for text in (message, str(info.value)):
+        assert "--" not in text and "medclipsam " not in text, text
+    # what other messages may say, said in the widget's words
+    assert in_gui_words("A training of X is running already (pid 3): watch it with status, "
+                        "or cancel it first.").endswith("wait for it, or press Cancel first.")
+    assert in_gui_words("The training of X is finished already: predict with it, or start "
+                        "over with restart.").endswith(
+        "press Predict, or tick 'start over' and press Start.")
+    assert in_gui_words("X is not empty: use another folder (--overwrite).") == \
+        "X is not empty: use another folder."
+    assert in_gui_words("Nothing to change.") == "Nothing to change."
+
+
+# --------------------------------------------------------------------------- uncertainty
+def test_the_uncertainty_in_words():
+    two = uncertainty_words(2)
+    assert two == ("0 = all checkpoints agree and are sure; 0.69 (ln 2) = a coin flip "
+                   "between two labels")
+    assert f"{math.log(2):.2f}" == "0.69"
+    three = uncertainty_words(3)
+    assert three.startswith(two) and "1.10 (ln 3, the most) = all 3 labels equally likely" \
+        in three
+    assert uncertainty_words(1) == two
+    p = Prediction("img", np.full((4, 4), 0.5, np.float32), np.zeros((4, 4), np.uint8),
+                   np.full((4, 4), math.log(2), np.float32), ("background", "target"), (0, 1),
+                   3)
+    assert "mean uncertainty 0.693 nats (0 = all checkpoints agree" in p.summary()

@@ -140,6 +140,376 @@ def schedule_from_values(*, epochs: int = 600, cycles: int = 3, checkpoints_per_
         val_iterations_per_epoch=int(val_iterations_per_epoch))
 
 
+# --------------------------------------------------------------------------- time estimate
+#: Seconds per training iteration of nnU-Net's default plans, by device kind and
+#: configuration. nnU-Net's planner sizes batch and patch to a fixed memory budget, so the
+#: cost of one iteration hardly depends on the dataset. CUDA: nnU-Net's published epoch times
+#: (40-100 s per 250 iterations for 2d, 45-150 s for 3d_fullres, A100 to RTX 2080 Ti). CPU: a
+#: 2d run (256x256 images, batch 10) measured about 8 s per iteration on 2 cores; it is
+#: scaled by the core count (:data:`CPU_REFERENCE_CORES`). MPS: a rough guess between them.
+SECONDS_PER_ITERATION: dict[tuple[str, str], float] = {
+    ("cuda", "2d"): 0.3, ("cuda", "3d_fullres"): 0.45,
+    ("mps", "2d"): 1.5, ("mps", "3d_fullres"): 4.0,
+    ("cpu", "2d"): 8.0, ("cpu", "3d_fullres"): 40.0,
+}
+CPU_REFERENCE_CORES = 2
+#: a validation iteration is a forward pass only
+VALIDATION_COST = 0.4
+#: per epoch: nnU-Net writes checkpoint_latest (and our ensemble members); seconds by device
+EPOCH_OVERHEAD_S = {"cuda": 1.0, "mps": 1.5, "cpu": 2.0}
+#: planning, preprocessing and building the network before the first epoch
+STARTUP_S = 60.0
+DEVICE_WORDS = {"cpu": "CPU", "cuda": "GPU", "mps": "Apple GPU"}
+
+
+def guess_device(choice: str) -> tuple[str, str]:
+    """The device kind a training with the Device field ``choice`` runs on, without
+    importing torch (seconds on the GUI thread): ``("cpu" | "cuda" | "mps", why)``.
+
+    "auto" asks torch if it is imported already; otherwise a CPU-only torch build
+    (``+cpu``), an NVIDIA driver (``/proc/driver/nvidia`` or ``nvidia-smi``) or an Apple
+    Silicon Mac decide. The job itself picks the device with torch; this is for the estimate.
+    """
+    import importlib.metadata
+    import platform
+    import shutil
+    import sys
+
+    if choice in ("cpu", "cuda", "mps"):
+        return choice, "chosen"
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if torch.cuda.is_available():
+            return "cuda", "found by torch"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps", "found by torch"
+        return "cpu", "torch finds no GPU"
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        version = ""
+    if sys.platform == "darwin":
+        return ("mps", "Apple Silicon") if platform.machine() == "arm64" else \
+            ("cpu", "no GPU torch can use")
+    if "+cpu" in version:
+        return "cpu", "torch is the CPU-only build"
+    if os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi"):
+        return "cuda", "an NVIDIA driver is installed"
+    return "cpu", "no NVIDIA GPU found"
+
+
+def format_duration(seconds: float) -> str:
+    """Rounded for a person: ``'2 min'``, ``'45 min'``, ``'3.5 h'``, ``'6 days'``."""
+    if seconds < 90:
+        return "1 min" if seconds < 60 else "2 min"
+    minutes = seconds / 60
+    if minutes < 60:
+        return f"{round(minutes)} min"
+    hours = minutes / 60
+    if hours < 10:
+        return f"{hours:.1f} h".replace(".0 h", " h")
+    if hours < 36:
+        return f"{round(hours)} h"
+    days = hours / 24
+    return f"{days:.1f} days".replace(".0 days", " days") if days < 10 else \
+        f"{round(days)} days"
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    """How long a training takes: ``epochs x (iterations + VALIDATION_COST x validation
+    iterations) x seconds per iteration``, an overhead per epoch, and the start-up.
+
+    Attributes
+    ----------
+    seconds : float
+        The whole run, start-up included.
+    device : str
+        "cpu", "cuda" or "mps": what the cost is for.
+    seconds_per_iteration : float
+    iterations : int
+        Training iterations in all (epochs x iterations per epoch).
+    measured : bool
+        The cost comes from this dataset's last run on this device (its epoch times), not
+        from the table.
+    why : str
+        How the device was found ("chosen", "no NVIDIA GPU found", ...).
+    """
+
+    seconds: float
+    device: str
+    seconds_per_iteration: float
+    iterations: int
+    measured: bool = False
+    why: str = ""
+
+    @property
+    def too_long(self) -> bool:
+        """More than a day: say so before Start."""
+        return self.seconds > 24 * 3600
+
+    @property
+    def duration(self) -> str:
+        return format_duration(self.seconds)
+
+    def words(self) -> str:
+        """What the widget shows before Start, e.g. "About 15 days on this computer's CPU
+        (no NVIDIA GPU found): 150,000 iterations × ~8 s, ... That is days: choose 'Quick
+        try' for a first model today, or train on a computer with an NVIDIA GPU."."""
+        where = DEVICE_WORDS.get(self.device, self.device)
+        why = f" ({self.why})" if self.why and self.why != "chosen" else ""
+        source = ("as timed in this dataset's last run" if self.measured
+                  else "a rough guess until the first epochs are timed")
+        text = (f"About {self.duration} on this computer's {where}{why}: "
+                f"{self.iterations:,} iterations × ~{self.seconds_per_iteration:.2g} s, "
+                f"{source}.")
+        if self.too_long and self.device == "cpu":
+            text += (" That is days: choose 'Quick try' for a first model today, or train "
+                     "on a computer with an NVIDIA GPU.")
+        elif self.too_long:
+            text += " That is more than a day: a shorter length gives a first model sooner."
+        return text
+
+
+def measured_seconds_per_iteration(status: Mapping[str, Any], schedule: Mapping[str, Any],
+                                   device: str) -> float | None:
+    """Seconds per training iteration from a job's status (``epoch_time_s``, ``device``)
+    and its schedule, when that run was on ``device`` (kind); else None."""
+    epoch_s = status.get("epoch_time_s")
+    ran_on = str(status.get("device") or "").split(":")[0]
+    iterations = status.get("iterations_per_epoch") or schedule.get("iterations_per_epoch")
+    if not epoch_s or ran_on != device or not iterations:
+        return None
+    work = float(iterations) + VALIDATION_COST * float(
+        schedule.get("val_iterations_per_epoch") or 0)
+    overhead = EPOCH_OVERHEAD_S.get(device, 2.0)
+    return max(float(epoch_s) - overhead, 0.1 * float(epoch_s)) / work
+
+
+def estimate_training(schedule: EnsembleSchedule, device: str = "cpu",
+                      configuration: str = "2d", *, cores: int | None = None,
+                      seconds_per_iteration: float | None = None,
+                      why: str = "", epochs_done: int = 0) -> TrainingEstimate:
+    """The time a training with ``schedule`` takes on ``device`` ("cpu", "cuda", "mps").
+
+    Parameters
+    ----------
+    schedule : EnsembleSchedule
+    device : str
+    configuration : str
+        "2d" or "3d_fullres" (a 3-D iteration costs more).
+    cores : int, optional
+        CPU cores (default ``os.cpu_count()``); the CPU cost is scaled from
+        :data:`CPU_REFERENCE_CORES` by ``(reference / cores) ** 0.75`` (convolutions do not
+        scale perfectly).
+    seconds_per_iteration : float, optional
+        A measured cost (:func:`measured_seconds_per_iteration`) instead of the table's.
+    why : str
+        How the device was found, kept for the words.
+    epochs_done : int
+        Epochs finished already (a resumed run): only the rest is counted.
+    """
+    measured = seconds_per_iteration is not None
+    if seconds_per_iteration is None:
+        config = "3d_fullres" if configuration.startswith("3d") else "2d"
+        seconds_per_iteration = SECONDS_PER_ITERATION[(device, config)]
+        if device == "cpu":
+            n = max(1, int(cores or os.cpu_count() or 1))
+            seconds_per_iteration *= (CPU_REFERENCE_CORES / n) ** 0.75
+    per_epoch = (schedule.iterations_per_epoch
+                 + VALIDATION_COST * schedule.val_iterations_per_epoch) * seconds_per_iteration
+    epochs = max(schedule.epochs - max(int(epochs_done), 0), 0)
+    seconds = STARTUP_S + epochs * (per_epoch + EPOCH_OVERHEAD_S.get(device, 2.0))
+    return TrainingEstimate(seconds, device, float(seconds_per_iteration),
+                            epochs * schedule.iterations_per_epoch, measured, why)
+
+
+@dataclass(frozen=True)
+class SchedulePreset:
+    """A named set of schedule fields (the learning rate and the rest stay)."""
+
+    key: str
+    title: str
+    epochs: int
+    cycles: int
+    checkpoints_per_cycle: int
+    iterations_per_epoch: int
+    val_iterations_per_epoch: int
+    hint: str = ""
+
+    def values(self) -> dict[str, int]:
+        return {"epochs": self.epochs, "cycles": self.cycles,
+                "checkpoints_per_cycle": self.checkpoints_per_cycle,
+                "iterations_per_epoch": self.iterations_per_epoch,
+                "val_iterations_per_epoch": self.val_iterations_per_epoch}
+
+    def schedule(self, lr_max: float = 0.01, lr_min: float = DEFAULT_LR_MIN
+                 ) -> EnsembleSchedule:
+        return schedule_from_values(**self.values(), lr_max=lr_max, lr_min=lr_min)
+
+    def label(self, device: str = "cpu", configuration: str = "2d", **kwargs: Any) -> str:
+        """``'Quick try: ~25 min'`` on ``device`` (the keywords go to
+        :func:`estimate_training`)."""
+        estimate = estimate_training(self.schedule(), device, configuration, **kwargs)
+        return f"{self.title}: ~{estimate.duration}"
+
+    @property
+    def details(self) -> str:
+        """``'10 epochs × 20 iterations, 2 cycles × 2 checkpoints.'`` and the hint."""
+        return (f"{self.epochs} epochs × {self.iterations_per_epoch} iterations, "
+                f"{self.cycles} cycles × {self.checkpoints_per_cycle} checkpoints. {self.hint}")
+
+
+SCHEDULE_PRESETS: tuple[SchedulePreset, ...] = (
+    SchedulePreset("quick", "Quick try", 10, 2, 2, 20, 2,
+                   "A first model within the hour on a CPU: checks the whole chain (export, "
+                   "training, prediction, review); expect a rough model."),
+    SchedulePreset("short", "Short", 60, 3, 5, 100, 10,
+                   "Overnight on a CPU, minutes on a GPU: a usable model for simple targets."),
+    SchedulePreset("paper", "As the paper", 600, 3, 10, 250, 50,
+                   "The paper's schedule (nnU-Net's 250 iterations per epoch, 600 epochs, 3 "
+                   "cycles x 10 checkpoints): hours on a GPU, days to weeks on a CPU."),
+)
+
+
+def preset_of(values: Mapping[str, Any]) -> SchedulePreset | None:
+    """The preset whose fields are ``values`` (epochs, cycles, ...), or None (custom)."""
+    for preset in SCHEDULE_PRESETS:
+        if all(int(values.get(k, -1)) == v for k, v in preset.values().items()):
+            return preset
+    return None
+
+
+def preset_named(key: str) -> SchedulePreset:
+    for preset in SCHEDULE_PRESETS:
+        if preset.key == key:
+            return preset
+    raise InputError(f"Unknown schedule preset {key!r}: "
+                     f"{', '.join(p.key for p in SCHEDULE_PRESETS)}.")
+
+
+# --------------------------------------------------------------------------- the job's log
+#: log lines that are nnU-Net's dumps and banners, not progress: dictionaries (plans,
+#: configuration), a network's printout (``PlainConvUNet(``, ``(encoder): ...``, ``)``),
+#: '####' banners and the citation, the trainer search, reader/writer notices and
+#: library warnings. Matched after the timestamp.
+_NOISE = re.compile("|".join((
+    r"^\s*[\[{(]",                                  # a dict / list / tuple dump
+    r"^\s*\)+,?\s*$",                               # the end of a module printout
+    r"^\s*\w+\($",                                  # PlainConvUNet(
+    r"^\s*\(\w+\): ",                               # (encoder): ...
+    r"^\s*#{3,}",                                   # banners
+    r"Please cite the following paper|^\s*Isensee, F\.|nnU-Net: a self-configuring",
+    r"^INFO: You are using the old nnU-Net|Read more here: http",
+    r"^Trainer '.+' not found|^Searching (in|for)|^\s*Inspecting module|^Found class|"
+    r"^Using trainer '",
+    r"^Using <class '.+'> as reader/writer",
+    r"Warning: |^\s*warnings\.warn\(",
+    r"^This is the configuration used by this training|^Configuration name: |"
+    r"^These are the global plan\.json settings|^2D U-Net configuration:|"
+    r"^3D \w+ U-Net configuration:",
+    r"^Unable to plot network architecture|^No module named 'hiddenlayer'",
+    r"^verify_dataset_integrity Done|^If you didn't see any error messages",
+)))
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d)(?:\.\d+)?:\s?")
+_NP_SCALAR = re.compile(r"np\.float\d+\(([-\d.eE+]+)\)")
+#: lines that always stay, however they look: errors and their tracebacks
+_KEEP = re.compile(r"Traceback|Error|error:|Exception|^\s+File \"|^==== ")
+LOG_LINES = 12
+MAX_LINE = 240
+
+
+def filter_log(text: str | None, lines: int = LOG_LINES) -> str:
+    """The job log's last ``lines`` lines a person reads: epochs, learning rate, losses,
+    pseudo-Dice, epoch times, ensemble checkpoints, errors; without nnU-Net's plans and
+    network dumps, banners and warnings (:func:`full_log` has everything).
+
+    Timestamps shrink to ``HH:MM:SS``, ``np.float32(0.96)`` to ``0.96``, and an overlong
+    line is cut with "...".
+    """
+    kept: list[str] = []
+    for raw in (text or "").splitlines():
+        m = _TIMESTAMP.match(raw)
+        body = raw[m.end():] if m else raw
+        if not body.strip():
+            continue
+        if _NOISE.search(body) and not _KEEP.search(body):
+            continue
+        if len(body) > 1000 and not _KEEP.search(body):
+            continue                                # a dump on one line
+        body = _NP_SCALAR.sub(r"\1", body.rstrip())
+        if len(body) > MAX_LINE:
+            body = body[:MAX_LINE - 3] + "..."
+        kept.append(f"{m.group(1)} {body}" if m else body)
+    return "\n".join(kept[-lines:]) if lines > 0 else ""
+
+
+def full_log(job_dir: str | Path | None, max_bytes: int = 4_000_000) -> tuple[Path | None, str]:
+    """The job's whole ``log.txt`` (its last ``max_bytes``) and its path; ``(None, "")``
+    without a job, ``(path, "")`` before anything was written."""
+    if job_dir is None:
+        return None, ""
+    path = Path(job_dir) / "log.txt"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return path, ""
+    text = data.decode("utf-8", errors="replace")
+    if size > max_bytes:
+        text = f"[... the first {size - max_bytes:,} bytes are left out ...]\n" + \
+            text.split("\n", 1)[-1]
+    return path, text
+
+
+# --------------------------------------------------------------------------- GUI words
+#: the command-line phrasings of messages from nnunet/ and what to click instead
+_GUI_WORDS: tuple[tuple[re.Pattern, str], ...] = tuple(
+    (re.compile(p), r) for p, r in (
+        (r"export (?:the pseudo-labels )?first \(medclipsam nnunet export\)",
+         "click Export first"),
+        (r"add cases to it with append \(--append\)",
+         "tick 'append to existing dataset' to add cases to it"),
+        (r"watch it with status, or cancel it first", "wait for it, or press Cancel first"),
+        (r"resume it, or start over with restart \(deletes it\)",
+         "press Resume, or tick 'start over' and press Start (deletes it)"),
+        (r"predict with it, or start over with restart",
+         "press Predict, or tick 'start over' and press Start"),
+        (r"resume it with the same schedule \(or start over with restart\)",
+         "set the same schedule to Resume it (or tick 'start over' and press Start)"),
+        (r"export to a new dataset ID", "export to a new Dataset ID"),
+        (r"give its label table to export (\S+) \(--labels\)",
+         r"choose a label map layer that names its targets to export \1"),
+        (r"pass --(\w+) DIR or set (nnUNet_\w+)",
+         r"set it under 'nnU-Net folders' (or the \2 environment variable)"),
+        (r"with restart\b", "with 'start over'"),
+        (r"\s*\((?:--[\w-]+(?: [A-Z]+)?|medclipsam [^)]*)\)", ""),   # any other flag
+    ))
+
+
+def in_gui_words(message: str) -> str:
+    """A message written for the command line (``--append``, ``medclipsam nnunet export``)
+    said as what to click in the widget."""
+    for pattern, words in _GUI_WORDS:
+        message = pattern.sub(words, message)
+    return message
+
+
+# --------------------------------------------------------------------------- uncertainty
+def uncertainty_words(n_classes: int = 2) -> str:
+    """The entropy scale in words: ``"0 = all checkpoints agree and are sure; 0.69 (ln 2)
+    = a coin flip between two labels"`` (and ln C for C classes)."""
+    n = max(int(n_classes), 2)
+    text = "0 = all checkpoints agree and are sure; 0.69 (ln 2) = a coin flip between two labels"
+    if n > 2:
+        text += f"; {math.log(n):.2f} (ln {n}, the most) = all {n} labels equally likely"
+    return text
+
+
 # --------------------------------------------------------------------------- job status
 @dataclass(frozen=True)
 class JobStatus:
@@ -204,6 +574,10 @@ def status_line(status: JobStatus | Mapping[str, Any]) -> str:
         return "No training for this dataset yet."
     line = format_status({**status.fields, "phase": status.phase, "running": status.running},
                          sep=" · ")
+    iteration, per_epoch = status.fields.get("iteration"), status.fields.get(
+        "iterations_per_epoch")
+    if status.running and status.phase == "training" and iteration and per_epoch:
+        line += f" · iteration {iteration}/{per_epoch} of epoch {status.epoch + 1}"
     if status.phase == "failed" and status.fields.get("error"):
         line += f"\n{status.fields['error']}"
     elif status.phase == "crashed":
@@ -271,7 +645,7 @@ class Prediction:
         fg = float((self.mask > 0).mean())
         text = (f"Ensemble of {self.n_checkpoints} checkpoint(s): {100 * fg:.1f}% foreground, "
                 f"mean uncertainty {float(self.entropy.mean()):.3f} nats "
-                f"(max ln {self.n_classes} = {self.max_entropy:.3f}).")
+                f"({uncertainty_words(self.n_classes)}).")
         if self.multi:
             text += " Classes: " + format_label_table(self.labels) + "."
         return text
@@ -465,20 +839,64 @@ class TrainingController:
         from napari_medclipsam.nnunet.job import read_status
 
         job_dir = self.state.job_dir
-        status = JobStatus.from_dict(read_status(job_dir)) if job_dir is not None \
-            else JobStatus()
+        if job_dir is None:
+            status = JobStatus()
+        else:
+            raw = read_status(job_dir, log_lines=400)
+            status = JobStatus.from_dict({**raw, "log_tail": filter_log(raw.get("log_tail"))})
         self.state.status = status
         return status
+
+    def full_log(self) -> tuple[Path | None, str]:
+        """The shown job's whole log (nnU-Net's plans and network dumps included)."""
+        return full_log(self.state.job_dir)
+
+    def iteration_cost(self, device_choice: str = "auto", configuration: str = "2d"
+                       ) -> tuple[str, float | None, str]:
+        """``(device, measured seconds per iteration or None, how the device was found)``:
+        the device kind of the Device field (:func:`guess_device`) and, when this dataset's
+        last run was on it with this configuration, the cost measured there."""
+        device, why = guess_device(device_choice)
+        job_dir = self.state.job_dir
+        if job_dir is None:
+            return device, None, why
+        from napari_medclipsam.nnunet.job import read_status
+
+        job = _read_json_file(job_dir / "job.json")
+        if job.get("configuration", configuration) != configuration:
+            return device, None, why
+        return device, measured_seconds_per_iteration(
+            read_status(job_dir, log_lines=0), job.get("schedule") or {}, device), why
+
+    def estimate(self, schedule: EnsembleSchedule, device_choice: str = "auto",
+                 configuration: str = "2d", *, cores: int | None = None,
+                 epochs_done: int = 0) -> TrainingEstimate:
+        """How long ``schedule`` takes here: the cost per iteration measured in this
+        dataset's last run when it ran on the same device, else the table's
+        (:func:`estimate_training`); ``epochs_done`` for a Resume."""
+        device, measured, why = self.iteration_cost(device_choice, configuration)
+        return estimate_training(schedule, device, configuration, cores=cores,
+                                 seconds_per_iteration=measured, why=why,
+                                 epochs_done=epochs_done)
 
     def start(self, folders: NnUNetFolders, dataset_id: int, schedule: EnsembleSchedule, *,
               configuration: str = "2d", device: str = "auto", resume: bool = False,
               restart: bool = False, data_workers: int | None = None) -> Path:
         """Start (or resume) the training in a background process; returns its job folder."""
-        from napari_medclipsam.nnunet.job import start_training
+        from napari_medclipsam.nnunet.job import dataset_name_for, start_training
 
-        job_dir = start_training(dataset_id, schedule, folders=folders,
-                                 configuration=configuration, device=device, resume=resume,
-                                 restart=restart, data_workers=data_workers)
+        try:
+            dataset_name_for(folders, dataset_id)
+        except InputError:
+            raise InputError(f"There is no dataset {dataset_id} in {folders.raw} yet: choose "
+                             "the image and its labels and click Export first.") from None
+        try:
+            job_dir = start_training(dataset_id, schedule, folders=folders,
+                                     configuration=configuration, device=device,
+                                     resume=resume, restart=restart,
+                                     data_workers=data_workers)
+        except InputError as exc:
+            raise InputError(in_gui_words(str(exc))) from exc
         self.state.job_dir = job_dir
         self.state.lr_min = schedule.lr_min
         return job_dir
@@ -586,8 +1004,8 @@ class TrainingController:
         folder = Path(folder)
         ranking = folder / RANKING_FILE
         if not ranking.is_file():
-            raise InputError(f"No {RANKING_FILE} in {folder}: choose the output folder of a "
-                             "folder prediction (medclipsam nnunet predict).")
+            raise InputError(f"No {RANKING_FILE} in {folder}: choose the folder a folder "
+                             "prediction wrote (it holds uncertainty_ranking.csv and masks/).")
         info = _ensemble_info(folder)
         images_dir = images_dir or self.recorded_images_dir(folder)
         if not images_dir:
@@ -758,11 +1176,16 @@ class TrainingController:
         return self.state.summary
 
 
-def _ensemble_info(folder: Path) -> dict:
+def _read_json_file(path: Path) -> dict:
     try:
-        return json.loads((folder / "ensemble.json").read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _ensemble_info(folder: Path) -> dict:
+    return _read_json_file(folder / "ensemble.json")
 
 
 def _read_tiff(path: Path) -> np.ndarray:
