@@ -276,6 +276,9 @@ def _open_pil(path: Path):
             what = "a text file" if _looks_like_text(path) else "not an image PIL can read"
             raise InputError(f"{path.name}: not a {_suffix(path).lstrip('.').upper()} image "
                              f"({what}).") from exc
+        except OSError as exc:
+            raise InputError(f"Could not decode {path.name}: the file is truncated or damaged "
+                             f"({' '.join(str(exc).split())}).") from exc
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -325,8 +328,9 @@ def _read_tiff(path: Path) -> ImageData:
     try:
         tif = tifffile.TiffFile(str(path))
     except tifffile.TiffFileError as exc:
-        what = " (the file holds text)" if _looks_like_text(path) else ""
-        raise InputError(f"{path.name}: not a TIFF image{what}: {exc}.") from exc
+        if _looks_like_text(path):
+            raise InputError(f"{path.name}: not a TIFF image (the file holds text).") from exc
+        raise InputError(f"{path.name}: not a TIFF image ({exc}).") from exc
     with tif:
         if not tif.series:
             raise InputError(f"{path.name}: the TIFF file holds no image.")
@@ -416,15 +420,37 @@ def _nifti_unit(header) -> str:
     return {"micron": "um", "meter": "m"}.get(unit, "mm")
 
 
+def _gzip_problem(path: Path) -> str | None:
+    """Why a file with gzip's magic number cannot be decompressed (None: it can, or it is
+    not gzip at all)."""
+    import gzip
+
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            return None
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+    except (OSError, EOFError) as exc:
+        return " ".join(str(exc).split()) or type(exc).__name__
+    return None
+
+
 def _read_nifti(path: Path) -> ImageData:
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as exc:
-        what = " (the file holds text)" if _looks_like_text(path) else ""
-        raise InputError(f"{path.name}: not a NIfTI image{what}: "
-                         f"{' '.join(str(exc).split())}") from exc
+        damaged = _gzip_problem(path) if _suffix(path) == ".nii.gz" else None
+        if damaged:
+            raise InputError(f"Could not decode {path.name}: the gzip data is truncated or "
+                             f"damaged ({damaged}).") from exc
+        if _looks_like_text(path):
+            raise InputError(f"{path.name}: not a NIfTI image (the file holds text).") from exc
+        raise InputError(f"{path.name}: not a NIfTI image ({' '.join(str(exc).split())}).") \
+            from exc
     stored = tuple(int(n) for n in img.header.get_data_shape())
     shape = stored
     while len(shape) > 3 and shape[-1] == 1:
