@@ -94,21 +94,25 @@ def _read_csv(path: Path) -> list[Pair]:
     tabs = path.suffix.lower() == ".tsv" or ("\t" in header and "," not in header)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tabs else ",",
                             strict=True)
+    start = 1  # the line where the record being read starts
     try:
         columns = list(reader.fieldnames or [])
         image_col = _pick(columns, IMAGE_COLUMNS, "image", path)
         caption_col = _pick(columns, CAPTION_COLUMNS, "caption", path)
         pairs = []
-        for row in reader:
+        while True:
+            start = reader.line_num + 1
+            row = next(reader, None)
+            if row is None:
+                break
             name = row.get(image_col)
             name = name.strip() if isinstance(name, str) else ""
-            if not name:
-                continue
-            caption = row.get(caption_col)
-            pairs.append(Pair(_image_path(name, path.parent),
-                              caption if isinstance(caption, str) else ""))
+            if name:
+                caption = row.get(caption_col)
+                pairs.append(Pair(_image_path(name, path.parent),
+                                  caption if isinstance(caption, str) else ""))
     except csv.Error as exc:
-        raise InputError(f"{path}, line {reader.line_num}: not a valid CSV ({exc}).") from exc
+        raise InputError(f"{path}, line {start}: not a valid CSV ({exc}).") from exc
     return pairs
 
 

@@ -256,6 +256,15 @@ class OutputFolder:
                                  "denied. Make it writable or fine-tune into another folder.")
             return "resume"
         entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        parent = out.parent
+        while not parent.exists() and parent.parent != parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise InputError(f"-o {out}: {parent} is a file, not a folder; choose another "
+                             "place for the output.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"Cannot write in {parent}: permission denied. Choose a folder "
+                             "you can write to.")
         if not entries:
             return "new"
         if is_finetune_output(out):

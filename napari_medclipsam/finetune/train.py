@@ -494,7 +494,8 @@ def _train(clip, clip_source, data, output: OutputFolder, config: FinetuneConfig
 
     def checked(images, captions):
         if images is None:
-            raise InputError(f"{captions[0]} (a training image of {data}: fix or remove it"
+            raise InputError(f"{captions[0].rstrip('.')} (a training image of {data}: fix or "
+                             "remove it"
                              + (", then --resume)." if output.published else ")."))
         return images, captions
 
