@@ -55,6 +55,39 @@ def test_reads_csv_and_sidecar_folders(tmp_path):
     assert read_pairs(folder) == [Pair(folder / "c.png", "chest x-ray with both lungs")]
 
 
+def test_reads_json_jsonl_and_open_clip_tab_csvs(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    expected = [Pair(tmp_path / "a.png", "axial CT of the lungs"),
+                Pair(tmp_path / "b.png", "T2 MRI, édème")]
+    (tmp_path / "list.json").write_text(json.dumps(
+        [{"image": "a.png", "caption": "axial CT of the lungs"},
+         {"image": str(tmp_path / "b.png"), "caption": "T2 MRI, édème"}]), encoding="utf-8")
+    (tmp_path / "map.json").write_text(json.dumps(
+        {"a.png": "axial CT of the lungs", "b.png": "T2 MRI, édème"}), encoding="utf-8")
+    (tmp_path / "lines.jsonl").write_text(
+        '{"image": "a.png", "caption": "axial CT of the lungs"}\n\n'
+        '{"image": "b.png", "caption": "T2 MRI, édème"}\n', encoding="utf-8")
+    # open_clip's own CSV layout: tab-separated filepath/title, commas inside captions
+    (tmp_path / "oc.csv").write_text("filepath\ttitle\na.png\taxial CT of the lungs\n"
+                                     "b.png\tT2 MRI, édème\n", encoding="utf-8")
+    for name in ("list.json", "map.json", "lines.jsonl", "oc.csv"):
+        assert read_pairs(tmp_path / name) == expected, name
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{"image": \n')
+    with pytest.raises(InputError, match=r"bad.jsonl, line 2: not valid JSON"):
+        read_pairs(tmp_path / "bad.jsonl")
+
+
+def test_a_folder_names_images_without_captions(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("a caption for the first image")
+    lines = []
+    assert [p.image.name for p in read_pairs(tmp_path, log=lines.append)] == ["a.png"]
+    assert lines == [f"1 image(s) in {tmp_path} have no caption file and are left out "
+                     "(e.g. b.png)."]
+
+
 def test_bad_caption_data_is_named(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_pairs(tmp_path / "nothing.csv")
@@ -262,6 +295,13 @@ def test_overwrite_swaps_in_the_new_model_and_keeps_the_users_files(tiny_clip_di
     state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert state["config"]["lr"] == 1e-3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+
+    # An empty folder is a new output: it is replaced by the finished first epoch.
+    (tmp_path / "empty").mkdir()
+    finetune_clip(source, csv, tmp_path / "empty", FinetuneConfig(**{**FAST, "epochs": 1,
+                                                                      "batch_size": 8}),
+                  device="cpu")
+    assert (tmp_path / "empty" / "open_clip_pytorch_model.bin").is_file()
 
 
 def test_freezing_layers_keeps_them_unchanged(tiny_clip_dir, tmp_path):

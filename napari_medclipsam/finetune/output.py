@@ -326,13 +326,14 @@ class OutputFolder:
         rename); later epochs write into it directly."""
         if self.mode != "new" or not self.staged:
             return
-        if self.out.is_dir():
-            try:  # a folder that was empty when we started; rename only replaces it empty
-                self.out.rmdir()
-            except OSError as exc:
+        try:  # POSIX rename replaces a folder that is (still) empty in the same step
+            os.rename(self.work, self.out)
+        except OSError as exc:
+            if not self.out.is_dir() or any(self.out.iterdir()):
                 raise InputError(f"{self.out} was filled by something else during "
                                  "fine-tuning; nothing was written into it.") from exc
-        os.rename(self.work, self.out)
+            self.out.rmdir()  # where rename does not replace an empty folder (Windows)
+            os.rename(self.work, self.out)
         self.work = self.out
         self.published = True
 
