@@ -4,6 +4,7 @@ Needs a display with OpenGL: pytest-xvfb starts Xvfb (apt: xvfb, libgl1-mesa-dri
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -106,9 +107,10 @@ def test_cancel_reports_cancelled(widget, qtbot):
     widget.run_button.click()
     widget.cancel_button.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
-    assert widget.last_status == "Cancelled."
+    assert widget.last_status == "Cancelled; nothing changed."
     assert "SAM mask [a disk]" not in widget.viewer.layers
     assert widget.run_button.isEnabled()
+    assert widget.progress_bar.value() == 0 and widget.progress_bar.format() == "cancelled"
 
 
 def test_user_mistakes_are_reported_not_raised(widget, qtbot):
@@ -118,6 +120,8 @@ def test_user_mistakes_are_reported_not_raised(widget, qtbot):
     widget.layer_spin.setValue(40)  # the tiny ViT has 4 blocks
     _run(widget, qtbot)
     assert "layer must be between" in widget.last_status
+    assert "Advanced > Saliency layer" in widget.last_status  # where to change it
+    assert widget.progress_bar.value() == 0  # reset, not left at the failed stage
 
 
 def test_volume_uses_current_slice(make_napari_viewer, pipeline, qtbot):
@@ -151,7 +155,10 @@ def test_slice_of_the_chosen_layer_not_the_tallest(make_napari_viewer, pipeline,
 def test_presets_fill_prompt_and_parameters(widget):
     widget.preset_combo.setCurrentText("both lungs (chest X-ray)")
     assert widget.prompt_edit.toPlainText().startswith("both lungs")
-    assert widget.topk_spin.value() == 2 and widget.box_mode_combo.currentText() == "per_component"
+    assert widget.topk_spin.value() == 2
+    assert widget.box_mode_combo.currentText() == "one box per region"
+    assert widget.run_state()["config"]["prompts"]["box_mode"] == "per_component"
+    assert "preset: both lungs (chest X-ray)" in widget.settings_label.text()
     widget.preset_combo.setCurrentText("breast tumor (ultrasound)")
     assert widget.layer_spin.value() == 9 and widget.beta_spin.value() == 1.0
     # the settings the fields do not show come with the preset too (the authors' script)
@@ -185,7 +192,7 @@ def test_boxes_from_a_painted_mask(widget, qtbot):
     painted[5:15, 10:30] = 1  # the user paints a new region (label value irrelevant)
     painted[30:40, 40:60] = 3
     coarse.data = painted
-    widget.box_mode_combo.setCurrentText("per_component")
+    widget.box_mode_combo.setCurrentText("one box per region")
     widget.mask_button.click()
     prompts = widget.prompts_from_layers()
     assert sorted(map(tuple, prompts.boxes.tolist())) == [(10, 5, 29, 14), (40, 30, 59, 39)]
@@ -272,16 +279,38 @@ def test_save_load_run_and_settings_persist(make_napari_viewer, widget, qtbot, t
     assert fresh.beta_spin.value() == 1.5
 
 
-def test_missing_model_is_an_actionable_message(make_napari_viewer, qtbot, tmp_path):
+def test_missing_models_reported_together_before_any_work(make_napari_viewer, qtbot,
+                                                         tmp_path):
+    """Both models missing: one message names both, in the widget's words (the field to
+    fill, not a command-line flag), before anything is computed; the bar says it stopped."""
     viewer = make_napari_viewer()
     viewer.add_image(_image(), name="scan")
     w = _dock(viewer)  # no injected pipeline: models come from the fields
     w.clip_edit.setText(f"local-dir:{tmp_path / 'no_such_model'}")
+    w.checkpoint_edit.setText(str(tmp_path / "no_such_sam.pth"))
     w.device_combo.setCurrentText("cpu")
     _run(w, qtbot)
     assert "CLIP folder not found" in w.last_status
+    assert "SAM checkpoint not found" in w.last_status
+    assert "Models > CLIP model" in w.last_status and "--" not in w.last_status
+    assert [u.stage for u in w.progress_log] == ["checking models"]
+    assert w.progress_bar.value() == 0 and "error" in w.progress_bar.format()
     assert w.run_button.isEnabled() and not w.running
     assert not any(layer.name.startswith("SAM mask") for layer in viewer.layers)
+
+
+def test_browse_buttons_fill_the_model_fields(make_napari_viewer, monkeypatch, tmp_path):
+    from qtpy.QtWidgets import QFileDialog
+
+    w = _dock(make_napari_viewer())
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory",
+                        staticmethod(lambda *a, **k: str(tmp_path)))
+    monkeypatch.setattr(QFileDialog, "getOpenFileName",
+                        staticmethod(lambda *a, **k: (str(tmp_path / "sam.pth"), "")))
+    w.clip_browse_button.click()
+    w.checkpoint_browse_button.click()
+    assert w.clip_edit.text() == f"local-dir:{tmp_path}"
+    assert w.checkpoint_edit.text() == str(tmp_path / "sam.pth")
 
 
 def test_two_targets_one_label_map_named_and_undoable(widget, qtbot):
@@ -318,3 +347,256 @@ def test_two_targets_one_label_map_named_and_undoable(widget, qtbot):
     widget.overwrite_check.setChecked(True)
     widget.accept_button.click()
     assert (np.asarray(label_map.data)[square] == 2).all()
+
+
+# --------------------------------------------------------------------------- issue 10
+def test_progress_names_each_stage_and_counts_the_updates(make_napari_viewer, pipeline,
+                                                          qtbot):
+    """A pipeline whose CLIP is not loaded yet: the bar names every stage the pipeline
+    reports, from checking the models to SAM's mask, one update each."""
+    from napari_medclipsam.core.pipeline import ZeroShotPipeline
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="scan")
+    w = _dock(viewer, ZeroShotPipeline(pipeline.config, sam=pipeline.sam))
+    formats = []
+    w._progress_signal.connect(lambda stage, f: formats.append(w.progress_bar.format()))
+    _run(w, qtbot)
+    assert [u.stage for u in w.progress_log] == [
+        "checking models", "loading CLIP", "saliency step 0/2", "saliency step 1/2",
+        "saliency step 2/2", "coarse mask", "encoding image (SAM)", "SAM mask", "done"]
+    assert formats[0] == "checking models %p%" and formats[4] == "saliency step 2/2 %p%"
+    assert w.progress_bar.value() == 100 and w.last_status.startswith("Done in ")
+
+
+def test_all_slices_progress_counts_slices_with_an_eta(make_napari_viewer, pipeline, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_image(seed=s) for s in range(3)]), name="vol")
+    w = _dock(viewer, pipeline)
+    w.all_slices_check.setChecked(True)
+    statuses = []
+    w._progress_signal.connect(lambda stage, f: statuses.append(w.last_status))
+    _run(w, qtbot)
+    log = w.progress_log
+    assert {u.slice_count for u in log} == {3}
+    assert [u.stage.split(":")[0] for u in log if u.stage.endswith("saliency step 0/2")] == [
+        "slice 1/3 (z=0)", "slice 2/3 (z=1)", "slice 3/3 (z=2)"]
+    per_slice = [sum(u.slice_number == n for u in log) for n in (1, 2, 3)]
+    assert all(n >= 5 for n in per_slice) and sum(per_slice) == len(log)
+    assert all(u.eta_s is None for u in log if u.slice_number == 1 and u.slices_done == 0)
+    assert all(u.eta_s is not None for u in log if u.slice_number == 3)
+    assert any("1 of 3 slices done · about" in s and s.endswith("left") for s in statuses)
+    assert [u.fraction for u in log] == sorted(u.fraction for u in log)
+
+
+def test_cancel_all_slices_keeps_the_finished_slices(make_napari_viewer, pipeline, qtbot):
+    """Each finished slice is in the layers at once; Cancel keeps those slices (equal to an
+    uncancelled run's), says how many, and the rerun added no layers."""
+    viewer = make_napari_viewer()
+    volume = np.stack([_image(seed=s) for s in range(6)])
+    viewer.add_image(volume, name="vol")
+    w = _dock(viewer, pipeline)
+    w.all_slices_check.setChecked(True)
+    w.steps_spin.setValue(12)  # slow enough for Cancel to land mid-run
+    _run(w, qtbot)
+    reference = np.asarray(viewer.layers["SAM mask [a disk]"].data).copy()
+    reference_saliency = np.asarray(viewer.layers["saliency [a disk]"].data).copy()
+    n_layers = len(viewer.layers)
+    seen = {}
+
+    def on_slice(z, result):  # runs after the widget wrote the slice
+        seen[z] = np.asarray(viewer.layers["SAM mask [a disk]"].data[z]).copy()
+        if len(seen) == 2:
+            w.cancel_button.click()
+
+    w._slice_signal.connect(on_slice)
+    _run(w, qtbot)
+    match = re.fullmatch(r"Cancelled after (\d) of 6 slices; finished slices kept\.",
+                         w.last_status)
+    assert match, w.last_status
+    kept = int(match.group(1))
+    assert 2 <= kept < 6 and len(viewer.layers) == n_layers
+    run = w.controller.state.run
+    assert run.cancelled and run.volume.completed == list(range(kept))
+    sam = np.asarray(viewer.layers["SAM mask [a disk]"].data)
+    saliency = np.asarray(viewer.layers["saliency [a disk]"].data)
+    assert set(seen) >= set(range(2))
+    for z, written in seen.items():  # already in the layer while the run went on
+        assert (written == sam[z]).all() and (written == reference[z]).all()
+    assert (sam[:kept] == reference[:kept]).all() and not sam[kept:].any()
+    np.testing.assert_allclose(saliency[:kept], reference_saliency[:kept], atol=1e-6)
+    assert w.progress_bar.format() == "cancelled"
+    w.accept_button.click()  # the finished slices can be accepted as they are
+    assert (np.asarray(viewer.layers["label map"].data)[:kept] == (sam[:kept] > 0)).all()
+
+
+def test_two_layers_with_different_slice_counts(make_napari_viewer, pipeline, qtbot):
+    """A 3-slice layer (z spacing 3) beside a 9-slice one: the viewer at world z = 6 is
+    slice 2 of the short layer and slice 6 of the tall one; each run takes its own."""
+    viewer = make_napari_viewer()
+    short = np.stack([_image(32, 32, seed=s) for s in range(3)])
+    tall = np.stack([_image(32, 32, seed=10 + s) for s in range(9)])
+    viewer.add_image(short, name="short", scale=(3.0, 1.0, 1.0))
+    viewer.add_image(tall, name="tall")
+    viewer.dims.set_point(0, 6.0)
+    w = _dock(viewer, pipeline)
+    for name, layer_data, z in (("short", short, 2), ("tall", tall, 6)):
+        w.image_combo.setCurrentText(name)
+        assert f"'{name}', slice {z + 1} of {len(layer_data)}" in w.settings_label.text()
+        _run(w, qtbot, prompt=f"a disk in {name}")
+        run = w.controller.state.run
+        assert run.slice_index == z, w.last_status
+        np.testing.assert_array_equal(run.result.rgb[..., 0], layer_data[z])
+    viewer.dims.set_point(0, 24.0)  # past the short layer's end: its last slice
+    w.image_combo.setCurrentText("short")
+    _run(w, qtbot, prompt="a disk in short")
+    assert w.controller.state.run.slice_index == 2
+    w.all_slices_check.setChecked(True)
+    for name, layer_data in (("short", short), ("tall", tall)):
+        w.image_combo.setCurrentText(name)
+        _run(w, qtbot, prompt=f"a disk in {name}")
+        assert viewer.layers[f"SAM mask [a disk in {name}]"].data.shape == layer_data.shape
+        assert f"of {len(layer_data)} slices" in w.last_status
+
+
+def test_rerun_reuses_layers_and_hides_the_steps(widget, qtbot):
+    viewer = widget.viewer
+    _run(widget, qtbot)
+    run = widget.controller.state.run
+    names = [layer.name for layer in viewer.layers]
+    visible = {kind: viewer.layers[f"{kind} [a disk]"].visible for kind in KINDS}
+    if run.result.found:  # SAM ran: the steps before it step aside, the edit handles stay
+        assert visible == {"saliency": False, "coarse mask": False, "boxes": True,
+                           "points": True, "SAM mask": True}
+    sam = viewer.layers["SAM mask [a disk]"]
+    assert 0.3 <= sam.opacity <= 0.7 and sam.blending == "translucent"
+    widget.steps_check.setChecked(True)
+    assert viewer.layers["saliency [a disk]"].visible
+    assert viewer.layers["coarse mask [a disk]"].visible
+    widget.steps_check.setChecked(False)
+    assert not viewer.layers["saliency [a disk]"].visible
+    for _ in range(2):
+        _run(widget, qtbot)
+        assert [layer.name for layer in viewer.layers] == names  # no new layers
+    assert viewer.layers["saliency [a disk]"].data is not None
+
+
+def test_typing_a_preset_task_suggests_it(widget, qtbot):
+    widget.prompt_edit.setPlainText("breast tumor")
+    assert widget.suggestion_row.isVisibleTo(widget)
+    assert "Matches preset 'breast tumor (ultrasound)'" in widget.suggestion_label.text()
+    assert "custom settings" in widget.settings_label.text()
+    widget.suggest_button.click()
+    assert widget.prompt_edit.toPlainText() == "breast tumor"  # the prompt as typed
+    assert widget.layer_spin.value() == 9 and widget.beta_spin.value() == 1.0
+    assert widget.preset_combo.currentText() == "breast tumor (ultrasound)"
+    assert widget.run_state()["config"]["saliency"]["seed"] == 12  # hidden settings too
+    assert not widget.suggestion_row.isVisibleTo(widget)
+    line = widget.settings_label.text()
+    assert line.startswith("'scan' · saliency layer 9, beta 1, ")
+    assert line.endswith("preset: breast tumor (ultrasound)")
+    widget.beta_spin.setValue(0.5)  # edited: the line says so
+    assert widget.settings_label.text().endswith("preset: breast tumor (ultrasound), edited")
+    widget.prompt_edit.setPlainText("lungs in a CT slice")
+    assert "'both lungs (CT)'" in widget.suggestion_label.text()
+    widget.prompt_edit.setPlainText("a disk")
+    assert not widget.suggestion_row.isVisibleTo(widget)
+
+
+def test_fields_have_plain_labels_and_tooltips(widget):
+    from qtpy.QtWidgets import QFormLayout, QLabel
+
+    labels = {}
+    for form in widget.findChildren(QFormLayout):
+        for row in range(form.rowCount()):
+            item = form.itemAt(row, QFormLayout.LabelRole)
+            field = form.itemAt(row, QFormLayout.FieldRole)
+            if item is None or field is None:
+                continue
+            label = item.widget()
+            text = label.text() if isinstance(label, QLabel) else ""
+            labels[text] = field.widget()
+    for text in ("Image layer", "Prompt", "CLIP model", "SAM checkpoint", "Saliency layer",
+                 "Focus (beta)", "Min. confidence (eta_c)", "Regions kept (top-k)",
+                 "SAM prompt", "Boxes"):
+        assert text in labels, sorted(labels)
+    for spin in (widget.layer_spin, widget.beta_spin, widget.eta_spin, widget.topk_spin,
+                 widget.mode_combo, widget.box_mode_combo, widget.image_combo,
+                 widget.method_combo):
+        assert len(spin.toolTip()) > 40, spin
+    assert "eta_c" in widget.eta_spin.toolTip() and "0 keeps every" in widget.eta_spin.toolTip()
+    everything = " ".join(w.toolTip() + " " + getattr(w, "text", lambda: "")()
+                          for w in widget.findChildren(QLabel))
+    assert "--" not in everything
+
+
+def test_fits_a_laptop_screen(widget):
+    """1366x768: the dock scrolls instead of growing past the screen, whatever is expanded."""
+    from superqt import QCollapsible
+
+    for section in widget.findChildren(QCollapsible):
+        section.expand(animate=False)
+    assert widget.scroll_area.widget().sizeHint().height() > 0
+    assert widget.minimumSizeHint().height() < 300
+    assert widget.minimumSizeHint().width() < 420
+
+
+def test_save_mask_writes_nifti_in_the_scan_geometry(make_napari_viewer, pipeline, qtbot,
+                                                     tmp_path):
+    """A NIfTI scan opened through the plugin's reader: Save mask writes the corrected SAM
+    mask of the slice (as a volume aligned with the scan) and the label map, both with the
+    scan's affine, and never replaces the scan."""
+    import hashlib
+
+    import nibabel as nib
+
+    affine = np.array([[-0.8, 0, 0, 60.0], [0, 0.8, 0, -40.0], [0, 0, 2.5, 12.0],
+                       [0, 0, 0, 1]])
+    scan = np.stack([_image(seed=s) for s in range(4)]).astype(np.int16)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(scan.T.copy(), affine), str(path))
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(path), plugin="napari-medclipsam")
+    viewer.dims.set_point(0, float(layer.data_to_world((2, 0, 0))[0]))
+    w = _dock(viewer, pipeline)
+    _run(w, qtbot)
+    assert w.controller.state.run.slice_index == 2
+    painted = np.zeros((48, 64), np.int32)
+    painted[5:20, 8:30] = 1
+    viewer.layers["SAM mask [a disk]"].data = painted  # corrected by hand
+    w.accept_button.click()
+
+    written = w.save_mask(tmp_path / "out" / "disk.nii.gz")
+    assert [p.name for p in written] == ["disk.nii.gz", "disk_label_map.nii.gz",
+                                         "disk_label_map.json"]
+    saved = nib.load(written[0])
+    np.testing.assert_allclose(saved.affine, affine)
+    data = np.asarray(saved.dataobj).T
+    assert data.shape == scan.shape and (data[2] == painted).all() and data.sum() == 15 * 22
+    label_map = nib.load(written[1])
+    np.testing.assert_allclose(label_map.affine, affine)
+    expected = np.asarray(viewer.layers["label map"].data)
+    np.testing.assert_array_equal(np.asarray(label_map.dataobj).T, expected)
+    assert json.loads(written[2].read_text())["labels"] == {"background": 0, "a disk": 1}
+    assert "Saved disk.nii.gz, disk_label_map.nii.gz" in w.last_status
+
+    assert w.save_mask(path) is None and "source image" in w.last_status
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert w.save_mask(tmp_path / "slice.png") is None  # a volume's label map: not a PNG
+    assert not (tmp_path / "slice.png").exists()
+
+
+def test_save_mask_png_for_a_2d_image(widget, qtbot, tmp_path, monkeypatch):
+    import imageio.v3 as iio
+    from qtpy.QtWidgets import QFileDialog
+
+    widget.save_mask_button.click()
+    assert "press Run all" in widget.last_status
+    _run(widget, qtbot)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(
+        lambda *a, **k: (str(tmp_path / "mask"), "PNG, 2-D images (*.png)")))
+    widget.save_mask_button.click()  # no suffix typed: the chosen type's is added
+    saved = iio.imread(tmp_path / "mask.png")
+    sam = np.asarray(widget.viewer.layers["SAM mask [a disk]"].data) > 0
+    np.testing.assert_array_equal(saved, sam.astype(np.uint8) * 255)

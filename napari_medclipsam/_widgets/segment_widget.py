@@ -2,13 +2,17 @@
 :class:`~napari_medclipsam._widgets.segment_controller.SegmentController`.
 
 Image layer + text prompt -> BiomedCLIP M2IB saliency -> coarse mask -> boxes/points -> SAM
-mask, computed by the controller in a napari worker thread. Five layers per target show every
-stage (``saliency [prompt]``, ``coarse mask [prompt]``, ``boxes [prompt]``, ``points
-[prompt]``, ``SAM mask [prompt]``), aligned with the source image (its scale and translate);
-a rerun of a target updates its layers in place. Editing the ``boxes`` or ``points`` layer
-re-runs only SAM's decoder from the cached image embedding. **Accept into label map** writes
-the SAM mask into one ``label map`` Labels layer where each target has its own value and
-name (shown by napari as the label's ``name`` feature), undoably.
+mask, computed by the controller in a napari worker thread, with the stage it is in (loading a
+model, saliency step k/N, encoding, slice n/N and the time left) on the progress bar. Five
+layers per target show every stage (``saliency [prompt]``, ``coarse mask [prompt]``, ``boxes
+[prompt]``, ``points [prompt]``, ``SAM mask [prompt]``), aligned with the source image (its
+scale and translate); a rerun of a target updates its layers in place, and once SAM has run
+the saliency and coarse mask are hidden (the "Show saliency and coarse mask" box shows them).
+Editing the ``boxes`` or ``points`` layer re-runs only SAM's decoder from the cached image
+embedding. All slices writes each slice into the layers as it finishes, so Cancel keeps the
+finished ones. **Accept into label map** writes the SAM mask into one ``label map`` Labels
+layer where each target has its own value and name, undoably; **Save mask...** writes the
+mask (and the label map) as NIfTI in the scan's geometry, or PNG.
 
 napari opens this class from the Plugins menu and passes the viewer as ``napari_viewer``.
 """
@@ -17,24 +21,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -61,12 +69,23 @@ from napari_medclipsam._widgets.layer_prompts import (
     prompts_from_layer_data,
     volume_prompts_to_layers,
 )
-from napari_medclipsam._widgets.segment_controller import Run, SegmentController, Target
+from napari_medclipsam._widgets.segment_controller import (
+    FIELD_LABELS,
+    ProgressTracker,
+    ProgressUpdate,
+    Run,
+    SegmentController,
+    Target,
+    cancel_message,
+    describe_settings,
+    format_duration,
+    gui_message,
+    matching_presets,
+    save_mask,
+    target_name,
+)
 from napari_medclipsam.core.config import (
-    BOX_MODES,
     DEFAULT_CLIP_MODEL,
-    PROMPT_MODES,
-    THRESHOLD_METHODS,
     CoarseMaskConfig,
     PipelineConfig,
     PromptConfig,
@@ -74,7 +93,7 @@ from napari_medclipsam.core.config import (
 )
 from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.core.postprocess import Prompts
-from napari_medclipsam.core.presets import list_presets
+from napari_medclipsam.core.presets import Preset, list_presets
 
 if TYPE_CHECKING:
     import napari
@@ -85,11 +104,98 @@ LABEL_MAP = "label map"
 SETTINGS = SettingsStore("segment_widget.json")
 
 KINDS = ("saliency", "coarse mask", "boxes", "points", "SAM mask")
+#: the layers of the steps before SAM, hidden once SAM has run
+STEP_KINDS = ("saliency", "coarse mask")
+
+# (value, what the menu shows) of the choice fields
+THRESHOLD_CHOICES = (("otsu", "Otsu (the paper)"),
+                     ("kmeans", "KMeans, 2 clusters (authors' code)"),
+                     ("fixed", "fixed threshold 0.3"))
+PROMPT_CHOICES = (("boxes", "boxes"), ("points", "points"), ("both", "boxes + points"))
+BOX_CHOICES = (("single", "one box around all regions"),
+               ("per_component", "one box per region"))
+
+TIPS = {
+    "image": "The image to segment. On a 3-D stack: this layer's slice on screen, or every "
+             "slice with 'All slices'.",
+    "prompt": "What to find, in plain words (e.g. 'breast tumor'). Several lines are "
+              "averaged into one prompt (an ensemble).",
+    "layer": "Which block of CLIP's image encoder (0 = first) the text is compared at. Earlier "
+             "blocks see finer detail, later ones more meaning. Presets: 9 for breast and "
+             "brain, 7 for lungs.",
+    "beta": "How hard the saliency map is squeezed to what the text explains: higher gives "
+            "a smaller, tighter map, lower a broader one. Presets: 1 breast, 2 brain, 0.1 "
+            "lungs.",
+    "steps": "Optimisation steps of the saliency map (the paper uses 10): more is slower and "
+             "steadier.",
+    "method": "How the saliency map becomes a rough mask: Otsu's automatic threshold (the "
+              "paper), two KMeans clusters (the authors' code) or a fixed threshold of 0.3.",
+    "eta_c": "Minimum confidence (the paper's eta_c): a region of the rough mask whose average "
+             "saliency is not above this (0 to 1) is dropped. 0 keeps every region.",
+    "top_k": "How many regions of the rough mask go to SAM: 1 for one structure, 2 for paired "
+             "organs such as the lungs; 'all' keeps every region.",
+    "mode": "What SAM is given: boxes around the regions (best in the paper for 3 of 4 "
+            "tasks), points sampled inside them, or both.",
+    "box_mode": "One box around all kept regions, or one box per region (lungs: one per "
+                "lung).",
+    "clip": "The CLIP model: a Hugging Face id (hf-hub:..., downloaded once) or a folder on "
+            "this computer (Browse...: the folder with open_clip_config.json and the weights).",
+    "sam": "SAM's size: vit_b (fast), vit_l, vit_h (the paper's), or MedSAM.",
+    "checkpoint": "A SAM checkpoint file (.pth) on this computer; empty: the official one is "
+                  "downloaded once.",
+    "device": "auto picks a GPU when there is one, else the CPU.",
+    "all_slices": "Unchecked: only the slice on screen (its boxes can be edited). Checked: "
+                  "every slice, written into the layers as each one finishes; Cancel keeps "
+                  "the finished slices.",
+}
 
 
 def output_name(kind: str, target: str) -> str:
     """``'<kind> [<target>]'``, e.g. ``'SAM mask [breast tumor]'``."""
     return f"{kind} [{target}]"
+
+
+def combo_value(combo: QComboBox) -> str:
+    """The value behind a choice field's current item (its text when it has none)."""
+    data = combo.currentData()
+    return str(data) if data is not None else combo.currentText()
+
+
+def set_combo_value(combo: QComboBox, value: str) -> None:
+    """Select the item of ``value`` (item data, else text)."""
+    index = combo.findData(value)
+    if index < 0:
+        index = combo.findText(value)
+    if index >= 0:
+        combo.setCurrentIndex(index)
+
+
+def _with_button(edit: QWidget, button: QPushButton) -> QWidget:
+    """A field with a button on its right (e.g. Browse...)."""
+    box = QWidget()
+    row = QHBoxLayout(box)
+    row.setContentsMargins(0, 0, 0, 0)
+    row.addWidget(edit, 1)
+    row.addWidget(button)
+    return box
+
+
+def _choice_combo(choices: tuple[tuple[str, str], ...]) -> QComboBox:
+    """A combo box showing plain words, each item holding its config value as data."""
+    combo = QComboBox()
+    for value, text in choices:
+        combo.addItem(text, value)
+    return combo
+
+
+@dataclasses.dataclass
+class LiveVolume:
+    """Where an All slices run writes each slice as it finishes."""
+
+    target: str
+    source: str
+    shape: tuple[int, ...]
+    started: bool = False
 
 
 class SegmentWidget(QWidget):
@@ -108,24 +214,32 @@ class SegmentWidget(QWidget):
         True while a Run all computes.
     last_status : str
         The last message shown.
+    progress_log : list of ProgressUpdate
+        Every progress report of the last run, in order (stage name, fraction, ETA).
     """
 
     _progress_signal = Signal(str, float)
+    _slice_signal = Signal(int, object)
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = napari_viewer
         self.controller = SegmentController()
         self._preset_config: PipelineConfig | None = None
+        self._preset_title: str | None = None
         self._worker = None
         self._stop = threading.Event()
         self._updating_layers = False
         self._connected: set[str] = set()  # prompt layers whose edits re-run SAM
+        self._tracker = ProgressTracker()
+        self._live: LiveVolume | None = None
+        self.progress_log: list[ProgressUpdate] = self._tracker.updates
         self.running = False
         self.last_status = ""
 
         self._build_ui()
         self._progress_signal.connect(self._on_progress)
+        self._slice_signal.connect(self._on_slice)
         self._refine_timer = QTimer(self)
         self._refine_timer.setSingleShot(True)
         self._refine_timer.setInterval(150)
@@ -133,15 +247,31 @@ class SegmentWidget(QWidget):
 
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_layers)
+        self.viewer.dims.events.current_step.connect(self._update_settings_line)
         self._refresh_layers()
         self.load_settings()
+        self._update_settings_line()
+        self._update_suggestion()
 
     # ----------------------------------------------------------------------- UI
     def _build_ui(self) -> None:
-        layout = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()  # fits a 1366x768 laptop screen whatever is expanded
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        content = QWidget()
+        scroll.setWidget(content)
+        outer.addWidget(scroll)
+        self.scroll_area = scroll
+        layout = QVBoxLayout(content)
+
         form = QFormLayout()
         self.image_combo = QComboBox()
-        form.addRow("Image", self.image_combo)
+        self.image_combo.setToolTip(TIPS["image"])
+        self.image_combo.currentTextChanged.connect(self._update_settings_line)
+        form.addRow("Image layer", self.image_combo)
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([CUSTOM, *(p.title for p in list_presets())])
         self.preset_combo.setToolTip(
@@ -150,69 +280,35 @@ class SegmentWidget(QWidget):
         self.preset_combo.currentTextChanged.connect(self.apply_preset)
         form.addRow("Preset", self.preset_combo)
         self.prompt_edit = QPlainTextEdit()
-        self.prompt_edit.setPlaceholderText("one prompt per line (several lines = ensemble)")
-        self.prompt_edit.setFixedHeight(60)
+        self.prompt_edit.setPlaceholderText("e.g. breast tumor (one prompt per line; several "
+                                            "lines are averaged)")
+        self.prompt_edit.setToolTip(TIPS["prompt"])
+        self.prompt_edit.setFixedHeight(54)
+        self.prompt_edit.textChanged.connect(self._update_suggestion)
         form.addRow("Prompt", self.prompt_edit)
         layout.addLayout(form)
 
-        models = QCollapsible("Models")
-        mform_widget = QWidget()
-        mform = QFormLayout(mform_widget)
-        self.clip_edit = QLineEdit(DEFAULT_CLIP_MODEL)
-        self.clip_edit.setToolTip("hf-hub:ID, local-dir:PATH or a folder")
-        mform.addRow("CLIP", self.clip_edit)
-        self.sam_combo = QComboBox()
-        self.sam_combo.addItems(SAM_BACKBONES)
-        self.sam_combo.setCurrentText("vit_h")
-        mform.addRow("SAM", self.sam_combo)
-        self.checkpoint_edit = QLineEdit()
-        self.checkpoint_edit.setPlaceholderText("optional local .pth (else downloaded)")
-        mform.addRow("SAM checkpoint", self.checkpoint_edit)
-        self.device_combo = QComboBox()
-        self.device_combo.setEditable(True)
-        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
-        mform.addRow("Device", self.device_combo)
-        models.addWidget(mform_widget)
-        layout.addWidget(models)
-
-        advanced = QCollapsible("Advanced parameters")
-        aform_widget = QWidget()
-        aform = QFormLayout(aform_widget)
-        self.layer_spin = QSpinBox()
-        self.layer_spin.setRange(0, 47)
-        self.layer_spin.setToolTip("ViT block after which the M2IB bottleneck is inserted")
-        aform.addRow("Layer", self.layer_spin)
-        self.beta_spin = QDoubleSpinBox()
-        self.beta_spin.setRange(0.0, 100.0)
-        self.beta_spin.setDecimals(3)
-        self.beta_spin.setSingleStep(0.1)
-        aform.addRow("Beta", self.beta_spin)
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(1, 1000)
-        aform.addRow("Steps", self.steps_spin)
-        self.method_combo = QComboBox()
-        self.method_combo.addItems(THRESHOLD_METHODS)
-        aform.addRow("Threshold", self.method_combo)
-        self.eta_spin = QDoubleSpinBox()
-        self.eta_spin.setRange(0.0, 1.0)
-        self.eta_spin.setDecimals(3)
-        self.eta_spin.setSingleStep(0.05)
-        aform.addRow("eta_c", self.eta_spin)
-        self.topk_spin = QSpinBox()
-        self.topk_spin.setRange(0, 100)
-        self.topk_spin.setSpecialValueText("all")
-        aform.addRow("Top-k", self.topk_spin)
-        self.mode_combo = QComboBox()
-        self.mode_combo.addItems(PROMPT_MODES)
-        aform.addRow("Prompt mode", self.mode_combo)
-        self.box_mode_combo = QComboBox()
-        self.box_mode_combo.addItems(BOX_MODES)
-        aform.addRow("Box mode", self.box_mode_combo)
-        advanced.addWidget(aform_widget)
-        layout.addWidget(advanced)
+        self.suggestion_row = QWidget()
+        row = QHBoxLayout(self.suggestion_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.suggestion_label = QLabel("")
+        self.suggestion_label.setWordWrap(True)
+        self.suggest_button = QPushButton("Apply")
+        self.suggest_button.setToolTip("Use this preset's settings (your prompt is kept).")
+        self.suggest_button.clicked.connect(self.apply_suggested_preset)
+        row.addWidget(self.suggestion_label, 1)
+        row.addWidget(self.suggest_button)
+        self.suggestion_row.setVisible(False)
+        layout.addWidget(self.suggestion_row)
+        self.settings_label = QLabel("")
+        self.settings_label.setWordWrap(True)
+        self.settings_label.setStyleSheet("color: gray; font-size: 11px;")
+        self.settings_label.setToolTip("The settings the next Run all uses.")
+        layout.addWidget(self.settings_label)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run all")
+        self.run_button.setToolTip("Saliency, coarse mask, boxes and SAM on the chosen image.")
         self.run_button.clicked.connect(self.run_all)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -220,22 +316,20 @@ class SegmentWidget(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         layout.addLayout(buttons)
-        self.all_slices_check = QCheckBox("All slices (3D stacks)")
-        self.all_slices_check.setToolTip(
-            "Unchecked: only the slice on screen. Checked: every slice, with 3-D output layers "
-            "(SAM's image embedding is computed once per slice).")
+        self.all_slices_check = QCheckBox("All slices (3-D stacks)")
+        self.all_slices_check.setToolTip(TIPS["all_slices"])
+        self.all_slices_check.toggled.connect(self._update_settings_line)
         layout.addWidget(self.all_slices_check)
-        more = QHBoxLayout()
-        self.mask_button = QPushButton("Boxes from mask")
-        self.mask_button.setToolTip("New boxes/points from the (painted) coarse mask, then SAM.")
-        self.mask_button.clicked.connect(self.prompts_from_mask)
-        self.save_button = QPushButton("Save run...")
-        self.save_button.clicked.connect(self._save_dialog)
-        self.load_button = QPushButton("Load run...")
-        self.load_button.clicked.connect(self._load_dialog)
-        for button in (self.mask_button, self.save_button, self.load_button):
-            more.addWidget(button)
-        layout.addLayout(more)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 100)
+        self.progress_bar.setFormat("ready")
+        self.progress_bar.setValue(0)
+        layout.addWidget(self.progress_bar)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        self.status_label.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Minimum)
+        layout.addWidget(self.status_label)
+
         accept = QHBoxLayout()
         self.accept_button = QPushButton("Accept into label map")
         self.accept_button.setToolTip(
@@ -248,49 +342,225 @@ class SegmentWidget(QWidget):
         accept.addWidget(self.accept_button)
         accept.addWidget(self.overwrite_check)
         layout.addLayout(accept)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 100)
-        layout.addWidget(self.progress_bar)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        layout.addWidget(self.status_label)
+        more = QHBoxLayout()
+        self.save_mask_button = QPushButton("Save mask...")
+        self.save_mask_button.setToolTip(
+            "Write the SAM mask (and the label map, when there is one) as NIfTI in the "
+            "scan's geometry (.nii.gz), or PNG for a 2-D image.")
+        self.save_mask_button.clicked.connect(self._save_mask_dialog)
+        self.mask_button = QPushButton("Boxes from mask")
+        self.mask_button.setToolTip("New boxes/points from the (painted) coarse mask, then SAM.")
+        self.mask_button.clicked.connect(self.prompts_from_mask)
+        more.addWidget(self.save_mask_button)
+        more.addWidget(self.mask_button)
+        layout.addLayout(more)
+        self.steps_check = QCheckBox("Show saliency and coarse mask")
+        self.steps_check.setToolTip(
+            "The steps before SAM, hidden once SAM has run so its mask stays readable (they "
+            "stay in the layer list).")
+        self.steps_check.toggled.connect(self._on_steps_toggled)
+        layout.addWidget(self.steps_check)
+
+        models = QCollapsible("Models")
+        mform_widget = QWidget()
+        mform = QFormLayout(mform_widget)
+        self.clip_edit = QLineEdit(DEFAULT_CLIP_MODEL)
+        self.clip_edit.setToolTip(TIPS["clip"])
+        self.clip_browse_button = QPushButton("Browse...")
+        self.clip_browse_button.setToolTip("Choose a CLIP model folder on this computer.")
+        self.clip_browse_button.clicked.connect(self._browse_clip)
+        mform.addRow("CLIP model", _with_button(self.clip_edit, self.clip_browse_button))
+        self.sam_combo = QComboBox()
+        self.sam_combo.addItems(SAM_BACKBONES)
+        self.sam_combo.setCurrentText("vit_h")
+        self.sam_combo.setToolTip(TIPS["sam"])
+        self.sam_combo.currentTextChanged.connect(self._update_settings_line)
+        mform.addRow("SAM model", self.sam_combo)
+        self.checkpoint_edit = QLineEdit()
+        self.checkpoint_edit.setPlaceholderText("empty: download the official file once")
+        self.checkpoint_edit.setToolTip(TIPS["checkpoint"])
+        self.checkpoint_browse_button = QPushButton("Browse...")
+        self.checkpoint_browse_button.setToolTip("Choose a SAM checkpoint file (.pth).")
+        self.checkpoint_browse_button.clicked.connect(self._browse_checkpoint)
+        mform.addRow("SAM checkpoint", _with_button(self.checkpoint_edit,
+                                                    self.checkpoint_browse_button))
+        self.device_combo = QComboBox()
+        self.device_combo.setEditable(True)
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device_combo.setToolTip(TIPS["device"])
+        mform.addRow("Device", self.device_combo)
+        models.addWidget(mform_widget)
+        layout.addWidget(models)
+
+        advanced = QCollapsible("Advanced")
+        aform_widget = QWidget()
+        aform = QFormLayout(aform_widget)
+        label = {key: text.split(" > ", 1)[1] for key, text in FIELD_LABELS.items()}
+        self.layer_spin = QSpinBox()
+        self.layer_spin.setRange(0, 47)
+        self.beta_spin = QDoubleSpinBox()
+        self.beta_spin.setRange(0.0, 100.0)
+        self.beta_spin.setDecimals(3)
+        self.beta_spin.setSingleStep(0.1)
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 1000)
+        self.method_combo = _choice_combo(THRESHOLD_CHOICES)
+        self.eta_spin = QDoubleSpinBox()
+        self.eta_spin.setRange(0.0, 1.0)
+        self.eta_spin.setDecimals(3)
+        self.eta_spin.setSingleStep(0.05)
+        self.topk_spin = QSpinBox()
+        self.topk_spin.setRange(0, 100)
+        self.topk_spin.setSpecialValueText("all")
+        self.mode_combo = _choice_combo(PROMPT_CHOICES)
+        self.box_mode_combo = _choice_combo(BOX_CHOICES)
+        for key, widget in (("layer", self.layer_spin), ("beta", self.beta_spin),
+                            ("steps", self.steps_spin), ("method", self.method_combo),
+                            ("eta_c", self.eta_spin), ("top_k", self.topk_spin),
+                            ("mode", self.mode_combo), ("box_mode", self.box_mode_combo)):
+            widget.setToolTip(TIPS[key])
+            field_label = QLabel(label[key])
+            field_label.setToolTip(TIPS[key])
+            aform.addRow(field_label, widget)
+            signal = (widget.currentIndexChanged if isinstance(widget, QComboBox)
+                      else widget.valueChanged)
+            signal.connect(self._update_settings_line)
+        advanced.addWidget(aform_widget)
+        layout.addWidget(advanced)
+
+        files = QHBoxLayout()
+        self.save_button = QPushButton("Save settings...")
+        self.save_button.setToolTip("The prompt, models and every parameter, as JSON.")
+        self.save_button.clicked.connect(self._save_dialog)
+        self.load_button = QPushButton("Load settings...")
+        self.load_button.setToolTip("Fill the fields from saved settings or a 'medclipsam "
+                                    "segment' manifest.")
+        self.load_button.clicked.connect(self._load_dialog)
+        files.addWidget(self.save_button)
+        files.addWidget(self.load_button)
+        layout.addLayout(files)
         layout.addStretch()
+        for combo in content.findChildren(QComboBox):  # long layer or preset names elide
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
         self.set_fields_from_config(PipelineConfig())
 
     def _refresh_layers(self, event=None) -> None:
         set_combo_items(self.image_combo, layer_names(
             self.viewer, "image", skip=lambda name: name.startswith("saliency [")))
+        self._update_settings_line()
 
     @property
     def refine_count(self) -> int:
         """How many times SAM re-ran from edited prompts (tests and benchmarks read it)."""
         return self.controller.state.refine_count
 
-    def apply_preset(self, title: str) -> None:
+    # ----------------------------------------------------------------------- presets
+    def apply_preset(self, title: str, keep_prompt: bool = False) -> None:
         """Apply the preset with this title (see :mod:`napari_medclipsam.core.presets`): its
-        prompts, and every setting it fixes, shown ones and hidden ones (seed, readout, KMeans
-        size, ranking) alike. ``(custom)`` keeps the fields and drops the hidden settings."""
+        prompts (unless ``keep_prompt``), and every setting it fixes, shown ones and hidden
+        ones (seed, readout, KMeans size, ranking) alike. ``(custom)`` keeps the fields and
+        drops the hidden settings."""
         preset = next((p for p in list_presets() if p.title == title), None)
         if preset is None:
             self._preset_config = None
+            self._preset_title = None
+            self._update_settings_line()
+            self._update_suggestion()
             return
         self._preset_config = preset.apply(PipelineConfig())
-        self.prompt_edit.setPlainText(preset.prompt_text)
+        self._preset_title = preset.title
+        if not keep_prompt:
+            self.prompt_edit.setPlainText(preset.prompt_text)
         self.set_fields_from_config(self._preset_config)
         if not self.controller.injected:
             self.sam_combo.setCurrentText(self._preset_config.sam_model)
         self.preset_combo.setToolTip(f"{preset.name}: {preset.description}\n{preset.summary()}")
+        self._update_settings_line()
+        self._update_suggestion()
+
+    def suggested_presets(self) -> list[Preset]:
+        """The presets the prompt's words match, minus the one in force."""
+        in_force = self._preset_in_force()
+        return [p for p in matching_presets(self._prompt_lines()) if p.title != in_force]
+
+    def apply_suggested_preset(self) -> None:
+        """The "Apply" of the suggestion line: the first matching preset's settings, with
+        the prompt as typed; the Preset menu shows it."""
+        suggested = self.suggested_presets()
+        if not suggested:
+            return
+        title = suggested[0].title
+        self.preset_combo.blockSignals(True)
+        self.preset_combo.setCurrentText(title)
+        self.preset_combo.blockSignals(False)
+        self.apply_preset(title, keep_prompt=True)
+
+    def _update_suggestion(self) -> None:
+        suggested = self.suggested_presets()
+        self.suggestion_row.setVisible(bool(suggested))
+        if not suggested:
+            self.suggestion_label.setText("")
+            return
+        text = f"Matches preset '{suggested[0].title}'"
+        if len(suggested) > 1:
+            others = ", ".join(f"'{p.title}'" for p in suggested[1:])
+            text += f" (or {others} in the Preset menu)"
+        self.suggestion_label.setText(text)
+        self.suggestion_label.setToolTip(f"{suggested[0].description}\n{suggested[0].summary()}")
+
+    def _preset_in_force(self) -> str | None:
+        """The chosen preset's title while the fields still hold its settings."""
+        if self._preset_config is None or self._preset_title is None:
+            return None
+        try:
+            config = self.build_config(self._preset_config)
+        except ValueError:
+            return None
+        stages = ("saliency", "coarse", "prompts", "sam")
+        if all(getattr(config, s) == getattr(self._preset_config, s) for s in stages):
+            return self._preset_title
+        return None
+
+    def settings_line(self) -> str:
+        """The settings in force, as the line under the prompt shows them."""
+        try:
+            config = self.build_config(self._base_config())
+        except ValueError as exc:
+            return gui_message(str(exc))
+        if self.controller.injected and self.controller.pipeline is not None:
+            config = dataclasses.replace(config, sam_model=self.controller.pipeline.config
+                                         .sam_model)
+        preset = self._preset_in_force()
+        if preset is None and self._preset_title is not None:
+            preset = f"{self._preset_title}, edited"
+        return describe_settings(config, preset=preset, where=self._where())
+
+    def _where(self) -> str:
+        layer = find_layer(self.viewer, self.image_combo.currentText())
+        if layer is None:
+            return "no image chosen"
+        if is_stack(layer):
+            depth = layer.data.shape[0]
+            if self.all_slices_check.isChecked():
+                return f"'{layer.name}', all {depth} slices"
+            return f"'{layer.name}', slice {slice_index(self.viewer, layer) + 1} of {depth}"
+        return f"'{layer.name}'"
+
+    def _update_settings_line(self, *args) -> None:
+        if hasattr(self, "settings_label"):
+            self.settings_label.setText(self.settings_line())
 
     def set_fields_from_config(self, config: PipelineConfig) -> None:
         """Show a config's stage parameters in the advanced fields."""
         self.layer_spin.setValue(config.saliency.layer)
         self.beta_spin.setValue(config.saliency.beta)
         self.steps_spin.setValue(config.saliency.steps)
-        self.method_combo.setCurrentText(config.coarse.method)
+        set_combo_value(self.method_combo, config.coarse.method)
         self.eta_spin.setValue(config.coarse.eta_c)
         self.topk_spin.setValue(config.coarse.top_k or 0)
-        self.mode_combo.setCurrentText(config.prompts.mode)
-        self.box_mode_combo.setCurrentText(config.prompts.box_mode)
+        set_combo_value(self.mode_combo, config.prompts.mode)
+        set_combo_value(self.box_mode_combo, config.prompts.box_mode)
 
     # ----------------------------------------------------------------------- models
     def set_pipeline(self, pipeline) -> None:
@@ -299,9 +569,27 @@ class SegmentWidget(QWidget):
         self.controller = SegmentController(pipeline)
         self.set_fields_from_config(pipeline.config)
         for widget in (self.clip_edit, self.sam_combo, self.checkpoint_edit,
-                       self.device_combo):
+                       self.device_combo, self.clip_browse_button,
+                       self.checkpoint_browse_button):
             widget.setEnabled(False)
             widget.setToolTip("Set by the pipeline given to the widget (set_pipeline).")
+        self._update_settings_line()
+
+    def _browse_clip(self) -> None:
+        current = self.clip_edit.text().strip().removeprefix("local-dir:")
+        folder = QFileDialog.getExistingDirectory(
+            self, "CLIP model folder (with open_clip_config.json and the weights)",
+            current if Path(current).is_dir() else "")
+        if folder:
+            self.clip_edit.setText(f"local-dir:{folder}")
+
+    def _browse_checkpoint(self) -> None:
+        current = self.checkpoint_edit.text().strip()
+        path, _ = QFileDialog.getOpenFileName(
+            self, "SAM checkpoint", current,
+            "SAM checkpoints (*.pth *.pt *.bin *.safetensors);;All files (*)")
+        if path:
+            self.checkpoint_edit.setText(path)
 
     def _model_config(self) -> dict[str, Any]:
         device = self.device_combo.currentText().strip()
@@ -323,11 +611,11 @@ class SegmentWidget(QWidget):
                                          beta=self.beta_spin.value(),
                                          steps=self.steps_spin.value()),
             coarse=dataclasses.replace(base.coarse or CoarseMaskConfig(),
-                                       method=self.method_combo.currentText(),
+                                       method=combo_value(self.method_combo),
                                        eta_c=self.eta_spin.value(), top_k=top_k),
             prompts=dataclasses.replace(base.prompts or PromptConfig(),
-                                        mode=self.mode_combo.currentText(),
-                                        box_mode=self.box_mode_combo.currentText()),
+                                        mode=combo_value(self.mode_combo),
+                                        box_mode=combo_value(self.box_mode_combo)),
         )
 
     def _base_config(self) -> PipelineConfig | None:
@@ -343,7 +631,11 @@ class SegmentWidget(QWidget):
                 if line.strip()]
 
     def _source(self) -> tuple[Any, np.ndarray, int | None, bool]:
-        """The chosen layer, the array to process, its slice index and volume mode."""
+        """The chosen layer, the array to process, its slice index and volume mode.
+
+        A stack's slice comes from the layer's own world-to-data mapping of the viewer's
+        position (:func:`~napari_medclipsam._widgets.common.slice_index`), never the
+        viewer's raw step, which belongs to the tallest layer."""
         name = self.image_combo.currentText()
         if not name or name not in self.viewer.layers:
             raise InputError("Choose an image layer first (open one, or File > Open Sample).")
@@ -374,19 +666,25 @@ class SegmentWidget(QWidget):
         lines = self._prompt_lines()
         try:
             layer, image, z, volume = self._source()
-            if not lines:
-                raise InputError("Type a prompt first (e.g. 'breast tumor'), or pick a preset.")
+            name = target_name(lines)
             self.controller.configure(self.build_config(self._base_config()))
         except (InputError, ValueError) as exc:
-            self._report(str(exc), error=True)
+            self._report(gui_message(str(exc)), error=True)
             return
         self._stop.clear()
+        self._tracker = ProgressTracker()
+        self.progress_log = self._tracker.updates
+        self._live = LiveVolume(name, layer.name, tuple(image.shape)) if volume else None
         self._set_running(True)
         self.progress_bar.setValue(0)
-        self._report("Running (the first run loads the models)...")
+        self.progress_bar.setFormat("starting %p%")
+        what = f"all {image.shape[0]} slices of" if volume else (
+            f"slice {z + 1} of" if z is not None else "")
+        self._report(f"Running '{name}' on {what} '{layer.name}'...".replace("on  ", "on "))
         self._worker = start_worker(
             self.controller.run_all, image, lines, source=layer.name, slice_index=z,
             volume=volume, progress=self._progress_signal.emit, should_stop=self._stop.is_set,
+            on_slice=self._slice_signal.emit if volume else None,
             on_done=self._on_done, on_finished=lambda: self._set_running(False))
 
     def _set_running(self, running: bool) -> None:
@@ -401,34 +699,49 @@ class SegmentWidget(QWidget):
         self._stop.set()
         self._refine_timer.stop()
         if self.running:
-            self._report("Cancelling...")
+            self._report("Cancelling (at the next step; finished slices are kept)...")
 
     def _on_progress(self, stage: str, fraction: float) -> None:
-        self.progress_bar.setValue(int(round(100 * fraction)))
+        update = self._tracker.update(stage, fraction)
+        self.progress_bar.setValue(int(round(100 * update.fraction)))
         self.progress_bar.setFormat(f"{stage} %p%")
+        if self.running and not self._stop.is_set() and stage != "done":
+            self._report(f"Running: {update.text}")
 
     def _on_done(self, outcome: Outcome) -> None:
+        live, self._live = self._live, None
         if outcome.cancelled:
+            run: Run | None = outcome.partial
+            source = find_layer(self.viewer, run.source) if run is not None else None
+            if run is not None and source is not None:
+                self._show_volume(run, source)
             self.progress_bar.setValue(0)
-            self._report("Cancelled.")
+            self.progress_bar.setFormat("cancelled")
+            self._report(cancel_message(run, live.shape[0] if live is not None else None))
             return
         if not outcome.ok:
-            self._report(outcome.error, error=True)
+            self.progress_bar.setValue(0)
+            self.progress_bar.setFormat("stopped by an error (see below)")
+            self._report(gui_message(outcome.error), error=True)
             return
-        run: Run = outcome.value
+        run = outcome.value
         source = find_layer(self.viewer, run.source)
         if source is None:
             self._report(f"The image layer {run.source!r} was removed during the run.",
                          error=True)
             return
+        self.progress_bar.setValue(100)
+        self.progress_bar.setFormat("done %p%")
+        took = (f"Done in {format_duration(run.seconds)}: " if run.seconds >= 10
+                else f"Done in {max(run.seconds, 0.1):.1f} s: ")
         if run.volume is not None:
             self._show_volume(run, source)
-            self._report(f"Something found on {len(run.volume.found_slices)} of "
+            self._report(f"{took}something found on {len(run.volume.found_slices)} of "
                          f"{run.mask.shape[0]} slices; mask of {int(run.mask.sum())} voxels. "
                          "Edit a slice by running it alone (All slices unchecked).")
         else:
             self._show_result(run, source)
-            self._report(run.result.message)
+            self._report(took + run.result.message)
         self.save_settings()
 
     # ----------------------------------------------------------------------- layers
@@ -459,6 +772,7 @@ class SegmentWidget(QWidget):
             if layer.name not in self._connected:
                 layer.events.data.connect(self._on_prompt_edit)
                 self._connected.add(layer.name)
+        self._show_steps(name, sam_ran=result.found, editable=True)
 
     def _show_volume(self, run: Run, source) -> None:
         vol, name = run.volume, run.target.name
@@ -480,6 +794,117 @@ class SegmentWidget(QWidget):
                       vol.mask.astype(np.int32), geometry, opacity=0.6)
         finally:
             self._updating_layers = False
+        self._show_steps(name, sam_ran=bool(vol.found_slices), editable=False)
+
+    def _on_slice(self, z: int, result) -> None:
+        """An All slices run finished slice ``z``: write it into the target's 3-D layers at
+        once (the first slice of a run empties them), so a cancelled run keeps it."""
+        live = self._live
+        source = find_layer(self.viewer, live.source) if live is not None else None
+        if source is None:
+            return
+        if not live.started:
+            geometry = geometry_of(source, 3)
+            self._updating_layers = True
+            try:
+                put_layer(self.viewer, output_name("saliency", live.target), "image",
+                          np.zeros(live.shape, np.float32), geometry, colormap="inferno",
+                          opacity=0.5, blending="additive", contrast_limits=(0.0, 1.0))
+                put_layer(self.viewer, output_name("coarse mask", live.target), "labels",
+                          np.zeros(live.shape, np.int32), geometry, opacity=0.4)
+                put_layer(self.viewer, output_name("SAM mask", live.target), "labels",
+                          np.zeros(live.shape, np.int32), geometry, opacity=0.6)
+            finally:
+                self._updating_layers = False
+            self._show_steps(live.target, sam_ran=True, editable=False)
+            live.started = True
+        for kind, data in (("saliency", result.saliency), ("coarse mask", result.coarse.mask),
+                           ("SAM mask", result.mask)):
+            layer = find_layer(self.viewer, output_name(kind, live.target))
+            if layer is None or tuple(layer.data.shape) != live.shape:
+                continue
+            layer.data[z] = data.astype(layer.data.dtype)
+            layer.refresh()
+
+    def _show_steps(self, target: str, *, sam_ran: bool, editable: bool) -> None:
+        """Once SAM has run, hide the saliency and coarse mask (unless "Show saliency and
+        coarse mask" is checked) so the SAM mask stays readable; keep them when nothing was
+        found (they show why). Boxes and points stay visible where they can be edited."""
+        show = self.steps_check.isChecked() or not sam_ran
+        for kind in KINDS[:-1]:
+            layer = find_layer(self.viewer, output_name(kind, target))
+            if layer is not None:
+                layer.visible = show or (editable and kind in ("boxes", "points"))
+
+    def _on_steps_toggled(self, checked: bool) -> None:
+        run = self.controller.state.run
+        if run is None:
+            return
+        for kind in STEP_KINDS:
+            layer = find_layer(self.viewer, output_name(kind, run.target.name))
+            if layer is not None:
+                layer.visible = checked
+
+    # ----------------------------------------------------------------------- save mask
+    def save_mask(self, path: str | Path) -> list[Path] | None:
+        """Write the current target's SAM mask as the user left it (painted corrections
+        included), and the label map when there is one, to ``path``: NIfTI (``.nii.gz``,
+        ``.nii``) with the source scan's affine, or PNG for a 2-D image. Refuses to replace
+        the source image. Returns the files written (None after an error, reported)."""
+        from napari_medclipsam._io.writers import labels_affine
+
+        try:
+            run = self.controller.state.run
+            if run is None:
+                raise InputError("Nothing to save yet: press Run all first.")
+            source = find_layer(self.viewer, run.source)
+            if source is None:
+                raise InputError(f"The image layer {run.source!r} is gone.")
+            spatial = tuple(source.data.shape[:-1] if source.rgb else source.data.shape)
+            sam = find_layer(self.viewer, output_name("SAM mask", run.target.name))
+            mask = np.asarray(sam.data) if sam is not None else run.mask
+            label_layer = self.label_map_layer(create=False)
+            label_map = np.asarray(label_layer.data) if label_layer is not None else None
+            names = None
+            if label_layer is not None and "name" in label_layer.features:
+                names = dict(zip(label_layer.features["index"], label_layer.features["name"],
+                                 strict=True))
+            metadata = dict(source.metadata or {})
+            affine, meta, _ = labels_affine(spatial, {"scale": tuple(source.scale),
+                                                      "translate": tuple(source.translate),
+                                                      "metadata": metadata})
+            source_path = metadata.get("source_path") or getattr(source.source, "path", None)
+            written = save_mask(
+                path, mask, affine=affine, label_map=label_map, label_names=names,
+                source_path=source_path, slice_index=run.slice_index, spatial_shape=spatial,
+                qform_code=int(meta.get("qform_code", 1) or 1),
+                sform_code=int(meta.get("sform_code", 1) or 1))
+        except (InputError, OSError, ValueError) as exc:
+            self._report(f"Not saved: {exc}", error=True)
+            return None
+        folder = written[0].parent
+        self._report(f"Saved {', '.join(p.name for p in written)} in {folder}.")
+        return written
+
+    def _save_mask_dialog(self) -> None:
+        run = self.controller.state.run
+        if run is None:
+            self._report("Nothing to save yet: press Run all first.", error=True)
+            return
+        source = find_layer(self.viewer, run.source)
+        folder = ""
+        source_path = (source.metadata or {}).get("source_path") if source is not None else None
+        if source_path:
+            folder = str(Path(source_path).parent)
+        stem = re.sub(r"[^\w.-]+", "_", run.target.name).strip("_") or "mask"
+        nifti, png = "NIfTI (*.nii.gz *.nii)", "PNG, 2-D images (*.png)"
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Save mask", str(Path(folder) / f"{stem}_mask.nii.gz"), f"{nifti};;{png}")
+        if not path:
+            return
+        if not path.lower().endswith((".nii.gz", ".nii", ".png")):
+            path += ".png" if chosen == png else ".nii.gz"
+        self.save_mask(path)
 
     # ----------------------------------------------------------------------- live refine
     def _current_run(self) -> Run | None:
@@ -630,6 +1055,7 @@ class SegmentWidget(QWidget):
         """Fill the widget from :meth:`run_state`'s dictionary (e.g. a saved run)."""
         config = PipelineConfig.from_dict(state.get("config", {}))
         self._preset_config = config  # its settings the fields do not show are kept too
+        self._preset_title = None
         self.preset_combo.blockSignals(True)
         self.preset_combo.setCurrentText(CUSTOM)
         self.preset_combo.blockSignals(False)
@@ -641,6 +1067,8 @@ class SegmentWidget(QWidget):
             self.sam_combo.setCurrentText(config.sam_model)
             self.checkpoint_edit.setText(config.sam_checkpoint or "")
             self.device_combo.setCurrentText(config.device or "auto")
+        self._update_settings_line()
+        self._update_suggestion()
 
     def save_run(self, path: str | Path) -> None:
         """Write the run's prompt, models and parameters as JSON (atomically)."""
@@ -661,14 +1089,14 @@ class SegmentWidget(QWidget):
         self._report(f"Loaded {path}.")
 
     def _save_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save run", "medclipsam_run.json",
+        path, _ = QFileDialog.getSaveFileName(self, "Save settings", "medclipsam_run.json",
                                               "JSON (*.json)")
         if path:
             self.save_run(path)
             self._report(f"Saved {path}.")
 
     def _load_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load run", "", "JSON (*.json)")
+        path, _ = QFileDialog.getOpenFileName(self, "Load settings", "", "JSON (*.json)")
         if path:
             self.load_run(path)
 
