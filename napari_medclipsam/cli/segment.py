@@ -842,6 +842,7 @@ def _run_all(plan: _Plan, pipeline, run: _Run) -> int:
         if removed:
             print(f"Removed {len(removed)} temporary file(s) a stopped run left in {out}.",
                   file=sys.stderr)
+        run.save("running", force=True)  # a killed run leaves a manifest to resume from
         failed: list[str] = []
         n_found = n_done = n_kept = 0
         for f, problem in plan.probe_errors.items():
