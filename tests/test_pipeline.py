@@ -135,3 +135,12 @@ def test_stage_names_of_one_image(pipeline):
     assert "coarse mask" in seen and seen[-1] == "done"
     if "SAM mask" in seen:  # something was found: SAM encoded the new image once
         assert seen.count("encoding image (SAM)") == 1
+
+
+@pytest.mark.parametrize("value", [0, 255])
+def test_constant_image_is_nothing_found_without_running_models(pipeline, value):
+    calls = []
+    pipeline.saliency = lambda *a, **k: calls.append(a)
+    result = pipeline.segment(np.full((40, 40), value, np.uint8), "a disk")
+    assert not result.found and not result.mask.any() and not calls
+    assert "one intensity everywhere" in result.message

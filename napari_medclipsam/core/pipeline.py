@@ -28,6 +28,8 @@ ProgressFn = Callable[[str, float], None]
 StopFn = Callable[[], bool]
 SliceFn = Callable[[int, "SegmentationResult"], None]
 
+CONSTANT_IMAGE = ("Nothing found: the image (after windowing) has one intensity everywhere, so "
+                  "there is nothing to segment. Check the window or the slice.")
 NOTHING_FOUND = ("Nothing found: the saliency map has no component that passes the threshold "
                  "and confidence filter (eta_c). Try another prompt, a lower eta_c or another "
                  "threshold method.")
@@ -216,6 +218,13 @@ class ZeroShotPipeline:
         report = progress or (lambda stage, fraction: None)
         _check_stop(should_stop)
         steps = self.config.saliency.steps
+        if rgb.min() == rgb.max():  # nothing to see: no model could find anything honestly
+            report("done", 1.0)
+            empty = np.zeros(rgb.shape[:2], dtype=bool)
+            coarse = CoarseResult(empty, np.zeros(rgb.shape[:2], dtype=np.int32), (), 0.0, 0)
+            return SegmentationResult(np.zeros(rgb.shape[:2], dtype=np.float32), coarse,
+                                      Prompts(), empty, False, CONSTANT_IMAGE,
+                                      {"saliency_steps": 0}, rgb=rgb)
         if self._clip is None:
             report("loading CLIP", 0.0)
             _ = self.clip
