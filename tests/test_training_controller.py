@@ -629,6 +629,8 @@ def test_messages_say_what_to_click_not_what_to_type(folders):
     assert in_gui_words("The training of X is finished already: predict with it, or start "
                         "over with restart.").endswith(
         "press Predict, or tick 'start over' and press Start.")
+    assert in_gui_words("2 process(es) of the crashed training of X still run (pids 5, 6): "
+                        "stop them with cancel first.").endswith("with Cancel first.")
     assert in_gui_words("X is not empty: use another folder (--overwrite).") == \
         "X is not empty: use another folder."
     assert in_gui_words("Nothing to change.") == "Nothing to change."

@@ -110,15 +110,205 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_the_dock_scrolls_on_a_small_screen(make_napari_viewer):
-    from qtpy.QtWidgets import QScrollArea
+LAPTOP = (1366, 768)
+SECTIONS = ("1. Export pseudo-labels", "2. Train (background process)", "3. Predict",
+            "4. Review (most uncertain first)")
+
+
+def _in_view(w, widget) -> bool:
+    """Scrolled to, ``widget`` lies inside the scroll area's viewport and the window."""
+    from qtpy.QtCore import QPoint, QRect
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()   # the layout after a section was unfolded
+    w.scroll_area.ensureWidgetVisible(widget)
+    QApplication.processEvents()
+    viewport = w.scroll_area.viewport()
+    in_viewport = QRect(widget.mapTo(viewport, QPoint(0, 0)), widget.size())
+    in_window = QRect(widget.mapTo(w.window(), QPoint(0, 0)), widget.size())
+    return (viewport.rect().contains(in_viewport) and w.window().rect().contains(in_window)
+            and not widget.visibleRegion().isEmpty())
+
+
+def test_every_part_fits_a_laptop_screen(make_napari_viewer, qtbot):
+    """At 1366x768 the dock leaves napari its canvas, asks for no more height than the
+    screen has, and every control can be scrolled to (Predict, Review's buttons)."""
+    from qtpy.QtWidgets import QDockWidget, QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(*LAPTOP)
+    w = dock(viewer, TRAINING)
+    qtbot.waitUntil(w.isVisible)
+    window = w.window()
+    assert (window.width(), window.height()) == LAPTOP
+    dock_widget = w.parentWidget()
+    while not isinstance(dock_widget, QDockWidget):
+        dock_widget = dock_widget.parentWidget()
+    # napari's menu, title bars and status bar take about 100 px of the 768
+    hint = dock_widget.minimumSizeHint()
+    assert hint.width() <= 400 and hint.height() <= LAPTOP[1] - 200, hint
+    assert dock_widget.width() <= 400, dock_widget.width()   # the canvas keeps the rest
+    assert w.height() <= LAPTOP[1] - 50
+
+    # four numbered sections in a scroll area; the status line stays in view below it
+    assert isinstance(w.scroll_area, QScrollArea) and w.scroll_area.widgetResizable()
+    sections = (w.export_section, w.train_section, w.predict_section, w.review_box)
+    assert tuple(s.title for s in sections) == SECTIONS
+    assert [s.isExpanded() for s in sections] == [True, True, True, False]
+    content = w.scroll_area.widget()
+    assert all(content.isAncestorOf(s) for s in sections)
+    assert not content.isAncestorOf(w.status_label) and w.status_label.isVisible()
+    # a section folds and unfolds with a click on its title
+    w.export_section.header.click()
+    assert not w.export_section.isExpanded() and not w.export_button.isVisible()
+    w.export_section.header.click()
+    assert w.export_section.isExpanded() and w.export_button.isVisible()
+
+    # every button can be reached
+    for widget in (w.export_button, w.start_button, w.log_button, w.predict_button):
+        assert _in_view(w, widget), widget.text()
+    w.review_box.expand()
+    assert w.review_table.isVisible()
+    assert _in_view(w, w.corrected_button) and _in_view(w, w.load_ranking_button)
+    # the folder fields have Browse buttons (a folder dialog)
+    assert [b.text() for b in w.browse_buttons.values()] == ["Browse..."] * 3
+    assert not w.accept_button.isEnabled() and not w.corrected_button.isEnabled()
+
+
+def test_estimate_and_length_presets_before_start(make_napari_viewer):
+    from napari_medclipsam._widgets.training_controller import preset_named
 
     viewer = make_napari_viewer()
     w = dock(viewer, TRAINING)
-    assert isinstance(w.scroll_area, QScrollArea) and w.scroll_area.widgetResizable()
-    assert w.scroll_area.widget().isAncestorOf(w.review_table)
-    assert w.scroll_area.widget().isAncestorOf(w.export_button)
-    assert not w.accept_button.isEnabled() and not w.corrected_button.isEnabled()
+    w.device_combo.setCurrentText("cpu")
+    # the paper's schedule is the default: days on a CPU, said in colour
+    assert w.preset_combo.currentData() == "paper"
+    assert w.estimate.device == "cpu" and w.estimate.too_long
+    text = w.estimate_label.text()
+    assert text.startswith(f"About {w.estimate.duration} on this computer's CPU")
+    assert "days" in text and "choose 'Quick try'" in text, text
+    assert "color" in w.estimate_label.styleSheet()
+
+    # Quick try, chosen from the menu
+    quick = w.preset_combo.findData("quick")
+    assert w.preset_combo.itemText(quick) == preset_named("quick").label("cpu")
+    w.preset_combo.setCurrentIndex(quick)
+    w.preset_combo.activated.emit(quick)
+    assert (w.epochs_spin.value(), w.cycles_spin.value(), w.checkpoints_spin.value(),
+            w.iterations_spin.value(), w.val_iterations_spin.value()) == (10, 2, 2, 20, 2)
+    assert w.schedule().n_checkpoints == 4
+    assert w.estimate.seconds < 3600 and w.estimate_label.text().startswith("About ")
+    assert " min on this computer's CPU" in w.estimate_label.text()
+    assert w.estimate_label.styleSheet() == ""
+
+    # on a GPU the paper's schedule takes hours
+    w.device_combo.setCurrentText("cuda")
+    paper = w.preset_combo.findData("paper")
+    w.preset_combo.setCurrentIndex(paper)
+    w.preset_combo.activated.emit(paper)
+    assert w.epochs_spin.value() == 600 and w.iterations_spin.value() == 250
+    assert w.estimate.device == "cuda" and not w.estimate.too_long
+    assert " h on this computer's GPU" in w.estimate_label.text()
+    assert w.preset_combo.itemText(paper).endswith(" h")
+
+    # a field changed by hand: Custom; an impossible schedule says why
+    w.epochs_spin.setValue(300)
+    assert w.preset_combo.currentData() == "custom"
+    assert w.estimate.iterations == 300 * 250
+    w.epochs_spin.setValue(301)
+    assert w.estimate is None and "multiple of cycles" in w.estimate_label.text()
+    custom = w.preset_combo.findData("custom")
+    w.preset_combo.activated.emit(custom)
+    assert w.schedule_box.isExpanded() and w.epochs_spin.isVisibleTo(w)
+
+
+LOG_DUMP = """2D U-Net configuration:
+{'data_identifier': 'nnUNetPlans_2d', 'preprocessor_name': 'DefaultPreprocessor', 'batch_size': 10}
+#######################################################################
+Please cite the following paper when using nnU-Net:
+#######################################################################
+PlainConvUNet(
+  (encoder): PlainConvEncoder(
+    (conv): Conv2d(1, 32, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+  )
+)
+2026-11-24 09:28:46.310723: Epoch 0
+2026-11-24 09:29:17.880200: Pseudo dice [np.float32(0.9597)]
+2026-11-24 09:29:17.880476: Epoch time: 31.57 s
+2026-11-24 09:29:19.273583: Epoch 1
+2026-11-24 09:30:21.446206: Epoch time: 62.17 s
+"""
+
+
+def test_messages_say_what_to_click_and_the_log_leaves_out_nnunets_dumps(
+        make_napari_viewer, folders):
+    """No command lines in the messages; a stopped training's status, its estimate to
+    finish (timed from its epochs), its log without nnU-Net's dumps, and the full log."""
+    from napari_medclipsam.nnunet.export import cases_from_arrays, export_dataset
+    from napari_medclipsam.nnunet.job import NnUNetFolders, model_dir_for
+
+    viewer = make_napari_viewer()
+    img, mask = _disk_image(0)
+    viewer.add_image(img, name="scan")
+    viewer.add_labels(mask.astype(np.int32), name="mask")
+    w = _widget(viewer, folders, dataset_id=4)
+    messages = []
+    w.start()
+    messages.append(w.last_status)
+    assert "click Export first" in w.last_status, w.last_status
+    assert w.show_log() is None and "Start" in w.last_status
+    assert not w.log_button.isEnabled()
+    w.predict()
+    assert "No ensemble checkpoints yet: press Start first" in w.last_status
+
+    # an exported dataset and a training that was cancelled after 2 of 10 epochs
+    export_dataset(cases_from_arrays(img, mask, "scan"), folders["raw"], 4, "Toy",
+                   verify=False)
+    job_dir = folders["results"] / "Dataset004_Toy" / "medclipsam_job"
+    job_dir.mkdir(parents=True)
+    quick = {"epochs": 10, "cycles": 2, "checkpoints_per_cycle": 2,
+             "iterations_per_epoch": 20, "val_iterations_per_epoch": 2, "lr_max": 0.01,
+             "lr_min": 1e-4}
+    (job_dir / "job.json").write_text(json.dumps(
+        {"schedule": quick, "device": "cpu", "configuration": "2d", "data_workers": 0}))
+    (job_dir / "status.json").write_text(json.dumps(
+        {"phase": "cancelled", "epoch": 2, "epochs": 10, "cycle": 1, "cycles": 2,
+         "train_loss": -0.41, "pseudo_dice": 0.96, "epoch_time_s": 62.17, "device": "cpu",
+         "iterations_per_epoch": 20}))
+    (job_dir / "log.txt").write_text(LOG_DUMP)
+    nn_folders = NnUNetFolders.resolve(**folders)
+    (model_dir_for(nn_folders, 4, "2d") / "fold_all").mkdir(parents=True)
+    w.device_combo.setCurrentText("cpu")
+    w.locate_job()
+    assert w.status.phase == "cancelled" and w.resume_button.isEnabled()
+    assert w.preset_combo.currentData() == "quick"                 # the job's schedule
+    assert w.job_label.text().startswith("cancelled · epoch 2/10 · cycle 1/2 · loss -0.4100")
+    assert w.estimate.measured and w.estimate.iterations == 8 * 20
+    assert w.estimate_label.text().startswith("Resume (2 epochs done): about ")
+    assert "timed in this dataset's last run" in w.estimate_label.text()
+    log = w.log_view.toPlainText()
+    assert "09:30:21 Epoch time: 62.17 s" in log and "09:29:17 Pseudo dice [0.9597]" in log
+    for dump in ("data_identifier", "PlainConvUNet", "Conv2d", "####", "Please cite"):
+        assert dump not in log, dump
+    assert w.log_button.isEnabled()
+    dialog = w.show_log()
+    assert dialog.isVisible() and dialog.text.toPlainText() == LOG_DUMP
+    assert str(job_dir / "log.txt") in dialog.path_label.text()
+    (job_dir / "log.txt").write_text(LOG_DUMP + "2026-11-24 09:31:00.000000: more\n")
+    assert w.show_log() is dialog and dialog.text.toPlainText().endswith("more\n")
+    dialog.close()
+
+    # a training exists: Start says what to press; exporting again says what to tick
+    w.start()
+    messages.append(w.last_status)
+    assert "press Resume, or tick 'start over' and press Start" in w.last_status
+    w.name_edit.setText("Toy")
+    w.export()
+    assert w.wait(60)
+    messages.append(w.last_status)
+    assert "tick 'append to existing dataset'" in w.last_status, w.last_status
+    for message in messages:
+        assert "--" not in message and "medclipsam " not in message, message
 
 
 def test_export_from_layers(make_napari_viewer, folders):
@@ -239,12 +429,19 @@ def test_export_train_and_predict(make_napari_viewer, folders, qtbot):
     assert w.progress_bar.maximum() == 2 and w.progress_bar.value() == 2
     assert w.job_label.text().startswith("done · epoch 2/2 · cycle 1/1")
     assert "Epoch 1" in w.log_view.toPlainText()
+    # the log box shows progress, not nnU-Net's plans; the full log has them
+    assert "data_identifier" not in w.log_view.toPlainText()
+    assert "data_identifier" in w.show_log().text.toPlainText()
+    w.log_dialog.close()
     assert w.predict_button.isEnabled() and w.start_button.isEnabled()
     assert not w.resume_button.isEnabled() and not w.cancel_button.isEnabled()
 
     w.predict()
     assert w.wait(180)
     assert "Ensemble of 2 checkpoint(s)" in w.last_status, w.last_status
+    assert "nats (0 = all checkpoints agree and are sure; 0.69 (ln 2) = a coin flip" \
+        in w.last_status, w.last_status
+    assert "0.69 (ln 2) = a coin flip between two labels" in w.uncertainty_label.text()
     worst = int(np.argmax(viewer.layers[UNCERTAINTY].data.mean(axis=(1, 2))))
     assert f"Most uncertain slices: z={worst} " in w.last_status, w.last_status
     prob, mask, unc = (viewer.layers[n] for n in (PROBABILITY, MASK, UNCERTAINTY))
@@ -314,10 +511,12 @@ def two_target_model(tmp_path_factory):
         11, EnsembleSchedule(epochs=2, cycles=1, checkpoints_per_cycle=2,
                              iterations_per_epoch=2, val_iterations_per_epoch=1),
         folders=job.NnUNetFolders.resolve(**folders), device="cpu", data_workers=0)
+    status = {}
     try:
         status = job.wait(job_dir, timeout=400)
     finally:
-        job.cancel(job_dir)
+        if status.get("phase") != "done":   # timed out or interrupted: stop it
+            job.cancel(job_dir)
     assert status["phase"] == "done", (status, job.tail(job_dir / "log.txt"))
     return folders
 
@@ -357,7 +556,10 @@ def test_two_targets_predict_and_review(make_napari_viewer, two_target_model, qt
     w.predict()
     assert w.wait(180)
     assert "Classes: 1=dim disk, 2=bright disk" in w.last_status, w.last_status
+    assert "1.10 (ln 3, the most) = all 3 labels equally likely" in w.last_status
+    assert "ln 3" in w.uncertainty_label.text()
     mask, unc = viewer.layers[MASK], viewer.layers[UNCERTAINTY]
+    assert "ln 3" in unc.metadata["description"]
     assert mask.data.shape == stack.shape and set(np.unique(mask.data)) <= {0, 1, 2}
     assert list(mask.features["name"]) == ["background", "dim disk", "bright disk"]
     assert list(mask.features["index"]) == [0, 1, 2]

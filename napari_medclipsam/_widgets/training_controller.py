@@ -475,6 +475,7 @@ _GUI_WORDS: tuple[tuple[re.Pattern, str], ...] = tuple(
         (r"add cases to it with append \(--append\)",
          "tick 'append to existing dataset' to add cases to it"),
         (r"watch it with status, or cancel it first", "wait for it, or press Cancel first"),
+        (r"stop them with cancel first", "stop them with Cancel first"),
         (r"resume it, or start over with restart \(deletes it\)",
          "press Resume, or tick 'start over' and press Start (deletes it)"),
         (r"predict with it, or start over with restart",

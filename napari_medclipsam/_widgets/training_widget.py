@@ -1,21 +1,31 @@
 """The "Pseudo-labels & training" dock widget (MedCLIP-SAMv2's weak-supervision stage): a thin
 Qt view over :class:`~napari_medclipsam._widgets.training_controller.TrainingController`.
 
-1. **Export**: an image layer and its (hand-corrected) Labels layer become cases of a raw
-   nnU-Net v2 dataset (in a worker thread). A 3-D stack can go in as 2-D slices (only the
-   labelled ones), as the paper trains a 2-D nnU-Net. A ``label map`` whose ``name`` feature
-   names several targets (the text-prompt widget's) is exported with one class per target.
-2. **Train**: planning, preprocessing and checkpoint-ensembling training run in a background
-   process that outlives napari. A 1 s ``QTimer`` reads its ``status.json`` and log tail and
-   shows phase, epoch, cycle, loss, pseudo-Dice and ETA. A widget opened later on the same
+Four numbered sections that fold (:class:`Section`) in a scroll area, so the dock fits a
+1366x768 laptop screen; the status line stays in view below them.
+
+1. **Export pseudo-labels**: an image layer and its (hand-corrected) Labels layer become cases
+   of a raw nnU-Net v2 dataset (in a worker thread). A 3-D stack can go in as 2-D slices (only
+   the labelled ones), as the paper trains a 2-D nnU-Net. A ``label map`` whose ``name``
+   feature names several targets (the text-prompt widget's) is exported with one class per
+   target. nnU-Net's folders have Browse buttons.
+2. **Train**: a length preset (Quick try, Short, As the paper) and the estimated time on this
+   device before Start ("about 15 days on this computer's CPU" says so, in colour); planning,
+   preprocessing and checkpoint-ensembling training run in a background process that
+   outlives napari. A 1 s ``QTimer`` reads its ``status.json`` and log tail and shows phase,
+   epoch, cycle, loss, pseudo-Dice and ETA, and the log's last lines without nnU-Net's plans
+   and network dumps (Show full log has everything). A widget opened later on the same
    folders and dataset picks the job up again.
 3. **Predict**: the ensemble of saved checkpoints segments the chosen image (in a worker) and
    three layers overlay it with the image's scale and translate: ``nnU-Net probability``
    (``1 - p(background)``), ``nnU-Net mask`` (a label map in the exported values, named by its
-   ``name`` feature) and ``nnU-Net uncertainty`` (entropy over the C classes, 0 to ln C).
+   ``name`` feature) and ``nnU-Net uncertainty`` (entropy over the C classes in nats, 0 to ln
+   C, explained in words: 0 = all checkpoints agree, 0.69 = a coin flip between two labels).
 4. **Review**: the prediction's slices (or a folder prediction's cases) listed by mean
-   entropy, worst first; a row opens the slice (or image), Accept or Corrected adds it to the
-   dataset with the time, edits and Dice of the review.
+   uncertainty, worst first; a row opens the slice (or image), Accept or Corrected adds it to
+   the dataset with the time, edits and Dice of the review.
+
+Errors are said as what to click ("click Export first"), not as command lines.
 
 napari opens this class from the Plugins menu and passes the viewer as ``napari_viewer``.
 """
@@ -34,11 +44,12 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QComboBox,
+    QDialog,
+    QDialogButtonBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QFrame,
-    QGroupBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -47,13 +58,14 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
-from superqt import QCollapsible
 
 from napari_medclipsam._widgets.common import (
     Outcome,
@@ -69,18 +81,25 @@ from napari_medclipsam._widgets.common import (
 )
 from napari_medclipsam._widgets.training_controller import (
     CONFIGURATIONS,
+    DEVICE_WORDS,
     DEVICES,
     FOLDER_KEYS,
+    SCHEDULE_PRESETS,
     JobStatus,
     Prediction,
     ReviewItem,
     TrainingController,
+    TrainingEstimate,
     export_label_table,
     folders_from_values,
+    in_gui_words,
     label_name_from_layer,
     label_table_from_features,
+    preset_named,
+    preset_of,
     schedule_from_values,
     status_line,
+    uncertainty_words,
 )
 from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.nnunet.export import format_label_table
@@ -95,7 +114,97 @@ PROBABILITY, MASK, UNCERTAINTY = "nnU-Net probability", "nnU-Net mask", "nnU-Net
 OUTPUT_LAYERS = (PROBABILITY, MASK, UNCERTAINTY)
 LABEL_MAP = "label map"
 SETTINGS = SettingsStore("training_widget.json")
-REVIEW_COLUMNS = ("Case / slice", "Entropy", "Review")
+REVIEW_COLUMNS = ("Case / slice", "Uncertainty", "Review")
+CUSTOM = "Custom (Schedule details)"
+FOLDER_TIPS = {
+    "raw": "Where the exported datasets go (nnU-Net's nnUNet_raw)",
+    "preprocessed": "Where nnU-Net writes its preprocessed data (nnUNet_preprocessed)",
+    "results": "Where the trained models and the training's log go (nnUNet_results)",
+}
+#: the estimate's colour when a run takes days
+LONG_RUN_STYLE = "color: #e8a33c;"
+
+
+class WrappedLabel(QLabel):
+    """A word-wrapped label that never asks for more than ``WIDTH`` pixels: Qt sizes a long
+    wrapped text wide, which made the dock take half a laptop screen."""
+
+    WIDTH = 280
+
+    def __init__(self, text: str = "", parent: QWidget | None = None):
+        super().__init__(text, parent)
+        self.setWordWrap(True)
+
+    def sizeHint(self):  # noqa: N802 (Qt's name)
+        hint = super().sizeHint()
+        if hint.width() > self.WIDTH:
+            hint.setWidth(self.WIDTH)
+            hint.setHeight(self.heightForWidth(self.WIDTH))
+        return hint
+
+
+class Section(QWidget):
+    """A titled part of the dock that folds: a header (arrow and title) over its content,
+    which is shown or hidden. No height animation, so content that grows (a label that
+    wraps, a nested section) always fits.
+
+    Parameters
+    ----------
+    title : str
+    expanded : bool
+    level : int
+        0 for the dock's numbered steps (bold), 1 for a part inside one.
+    """
+
+    toggled = Signal(bool)
+
+    def __init__(self, title: str, expanded: bool = True, level: int = 0,
+                 parent: QWidget | None = None):
+        super().__init__(parent)
+        self.header = QToolButton()
+        self.header.setText(title)
+        self.header.setCheckable(True)
+        self.header.setChecked(expanded)
+        self.header.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.header.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.header.setStyleSheet("QToolButton { border: none; text-align: left; "
+                                  f"font-weight: {'bold' if level == 0 else 'normal'}; }}")
+        self.header.toggled.connect(self._on_toggled)
+        self.content = QFrame()
+        if level == 0:
+            self.content.setFrameShape(QFrame.Shape.StyledPanel)
+        self.body = QVBoxLayout(self.content)
+        self.body.setContentsMargins(6, 2, 4, 4)
+        self.body.setSpacing(4)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(1)
+        layout.addWidget(self.header)
+        layout.addWidget(self.content)
+        self._on_toggled(expanded, emit=False)
+
+    @property
+    def title(self) -> str:
+        return self.header.text()
+
+    def addWidget(self, widget: QWidget) -> None:  # noqa: N802 (Qt's naming)
+        self.body.addWidget(widget)
+
+    def isExpanded(self) -> bool:  # noqa: N802 (Qt's naming)
+        return self.header.isChecked()
+
+    def expand(self, animate: bool = False) -> None:
+        self.header.setChecked(True)
+
+    def collapse(self, animate: bool = False) -> None:
+        self.header.setChecked(False)
+
+    def _on_toggled(self, expanded: bool, emit: bool = True) -> None:
+        self.header.setArrowType(Qt.ArrowType.DownArrow if expanded
+                                 else Qt.ArrowType.RightArrow)
+        self.content.setVisible(expanded)
+        if emit:
+            self.toggled.emit(expanded)
 
 
 class TrainingWidget(QWidget):
@@ -125,6 +234,9 @@ class TrainingWidget(QWidget):
         self._label_name_edited = False
         self._updating_layers = False
         self._mask_hooked = None   # the mask layer whose paint events count review edits
+        self._estimate_key: tuple | None = None
+        self.estimate: TrainingEstimate | None = None  # of the fields, before Start
+        self.log_dialog: QDialog | None = None
 
         self._build_ui()
         self._message.connect(self._report)
@@ -174,19 +286,24 @@ class TrainingWidget(QWidget):
     def _build_ui(self) -> None:
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        scroll = QScrollArea()   # the dock is taller than a laptop screen
+        outer.setSpacing(2)
+        scroll = QScrollArea()   # the sections together are taller than a laptop screen
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         content = QWidget()
         scroll.setWidget(content)
-        outer.addWidget(scroll)
+        outer.addWidget(scroll, 1)
         self.scroll_area = scroll
         layout = QVBoxLayout(content)
+        layout.setContentsMargins(4, 4, 4, 4)
 
-        data = QGroupBox("Pseudo-labels")
-        form = QFormLayout(data)
+        # -- 1. export ------------------------------------------------------------------
+        self.export_section = Section("1. Export pseudo-labels")
+        form = QFormLayout()
+        self.export_section.body.addLayout(form)
         self.image_combo = QComboBox()
+        self.image_combo.setToolTip("The image to train on (and to predict with Predict)")
         self.image_combo.currentTextChanged.connect(self._on_image_changed)
         form.addRow("Image", self.image_combo)
         self.labels_combo = QComboBox()
@@ -196,8 +313,7 @@ class TrainingWidget(QWidget):
             "class each).")
         self.labels_combo.currentTextChanged.connect(self._on_labels_changed)
         form.addRow("Labels", self.labels_combo)
-        self.classes_label = QLabel("")
-        self.classes_label.setWordWrap(True)
+        self.classes_label = WrappedLabel("")
         self.classes_label.setVisible(False)
         form.addRow(self.classes_label)
         self.corrected_check = QCheckBox("corrected by hand")
@@ -210,32 +326,35 @@ class TrainingWidget(QWidget):
         self.slices_check.setToolTip("For a 3-D stack: one 2-D case per slice that has a label "
                                      "(the paper trains a 2-D nnU-Net). Unchecked: one volume.")
         form.addRow(self.slices_check)
-        layout.addWidget(data)
 
-        self.folders_box = QCollapsible("nnU-Net folders")
-        folders = QWidget()
-        fform = QFormLayout(folders)
+        self.folders_box = Section("nnU-Net folders", expanded=False, level=1)
+        fform = QFormLayout()
+        self.folders_box.body.addLayout(fform)
         self.folder_edits: dict[str, QLineEdit] = {}
+        self.browse_buttons: dict[str, QPushButton] = {}
         for key in FOLDER_KEYS:
             edit = QLineEdit(os.environ.get(ENV_NAMES[key], ""))
-            edit.setPlaceholderText(f"${ENV_NAMES[key]}")
+            edit.setPlaceholderText("choose a folder")
+            edit.setToolTip(f"{FOLDER_TIPS[key]}; empty: the {ENV_NAMES[key]} environment "
+                            "variable")
             edit.editingFinished.connect(self.locate_job)
-            browse = QPushButton("...")
-            browse.setFixedWidth(30)
+            browse = QPushButton("Browse...")
+            browse.setToolTip(f"Choose the {key} folder")
             browse.clicked.connect(lambda _=False, k=key: self._browse(k))
             row = QHBoxLayout()
-            row.addWidget(edit)
+            row.addWidget(edit, 1)
             row.addWidget(browse)
             fform.addRow(key.capitalize(), row)
             self.folder_edits[key] = edit
-        self.folders_box.addWidget(folders)
-        layout.addWidget(self.folders_box)
+            self.browse_buttons[key] = browse
+        self.export_section.addWidget(self.folders_box)
 
-        dataset = QGroupBox("Dataset")
-        dform = QFormLayout(dataset)
+        dform = QFormLayout()
+        self.export_section.body.addLayout(dform)
         self.dataset_spin = QSpinBox()
         self.dataset_spin.setRange(1, 999)
         self.dataset_spin.setValue(1)
+        self.dataset_spin.setToolTip("nnU-Net's dataset number: one training per dataset")
         self.dataset_spin.valueChanged.connect(self.locate_job)
         dform.addRow("Dataset ID", self.dataset_spin)
         self.name_edit = QLineEdit("MedClipSam")
@@ -250,21 +369,54 @@ class TrainingWidget(QWidget):
                                      "ID; existing cases are never overwritten.")
         dform.addRow(self.append_check)
         self.export_button = QPushButton("Export")
+        self.export_button.setToolTip("Write the image and its labels as nnU-Net training "
+                                      "case(s) of this dataset")
         self.export_button.clicked.connect(self.export)
-        dform.addRow(self.export_button)
-        layout.addWidget(dataset)
+        self.export_section.addWidget(self.export_button)
+        layout.addWidget(self.export_section)
 
-        schedule = QGroupBox("Schedule")
-        sform = QFormLayout(schedule)
+        # -- 2. train -------------------------------------------------------------------
+        self.train_section = Section("2. Train (background process)")
+        tform = QFormLayout()
+        self.train_section.body.addLayout(tform)
+        self.preset_combo = QComboBox()
+        self.preset_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.preset_combo.setMinimumContentsLength(16)
+        for preset in SCHEDULE_PRESETS:
+            self.preset_combo.addItem(preset.title, preset.key)
+        self.preset_combo.addItem(CUSTOM, "custom")
+        self.preset_combo.activated.connect(self._on_preset_chosen)
+        tform.addRow("Length", self.preset_combo)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        self.device_combo.setToolTip("auto: an NVIDIA GPU (CUDA) or Apple GPU (MPS) if torch "
+                                     "can use one, else the CPU")
+        self.device_combo.currentTextChanged.connect(self._update_estimate)
+        tform.addRow("Device", self.device_combo)
+        self.estimate_label = WrappedLabel("")
+        self.train_section.addWidget(self.estimate_label)
+
+        self.schedule_box = Section("Schedule details", expanded=False, level=1)
+        sform = QFormLayout()
+        self.schedule_box.body.addLayout(sform)
         self.epochs_spin = self._int_spin(1, 100_000, 600)
+        self.epochs_spin.setToolTip("Passes of 'iterations per epoch' batches; a multiple of "
+                                    "the cycles")
         sform.addRow("Epochs", self.epochs_spin)
         self.cycles_spin = self._int_spin(1, 1000, 3)
+        self.cycles_spin.setToolTip("Learning-rate restarts: each cycle ends in a low learning "
+                                    "rate where checkpoints are kept")
         sform.addRow("Cycles", self.cycles_spin)
         self.checkpoints_spin = self._int_spin(1, 100_000, 10)
+        self.checkpoints_spin.setToolTip("Checkpoints kept from the last epochs of each cycle: "
+                                         "the ensemble that predicts and measures uncertainty")
         sform.addRow("Checkpoints per cycle", self.checkpoints_spin)
         self.iterations_spin = self._int_spin(1, 1_000_000, 250)
+        self.iterations_spin.setToolTip("Training batches per epoch (nnU-Net's default: 250)")
         sform.addRow("Iterations per epoch", self.iterations_spin)
         self.val_iterations_spin = self._int_spin(0, 1_000_000, 50)
+        self.val_iterations_spin.setToolTip("Validation batches per epoch (pseudo-Dice)")
         sform.addRow("Validation iterations", self.val_iterations_spin)
         self.lr_spin = QDoubleSpinBox()
         self.lr_spin.setDecimals(5)
@@ -274,66 +426,82 @@ class TrainingWidget(QWidget):
         self.lr_spin.setToolTip("Learning rate at the start of each cycle (cosine down to "
                                 "1e-4 at its end)")
         sform.addRow("Learning rate", self.lr_spin)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(DEVICES)
-        sform.addRow("Device", self.device_combo)
         self.configuration_combo = QComboBox()
         self.configuration_combo.addItems(CONFIGURATIONS)
         self.configuration_combo.setToolTip("2d: the paper's (and the one for exported slices)")
+        self.configuration_combo.currentTextChanged.connect(self._update_estimate)
         sform.addRow("Configuration", self.configuration_combo)
         self.workers_spin = self._int_spin(-1, 64, -1)
         self.workers_spin.setSpecialValueText("auto")
         self.workers_spin.setToolTip("nnU-Net's data-augmentation processes; 0 augments in the "
                                      "training process, auto is nnU-Net's choice")
         sform.addRow("Data workers", self.workers_spin)
-        layout.addWidget(schedule)
+        for spin in (self.epochs_spin, self.cycles_spin, self.checkpoints_spin,
+                     self.iterations_spin, self.val_iterations_spin):
+            spin.valueChanged.connect(self._on_schedule_edited)
+        self.train_section.addWidget(self.schedule_box)
 
-        train = QGroupBox("Training")
-        tlayout = QVBoxLayout(train)
         self.restart_check = QCheckBox("start over (deletes previous training)")
-        tlayout.addWidget(self.restart_check)
+        self.train_section.addWidget(self.restart_check)
         buttons = QHBoxLayout()
         self.start_button = QPushButton("Start")
+        self.start_button.setToolTip("Plan, preprocess and train in a background process (it "
+                                     "goes on if napari is closed)")
         self.start_button.clicked.connect(self.start)
         self.resume_button = QPushButton("Resume")
+        self.resume_button.setToolTip("Continue a cancelled or crashed training from its last "
+                                      "finished epoch")
         self.resume_button.clicked.connect(self.resume)
         self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop the training; Resume continues it later")
         self.cancel_button.clicked.connect(self.cancel)
         for button in (self.start_button, self.resume_button, self.cancel_button):
             buttons.addWidget(button)
-        tlayout.addLayout(buttons)
+        self.train_section.body.addLayout(buttons)
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
         self.progress_bar.setFormat("%v/%m epochs")
-        tlayout.addWidget(self.progress_bar)
-        self.job_label = QLabel("")
-        self.job_label.setWordWrap(True)
-        tlayout.addWidget(self.job_label)
+        self.train_section.addWidget(self.progress_bar)
+        self.job_label = WrappedLabel("")
+        self.train_section.addWidget(self.job_label)
         self.log_view = QPlainTextEdit()
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(500)
-        self.log_view.setFixedHeight(110)
-        self.log_view.setPlaceholderText("training log")
-        tlayout.addWidget(self.log_view)
-        layout.addWidget(train)
+        self.log_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.log_view.setFixedHeight(96)
+        self.log_view.setPlaceholderText("training log (epochs, losses, pseudo-Dice)")
+        self.log_view.setToolTip("The last lines of the training log, without nnU-Net's plans "
+                                 "and network printouts: Show full log has everything")
+        self.train_section.addWidget(self.log_view)
+        self.log_button = QPushButton("Show full log")
+        self.log_button.setToolTip("The whole log of the training process (nnU-Net's plans, "
+                                   "network and warnings included) and where it is")
+        self.log_button.clicked.connect(self.show_log)
+        self.train_section.addWidget(self.log_button)
+        layout.addWidget(self.train_section)
 
+        # -- 3. predict -----------------------------------------------------------------
+        self.predict_section = Section("3. Predict")
+        self.uncertainty_label = WrappedLabel("")
+        self.predict_section.addWidget(self.uncertainty_label)
         self.predict_button = QPushButton("Predict on current image")
         self.predict_button.setToolTip("Ensemble of the saved checkpoints: probability, mask "
                                        "and uncertainty (entropy) layers")
         self.predict_button.clicked.connect(self.predict)
-        layout.addWidget(self.predict_button)
+        self.predict_section.addWidget(self.predict_button)
+        layout.addWidget(self.predict_section)
 
-        self.review_box = QCollapsible("Review")
-        review = QWidget()
-        rlayout = QVBoxLayout(review)
-        hint = QLabel("Most uncertain first. Click a row to open it; Accept keeps the "
-                      f"prediction, Corrected takes the edited '{MASK}' layer. Either adds it "
-                      "to the dataset with the time, edits and Dice of the review.")
-        hint.setWordWrap(True)
-        rlayout.addWidget(hint)
+        # -- 4. review ------------------------------------------------------------------
+        self.review_box = Section("4. Review (most uncertain first)", expanded=False)
+        hint = WrappedLabel("Click a row to open it; Accept keeps the prediction, Corrected "
+                            f"takes the edited '{MASK}' layer. Either adds it to the dataset "
+                            "with the time, edits and Dice of the review.")
+        self.review_box.addWidget(hint)
         self.review_table = QTableWidget(0, len(REVIEW_COLUMNS))
         self.review_table.setHorizontalHeaderLabels(REVIEW_COLUMNS)
+        self.review_table.horizontalHeaderItem(1).setToolTip(
+            f"Mean uncertainty in nats: {uncertainty_words(2)}")
         self.review_table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.review_table.setSelectionMode(QAbstractItemView.SingleSelection)
         self.review_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
@@ -345,11 +513,11 @@ class TrainingWidget(QWidget):
         self.review_table.setFixedHeight(150)
         self.review_table.currentCellChanged.connect(self._on_review_row_changed)
         self.review_table.cellClicked.connect(self._on_review_row_clicked)
-        rlayout.addWidget(self.review_table)
+        self.review_box.addWidget(self.review_table)
         rbuttons = QHBoxLayout()
         self.load_ranking_button = QPushButton("Load ranking...")
-        self.load_ranking_button.setToolTip("The uncertainty_ranking.csv of a folder "
-                                            "prediction (medclipsam nnunet predict)")
+        self.load_ranking_button.setToolTip("Choose the folder of a folder prediction (it holds "
+                                            "uncertainty_ranking.csv) to review its cases")
         self.load_ranking_button.clicked.connect(self._load_ranking_dialog)
         self.accept_button = QPushButton("Accept")
         self.accept_button.setToolTip("The prediction is right: add it unmodified")
@@ -359,17 +527,21 @@ class TrainingWidget(QWidget):
         self.corrected_button.clicked.connect(lambda: self.mark_review("corrected"))
         for button in (self.load_ranking_button, self.accept_button, self.corrected_button):
             rbuttons.addWidget(button)
-        rlayout.addLayout(rbuttons)
-        self.review_summary_label = QLabel("")
-        self.review_summary_label.setWordWrap(True)
-        rlayout.addWidget(self.review_summary_label)
-        self.review_box.addWidget(review)
+        self.review_box.body.addLayout(rbuttons)
+        self.review_summary_label = WrappedLabel("")
+        self.review_box.addWidget(self.review_summary_label)
         layout.addWidget(self.review_box)
-
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        layout.addWidget(self.status_label)
         layout.addStretch()
+
+        # the status stays in view below the scroll area, whatever is scrolled or folded
+        self.status_label = WrappedLabel("")
+        self.status_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.status_label.setContentsMargins(6, 2, 6, 4)
+        self.status_label.setToolTip("What the widget did last (errors also as a "
+                                     "notification)")
+        outer.addWidget(self.status_label)
+        self._set_uncertainty_help(2)
+        self._sync_preset()
         self._update_buttons()
 
     def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
@@ -386,6 +558,122 @@ class TrainingWidget(QWidget):
         spin.setRange(low, high)
         spin.setValue(value)
         return spin
+
+    # ----------------------------------------------------------------------- schedule length
+    def _schedule_spins(self) -> dict[str, QSpinBox]:
+        return {"epochs": self.epochs_spin, "cycles": self.cycles_spin,
+                "checkpoints_per_cycle": self.checkpoints_spin,
+                "iterations_per_epoch": self.iterations_spin,
+                "val_iterations_per_epoch": self.val_iterations_spin}
+
+    def apply_preset(self, key: str) -> None:
+        """Set epochs, cycles, checkpoints and iterations as the preset ``key`` ("quick",
+        "short", "paper") has them; learning rate, device and the rest stay."""
+        preset = preset_named(key)
+        spins = self._schedule_spins()
+        for spin in spins.values():
+            spin.blockSignals(True)
+        try:
+            for name, value in preset.values().items():
+                spins[name].setValue(value)
+        finally:
+            for spin in spins.values():
+                spin.blockSignals(False)
+        self._sync_preset()
+
+    def _on_preset_chosen(self, index: int) -> None:
+        key = self.preset_combo.itemData(index)
+        if key == "custom":
+            self.schedule_box.expand()
+            self._sync_preset()
+        else:
+            self.apply_preset(key)
+
+    def _on_schedule_edited(self, *_) -> None:
+        self._sync_preset()
+
+    def _sync_preset(self) -> None:
+        """Show the preset the fields match (else Custom) and the estimate."""
+        preset = preset_of({k: s.value() for k, s in self._schedule_spins().items()})
+        self.preset_combo.setCurrentIndex(
+            self.preset_combo.findData(preset.key if preset else "custom"))
+        self._update_estimate()
+
+    def _update_estimate(self, *_) -> None:
+        """The estimated time of the fields' schedule on the chosen device, before Start
+        (and the presets' times in their menu)."""
+        configuration = self.configuration_combo.currentText()
+        device, measured, _why = self.controller.iteration_cost(
+            self.device_combo.currentText(), configuration)
+        cost = {} if measured is None else {"seconds_per_iteration": measured}
+        for index, preset in enumerate(SCHEDULE_PRESETS):
+            self.preset_combo.setItemText(index, preset.label(device, configuration, **cost))
+            self.preset_combo.setItemData(index, preset.details, Qt.ItemDataRole.ToolTipRole)
+        status = self.status
+        self._estimate_key = _estimate_key(status)
+        self.estimate = None
+        if status.running:
+            self.estimate_label.setText("Training now: the ETA below is measured from its "
+                                        "epochs.")
+            self.estimate_label.setStyleSheet("")
+            return
+        try:
+            self.estimate = self.controller.estimate(
+                self.schedule(), self.device_combo.currentText(), configuration,
+                epochs_done=status.epoch if status.resumable else 0)
+        except InputError as exc:
+            self.estimate_label.setText(str(exc))
+            self.estimate_label.setStyleSheet(LONG_RUN_STYLE)
+            return
+        text = self.estimate.words()
+        if status.resumable and status.epoch:
+            text = f"Resume ({status.epoch} epochs done): " + text[0].lower() + text[1:]
+        self.estimate_label.setText(text)
+        self.estimate_label.setStyleSheet(LONG_RUN_STYLE if self.estimate.too_long else "")
+
+    # ----------------------------------------------------------------------- log
+    def show_log(self) -> QDialog | None:
+        """Open (or refresh) a window with the training's whole log and its path."""
+        path, text = self.controller.full_log()
+        if path is None:
+            self._report("No training yet: its log appears here once Start is pressed.")
+            return None
+        if self.log_dialog is None:
+            from qtpy.QtGui import QFontDatabase
+
+            dialog = QDialog(self)
+            dialog.setWindowTitle("Training log")
+            dialog.resize(900, 560)
+            layout = QVBoxLayout(dialog)
+            dialog.path_label = QLabel("")
+            dialog.path_label.setWordWrap(True)
+            dialog.path_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+            layout.addWidget(dialog.path_label)
+            dialog.text = QPlainTextEdit()
+            dialog.text.setReadOnly(True)
+            dialog.text.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+            dialog.text.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
+            layout.addWidget(dialog.text)
+            box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+            reload_button = box.addButton("Reload", QDialogButtonBox.ButtonRole.ActionRole)
+            reload_button.clicked.connect(self.show_log)
+            box.rejected.connect(dialog.close)
+            layout.addWidget(box)
+            self.log_dialog = dialog
+        dialog = self.log_dialog
+        dialog.path_label.setText(f"{path} (everything the training process printed; "
+                                  "nnU-Net's own log is in the model's fold_all folder)")
+        dialog.text.setPlainText(text or "(empty so far)")
+        bar = dialog.text.verticalScrollBar()
+        bar.setValue(bar.maximum())
+        dialog.show()
+        dialog.raise_()
+        return dialog
+
+    def _set_uncertainty_help(self, n_classes: int) -> None:
+        self.uncertainty_label.setText(
+            f"Adds '{PROBABILITY}' (0 to 1), '{MASK}' and '{UNCERTAINTY}' over the image. "
+            f"Uncertainty in nats: {uncertainty_words(n_classes)}.")
 
     def _browse(self, key: str) -> None:
         path = QFileDialog.getExistingDirectory(self, f"nnU-Net {key} folder",
@@ -429,6 +717,8 @@ class TrainingWidget(QWidget):
             self.label_edit.setText(suggested)
 
     def _report(self, message: str, error: bool = False) -> None:
+        if error:  # messages of the shared nnU-Net code may speak the command line
+            message = in_gui_words(message)
         self.last_status = message
         report(self.status_label, message, error)
 
@@ -575,8 +865,16 @@ class TrainingWidget(QWidget):
             return
         self.restart_check.setChecked(False)  # never delete a training twice by accident
         self.save_settings()
-        self._report(f"Training {'resumed' if resume else 'started'} in the background "
-                     f"(it goes on if napari is closed); job folder {job_dir}.")
+        estimate = self.estimate
+        message = (f"Training {'resumed' if resume else 'started'} in the background (it goes "
+                   "on if napari is closed)")
+        if estimate is not None:
+            message += f": about {estimate.duration} on this {DEVICE_WORDS[estimate.device]}"
+            if estimate.too_long and estimate.device == "cpu":
+                message += (", that is days: Cancel and choose 'Quick try' for a first "
+                            "model today")
+        self._report(f"{message}. Show full log has everything nnU-Net prints; job folder "
+                     f"{job_dir}.")
         self.refresh_status()
 
     def cancel(self) -> None:
@@ -600,6 +898,8 @@ class TrainingWidget(QWidget):
         self.progress_bar.setRange(0, max(status.epochs, 1))
         self.progress_bar.setValue(min(status.epoch, max(status.epochs, 1)))
         self.job_label.setText(status.line)
+        if _estimate_key(status) != self._estimate_key:
+            self._update_estimate()   # a job started, moved on, ended or was found
         if status.log_tail != self.log_view.toPlainText():
             self.log_view.setPlainText(status.log_tail)
             bar = self.log_view.verticalScrollBar()
@@ -629,6 +929,7 @@ class TrainingWidget(QWidget):
         self.accept_button.setEnabled(row_open and not busy)
         self.corrected_button.setEnabled(row_open and not busy)
         self.load_ranking_button.setEnabled(not busy)
+        self.log_button.setEnabled(self.job_dir is not None)
 
     # ----------------------------------------------------------------------- prediction
     def predict(self) -> None:
@@ -644,8 +945,8 @@ class TrainingWidget(QWidget):
                                  "image.")
             model_dir, checkpoints = self._checkpoints()
             if not checkpoints:
-                raise InputError("No ensemble checkpoints yet: they are saved over the last "
-                                 "epochs of each cycle.")
+                raise InputError("No ensemble checkpoints yet: press Start first; they are "
+                                 "saved over the last epochs of each cycle.")
         except InputError as exc:
             self._report(str(exc), error=True)
             return
@@ -672,6 +973,7 @@ class TrainingWidget(QWidget):
                          "prediction.", error=True)
             return
         self.show_prediction(prediction, source)
+        self._set_uncertainty_help(prediction.n_classes)
         self._fill_review_table()
         self._report(prediction.summary() + self._worst_slices())
 
@@ -708,6 +1010,9 @@ class TrainingWidget(QWidget):
                                 contrast_limits=(0.0, h_max), blending="additive",
                                 opacity=0.6)
                 _set_limits(unc, (0.0, h_max))
+                n_classes = max(int(round(np.exp(h_max))), 2)
+                unc.metadata["description"] = (
+                    f"Uncertainty in nats: {uncertainty_words(n_classes)}.")
             # a copy: the user's corrections must not change the automatic mask
             labels = put_layer(self.viewer, MASK, "labels", np.array(mask, copy=True),
                                geometry, opacity=0.5)
@@ -948,6 +1253,11 @@ class TrainingWidget(QWidget):
         except (ValueError, TypeError, KeyError) as exc:
             self._report(str(exc) if isinstance(exc, ValueError)
                          else f"Ignored unreadable settings in {SETTINGS.path}.")
+
+
+def _estimate_key(status: JobStatus) -> tuple:
+    """What the estimate depends on in a job's status (not the epochs of a running job)."""
+    return status.phase, status.running, None if status.running else status.epoch
 
 
 def _set_limits(layer, limits: tuple[float, float]) -> None:
