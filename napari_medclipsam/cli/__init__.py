@@ -78,7 +78,7 @@ def _run(argv: list[str], debug: bool) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
-    logging.basicConfig(level=logging.DEBUG if (args.verbose or debug) else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
     if args.command is None:
         parser.print_help()

@@ -582,8 +582,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
     plan = _Plan(config=config, files=files, prompts=prompts, window=window, out=out,
                  volume=args.volume, slices=slices,
                  slices_text=args.slices.strip() if args.slices else None, body=body,
-                 resume=args.resume, overwrite=args.overwrite, debug=getattr(args, "debug",
-                                                                               False),
+                 resume=args.resume, overwrite=args.overwrite,
+                 debug=getattr(args, "debug", False),
                  preset=getattr(args, "preset", None), window_text=args.window)
     _check_existing(plan)
     check_device(config.device)
@@ -704,6 +704,7 @@ class _Run:
             self.kept = {e["name"]: e for e in plan.previous.get("images", [])
                          if isinstance(e, dict) and isinstance(e.get("name"), str)}
         self.last_save = 0.0
+        self.versions = _versions()
         clip, sam = pipeline.clip, pipeline.sam
         self.models_sha256 = {"clip": clip.weights_sha256, "sam": sam.checkpoint_sha256}
         self.models = {"clip": {"source": plan.config.clip_model, "id": clip.model_id,
@@ -764,7 +765,7 @@ class _Run:
             "window": dataclasses.asdict(plan.window) if plan.window
             else "auto (0.5-99.5 percentiles)",
             "models": self.models,
-            "versions": _versions(),
+            "versions": self.versions,
             "done": by_status["done"], "failed": by_status["failed"],
             "pending": [n for n in names if n not in finished],
             "images": images,
