@@ -251,6 +251,7 @@ def _has_cuda() -> bool:
     (["both lungs in a CT slice"], ["lung-ct"]),
     (["lung fields", "chest x-ray"], ["lung-xray"]),
     (["a hypoechoic mass in a breast ultrasound image"], ["breast-us"]),
+    (["right lung"], []),  # one side: not the presets for both lungs
     (["liver"], []),
     ([""], []),
 ])
@@ -262,8 +263,8 @@ def test_describe_settings_in_one_line():
     from napari_medclipsam.core.presets import get_preset
 
     line = describe_settings(get_preset("lung-xray").apply(), preset="both lungs (chest X-ray)",
-                             where="'chest', slice 3 of 8")
-    assert line == ("'chest', slice 3 of 8 · saliency layer 7, beta 0.1, 10 steps · KMeans "
+                             where="'chest', slice z=2 of 8")
+    assert line == ("'chest', slice z=2 of 8 · saliency layer 7, beta 0.1, 10 steps · KMeans "
                     "mask, best 2 · one box per region · SAM vit_h · preset: both lungs "
                     "(chest X-ray)")
     assert describe_settings(PipelineConfig()).endswith("custom settings")

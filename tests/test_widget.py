@@ -442,7 +442,7 @@ def test_two_layers_with_different_slice_counts(make_napari_viewer, pipeline, qt
     w = _dock(viewer, pipeline)
     for name, layer_data, z in (("short", short, 2), ("tall", tall, 6)):
         w.image_combo.setCurrentText(name)
-        assert f"'{name}', slice {z + 1} of {len(layer_data)}" in w.settings_label.text()
+        assert f"'{name}', slice z={z} of {len(layer_data)}" in w.settings_label.text()
         _run(w, qtbot, prompt=f"a disk in {name}")
         run = w.controller.state.run
         assert run.slice_index == z, w.last_status

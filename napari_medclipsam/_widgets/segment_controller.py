@@ -479,8 +479,9 @@ def matching_presets(prompt_lines: Sequence[str]) -> list[Preset]:
 
     A preset matches when a prompt line is one of its prompts, or holds every key word of
     its title ("breast tumor" of "breast tumor (ultrasound)"; plurals and "tumour" allowed).
-    When the prompt names a modality ("CT", "ultrasound", ...), presets of that modality
-    come first and others of another modality are dropped.
+    When the prompt names a modality ("CT", "ultrasound", ...), presets of another
+    modality are dropped; a prompt for one side ("left lung") does not match a preset for
+    both ("both lungs").
     """
     lines = [line.strip() for line in prompt_lines if line.strip()]
     if not lines:
@@ -488,11 +489,14 @@ def matching_presets(prompt_lines: Sequence[str]) -> list[Preset]:
     text = " ".join(lines)
     words = set(_words(text))
     modality = _modality(text)
+    one_side = len(words & {"left", "right"}) == 1
     found = []
     for preset in list_presets():
         if preset.source != "code":
             continue
         key, _, kind = preset.title.partition("(")
+        if one_side and "both" in _words(key):
+            continue
         keywords = {w for w in _words(key) if w not in _STOPWORDS}
         exact = {p.lower() for p in preset.prompts} & {line.lower() for line in lines}
         if not exact and not (keywords and keywords <= words):
@@ -507,7 +511,7 @@ def matching_presets(prompt_lines: Sequence[str]) -> list[Preset]:
 def describe_settings(config: PipelineConfig, *, preset: str | None = None,
                       where: str = "") -> str:
     """The settings in force, in one line: where it runs, saliency, coarse mask, prompts,
-    SAM and whether they are a preset's, e.g. ``"'scan', slice 3 of 8 · saliency layer 9,
+    SAM and whether they are a preset's, e.g. ``"'scan', slice z=2 of 8 · saliency layer 9,
     beta 1, 10 steps · kmeans mask, best 1 · one box · SAM vit_h · preset: breast tumor
     (ultrasound)"``."""
     sal, coarse, prompts = config.saliency, config.coarse, config.prompts

@@ -108,12 +108,10 @@ KINDS = ("saliency", "coarse mask", "boxes", "points", "SAM mask")
 STEP_KINDS = ("saliency", "coarse mask")
 
 # (value, what the menu shows) of the choice fields
-THRESHOLD_CHOICES = (("otsu", "Otsu (the paper)"),
-                     ("kmeans", "KMeans, 2 clusters (authors' code)"),
-                     ("fixed", "fixed threshold 0.3"))
+THRESHOLD_CHOICES = (("otsu", "Otsu (paper)"), ("kmeans", "KMeans (authors' code)"),
+                     ("fixed", "fixed 0.3"))
 PROMPT_CHOICES = (("boxes", "boxes"), ("points", "points"), ("both", "boxes + points"))
-BOX_CHOICES = (("single", "one box around all regions"),
-               ("per_component", "one box per region"))
+BOX_CHOICES = (("single", "one box for all"), ("per_component", "one box per region"))
 
 TIPS = {
     "image": "The image to segment. On a 3-D stack: this layer's slice on screen, or every "
@@ -440,6 +438,8 @@ class SegmentWidget(QWidget):
         files.addWidget(self.load_button)
         layout.addLayout(files)
         layout.addStretch()
+        for section in (models, advanced):  # in the scroll area: grow, never squeeze
+            section.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Minimum)
         for combo in content.findChildren(QComboBox):  # long layer or preset names elide
             combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(8)
@@ -544,7 +544,7 @@ class SegmentWidget(QWidget):
             depth = layer.data.shape[0]
             if self.all_slices_check.isChecked():
                 return f"'{layer.name}', all {depth} slices"
-            return f"'{layer.name}', slice {slice_index(self.viewer, layer) + 1} of {depth}"
+            return f"'{layer.name}', slice z={slice_index(self.viewer, layer)} of {depth}"
         return f"'{layer.name}'"
 
     def _update_settings_line(self, *args) -> None:
@@ -678,9 +678,9 @@ class SegmentWidget(QWidget):
         self._set_running(True)
         self.progress_bar.setValue(0)
         self.progress_bar.setFormat("starting %p%")
-        what = f"all {image.shape[0]} slices of" if volume else (
-            f"slice {z + 1} of" if z is not None else "")
-        self._report(f"Running '{name}' on {what} '{layer.name}'...".replace("on  ", "on "))
+        what = f"all {image.shape[0]} slices of " if volume else (
+            f"slice z={z} of " if z is not None else "")
+        self._report(f"Running '{name}' on {what}'{layer.name}'...")
         self._worker = start_worker(
             self.controller.run_all, image, lines, source=layer.name, slice_index=z,
             volume=volume, progress=self._progress_signal.emit, should_stop=self._stop.is_set,
