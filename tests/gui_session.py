@@ -99,6 +99,12 @@ class GuiSession:
         self.segment.accept_button.click()
         self.shot("accepted")
 
+    def save_mask(self, path: str | Path) -> list[Path]:
+        """Save mask... with ``path`` typed in the file dialog; returns the files written."""
+        written = self.segment.save_mask(path)
+        assert written, self.segment.last_status
+        return written
+
     # -- pseudo-labels & training ------------------------------------------------------
     def dock_training(self, folders: dict[str, Path], dataset_id: int = 1):
         """Plugins > MedCLIP-SAM > Pseudo-labels & training; the nnU-Net folders typed in."""

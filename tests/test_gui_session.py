@@ -9,6 +9,7 @@ Tiny random-weight models (``set_pipeline``): the flow is under test, not the ma
 import json
 import math
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 
@@ -34,12 +35,16 @@ def test_a_whole_session_from_the_menus(make_napari_viewer, tiny_clip_dir,
     w = s.dock_segment()
     assert w.image_combo.currentText() == image.name
 
-    # 1. a prompt and Run all: five aligned layers
+    # 1. a prompt and Run all: five aligned layers, the steps before SAM out of the way
     s.run_all("left lung")
     assert "error" not in w.last_status.lower(), w.last_status
     for kind in ("saliency", "coarse mask", "boxes", "points", "SAM mask"):
         assert s.layer(kind, "left lung").data is not None
     assert w.controller.state.run.result.rgb.shape == (400, 400, 3)
+    assert [u.stage for u in w.progress_log][-3:] == ["encoding image (SAM)", "SAM mask",
+                                                      "done"]
+    assert not s.layer("saliency", "left lung").visible
+    assert s.layer("SAM mask", "left lung").visible and s.layer("boxes", "left lung").visible
 
     # 2. drag the box: only SAM's decoder re-runs, from the cached embedding
     encodes = w.controller.pipeline.session.encoder_calls
@@ -73,6 +78,13 @@ def test_a_whole_session_from_the_menus(make_napari_viewer, tiny_clip_dir,
     assert (data == 2).sum() == 160 * (330 - 180)
     names = dict(zip(label_map.features["index"], label_map.features["name"], strict=True))
     assert names == {0: "background", 1: "left lung", 2: "right lung"}
+
+    # Save mask...: the 2-D sample as PNG, its label map and names beside it
+    mask_png, map_png, names_json = s.save_mask(tmp_path / "saved" / "right_lung.png")
+    assert set(np.unique(iio.imread(mask_png))) == {0, 255}
+    np.testing.assert_array_equal(iio.imread(map_png), data)
+    assert json.loads(names_json.read_text())["labels"] == {"background": 0, "left lung": 1,
+                                                            "right lung": 2}
 
     # 6. Plugins > Pseudo-labels & training: export the label map as two named classes
     folders = {k: tmp_path / "nnunet" / k for k in ("raw", "preprocessed", "results")}
