@@ -501,7 +501,8 @@ def _prepare(case: ExportCase, label_table: Mapping[str, int] | None = None
     mask = np.asarray(case.mask)
     if case.is_volume:
         if mask.shape != image.shape:
-            raise InputError(f"{case.case_id}: mask {mask.shape} != volume {image.shape}.")
+            raise InputError(f"{case.case_id}: the mask is {_size(mask.shape)} but the volume "
+                             f"{_size(image.shape)}: give each image its own mask.")
         return image, _map_labels(mask, label_table, case.case_id), 1, False
     if image.ndim == 3:
         if image.shape[-1] == 4:
@@ -511,10 +512,15 @@ def _prepare(case: ExportCase, label_table: Mapping[str, int] | None = None
         if (image[..., 0] == image[..., 1]).all() and (image[..., 0] == image[..., 2]).all():
             image = image[..., 0]
     if mask.shape != image.shape[:2]:
-        raise InputError(f"{case.case_id}: mask {mask.shape} != image {image.shape[:2]}.")
+        raise InputError(f"{case.case_id}: the mask is {_size(mask.shape)} but the image "
+                         f"{_size(image.shape[:2])}: give each image its own mask.")
     n_channels = 1 if image.ndim == 2 else 3
     natural = image.dtype in (np.uint8, np.uint16)
     return image, _map_labels(mask, label_table, case.case_id), n_channels, natural
+
+
+def _size(shape: Sequence[int]) -> str:
+    return "x".join(str(n) for n in shape)
 
 
 def luminance(rgb: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -650,14 +656,25 @@ def dataset_lock(raw_dir: str | Path, dataset_id: int) -> Iterator[None]:
 
     raw_dir = Path(raw_dir)
     _check_raw_dir(raw_dir)
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in raw_dir.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise InputError(f"{raw_dir} cannot be created here: {blocker} is a file, not a "
+                             "folder.") from None
+        raise InputError(f"Cannot create {raw_dir} ({exc.strerror or exc}): choose a folder "
+                         "you can write to.") from None
     lock = FileLock(str(lock_path(raw_dir, dataset_id)), timeout=0)
     try:
         lock.acquire()
-    except Timeout:
+    except Timeout:   # (a TimeoutError, so an OSError: caught first)
         raise InputError(f"Dataset{int(dataset_id):03d} in {raw_dir} is being written by "
                          "another export, append or review right now: wait until it has "
                          "finished, then try again.") from None
+    except OSError as exc:
+        raise InputError(f"Cannot write in {raw_dir} ({exc.strerror or exc}): choose a folder "
+                         "you can write to.") from None
     try:
         yield
     finally:
@@ -911,10 +928,24 @@ def repair_dataset(raw_dir: str | Path, dataset_id: int) -> list[str]:
     """
     raw_dir = Path(raw_dir)
     _check_raw_dir(raw_dir)
-    if not raw_dir.is_dir():
-        return []
+    if not _may_need_repair(raw_dir, dataset_id):
+        return []   # (without taking the lock: a read-only raw folder can still be trained)
     with dataset_lock(raw_dir, dataset_id):
         return _repair_locked(raw_dir, dataset_id)
+
+
+def _may_need_repair(raw_dir: Path, dataset_id: int) -> bool:
+    """Whether a killed run may have left something (cheap: names only, no lock)."""
+    if not raw_dir.is_dir():
+        return False
+    if any(_PARTIAL_RE.match(p.name) for p in raw_dir.iterdir()):
+        return True
+    folder = find_dataset(raw_dir, dataset_id)
+    if folder is None:
+        return False
+    return any(p.name in (JOURNAL, APPEND_STAGING) or _RELABEL_RE.match(p.name)
+               or (p.name.startswith(".") and ".partial-" in p.name)   # core.io temporaries
+               for p in folder.iterdir())
 
 
 def _link_for_check(src: Path, dest: Path) -> None:
