@@ -1,10 +1,16 @@
-"""``medclipsam nnunet export|train|predict|status|cancel``: weak supervision with nnU-Net v2
-(pseudo-label export, background training with checkpoint ensembling, ensemble prediction)."""
+"""``medclipsam nnunet export|train|predict|status|cancel|repair``: weak supervision with
+nnU-Net v2 (pseudo-label export, background training with checkpoint ensembling, ensemble
+prediction).
+
+Every error is one line (exit status 2): our own refusals, and the operating system's (a
+read-only or full disk, a file where a folder is expected) in words.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import time
@@ -132,9 +138,24 @@ def add_parser(sub) -> None:
     st.add_argument("--lines", type=int, default=10, help="log lines to show (default 10).")
     folders(st)
 
-    ca = nsub.add_parser("cancel", help="stop a running training (its whole process tree).")
+    ca = nsub.add_parser("cancel", help="stop a running training (its whole process tree), "
+                                        "or what a crashed one left running.",
+                         description="Stop the training of a dataset: the job and its "
+                                     "workers, or the workers a killed job left behind. Each "
+                                     "process is verified as this job's (pid, start time, "
+                                     "command line) before it is signalled.")
     dataset(ca)
     folders(ca)
+
+    rp = nsub.add_parser("repair", help="complete or roll back a killed export/append.",
+                         description="Find what a killed export or append left in the raw "
+                                     "folder and repair it: an append is completed (or rolled "
+                                     "back when it cannot be), staging folders of killed "
+                                     "exports are removed. Every export, append and train "
+                                     "does this first by itself.")
+    dataset(rp)
+    rp.add_argument("--out", "--raw", dest="raw", metavar="RAW_DIR",
+                    help="nnU-Net raw folder (default $nnUNet_raw).")
 
 
 def _folders(args: argparse.Namespace, raw: str | None = None):
@@ -144,15 +165,48 @@ def _folders(args: argparse.Namespace, raw: str | None = None):
                                  args.results)
 
 
+def _os_error_line(exc: OSError) -> str:
+    """An operating-system error as one line saying what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write or read there{where}: permission denied or a read-only "
+                "folder; choose a folder you can write to.")
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"the disk is full{where}: free some space or choose another folder."
+    if exc.errno == errno.ENOTDIR:
+        return f"a file stands where a folder is needed{where}: choose a folder."
+    if exc.errno == errno.EEXIST:
+        return f"{exc.filename or 'the path'} exists already and is in the way: remove it " \
+               "or choose another folder."
+    return f"{exc.strerror or exc}{where}."
+
+
 def run_nnunet(args: argparse.Namespace) -> int:
+    try:
+        return _run_nnunet(args)
+    except OSError as exc:
+        raise CLIError(_os_error_line(exc)) from None
+
+
+def _run_nnunet(args: argparse.Namespace) -> int:
     import os
 
     from ..nnunet import job
 
     cmd = args.nnunet_command
     if cmd is None:
-        raise CLIError("choose an action: export, train, predict, status or cancel "
+        raise CLIError("choose an action: export, train, predict, status, cancel or repair "
                        "(medclipsam nnunet --help).")
+    if cmd == "repair":
+        from ..nnunet.export import repair_dataset
+
+        raw = args.raw or os.environ.get("nnUNet_raw")
+        if not raw:
+            raise CLIError("which raw folder: pass --raw RAW_DIR or set nnUNet_raw.")
+        notes = repair_dataset(raw, args.dataset_id)
+        print("Repaired (see above)." if notes else
+              f"Nothing to repair for Dataset{args.dataset_id:03d} in {raw}.")
+        return 0
     if cmd == "export":
         from ..nnunet.export import (
             cases_from_folders,
@@ -248,11 +302,18 @@ def run_nnunet(args: argparse.Namespace) -> int:
             print(status["log_tail"])
         return 0 if status.get("phase") != "failed" else 1
     if cmd == "cancel":
-        if job.cancel(job_dir):
-            print(f"Cancelled. Continue later with: medclipsam nnunet train --dataset-id "
-                  f"{args.dataset_id} --resume")
+        report = job.stop_job(job_dir)
+        if report.job:
+            print(f"Cancelled (stopped {len(report.stopped)} process(es)). Continue later "
+                  f"with: medclipsam nnunet train --dataset-id {args.dataset_id} --resume")
+        elif report.stopped:
+            print(f"No training was running; stopped {len(report.stopped)} process(es) the "
+                  f"crashed training left (pids {', '.join(map(str, report.stopped))}). "
+                  f"Continue with: medclipsam nnunet train --dataset-id {args.dataset_id} "
+                  "--resume")
         else:
-            print("No training of this dataset is running.")
+            print("No training of this dataset is running"
+                  + (f"; {report.note}." if report.note else "."))
         return 0
     raise CLIError(f"unknown action {cmd}")
 

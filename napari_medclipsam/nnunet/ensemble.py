@@ -240,7 +240,8 @@ def _make_predictor_class():
             )
             from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-            from .trainer import load_checkpoint_file, nnUNetTrainerCheckpointEnsemble
+            from .job import read_checkpoint
+            from .trainer import nnUNetTrainerCheckpointEnsemble
 
             model_dir = Path(model_dir)
             for f in ("plans.json", "dataset.json"):
@@ -253,19 +254,38 @@ def _make_predictor_class():
             if not paths:
                 raise InputError(f"No ensemble checkpoints in {model_dir}/fold_all/ensemble: "
                                  "the training has not reached the end of a cycle yet.")
-            dataset_json = json.loads((model_dir / "dataset.json").read_text())
-            plans_manager = PlansManager(json.loads((model_dir / "plans.json").read_text()))
+            try:
+                dataset_json = json.loads((model_dir / "dataset.json").read_text())
+                plans_manager = PlansManager(json.loads((model_dir / "plans.json").read_text()))
+            except ValueError as exc:
+                raise InputError(f"{model_dir}: dataset.json or plans.json is not valid JSON "
+                                 f"({exc}): the model folder is damaged; train again.") from None
             parameters, first = [], None
             for p in paths:
-                ckpt = load_checkpoint_file(p, "cpu")
+                ckpt = read_checkpoint(p, "cpu")   # one-line InputError if unsafe or broken
                 first = first or ckpt
                 parameters.append(ckpt["network_weights"])
-            configuration_manager = plans_manager.get_configuration(
-                first["init_args"]["configuration"])
+            if not isinstance(first.get("init_args"), dict) or not isinstance(
+                    first.get("trainer_name"), str):
+                raise InputError(f"{paths[0]} is not an nnU-Net training checkpoint (no "
+                                 "init_args or trainer_name in it).")
+            try:
+                configuration_manager = plans_manager.get_configuration(
+                    first["init_args"]["configuration"])
+            except (KeyError, TypeError, RuntimeError, ValueError):
+                raise InputError(f"{paths[0]} was trained with a configuration that "
+                                 f"{model_dir / 'plans.json'} does not have: it comes from "
+                                 "another training.") from None
             trainer_name = first["trainer_name"]
-            trainer_class = (nnUNetTrainerCheckpointEnsemble
-                             if trainer_name == nnUNetTrainerCheckpointEnsemble.__name__
-                             else recursive_find_trainer_class_by_name(trainer_name))
+            try:
+                trainer_class = (nnUNetTrainerCheckpointEnsemble
+                                 if trainer_name == nnUNetTrainerCheckpointEnsemble.__name__
+                                 else recursive_find_trainer_class_by_name(trainer_name))
+            except RuntimeError:
+                trainer_class = None
+            if trainer_class is None:
+                raise InputError(f"{paths[0]} was trained by {trainer_name!r}, a trainer "
+                                 "neither nnU-Net nor this package has.")
             n_in = determine_num_input_channels(plans_manager, configuration_manager,
                                                 dataset_json)
             n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
@@ -274,6 +294,12 @@ def _make_predictor_class():
             network = trainer_class.build_network_architecture(
                 plans_manager, configuration_manager, n_in, n_out,
                 enable_deep_supervision=False)
+            for p, weights in zip(paths, parameters, strict=True):
+                try:
+                    network.load_state_dict(weights)
+                except (RuntimeError, TypeError, ValueError, AttributeError):
+                    raise InputError(f"{p} does not fit the network of {model_dir.name}: it "
+                                     "comes from another training.") from None
             network.load_state_dict(parameters[0])
             self.manual_initialization(network, plans_manager, configuration_manager,
                                        parameters, dataset_json, trainer_name,

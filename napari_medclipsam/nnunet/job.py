@@ -14,6 +14,24 @@ process tree (nnU-Net's data-augmentation workers included); :func:`start_traini
 
 The process is ``python -m napari_medclipsam.nnunet.job JOB_DIR``, started in its own session
 (process group), with nnU-Net's folders and ``nnUNet_extTrainer`` in its environment.
+
+One job per dataset, and only ours are ever signalled
+-----------------------------------------------------
+* The job process holds ``$nnUNet_results/Dataset{ID}_{Name}/.medclipsam_job.lock`` for its
+  whole life (a POSIX record lock: the kernel releases it when the process dies, and the
+  job's forked workers do not inherit it). :func:`start_training` holds a second lock
+  (``.medclipsam_job.start.lock``) from its checks until the new process has taken the job
+  lock, so two starts at the same moment cannot both pass: the second is refused, naming the
+  running job's pid. A dead job's lock is free again at once (nothing stale to remove).
+* The job records its pid, start time (``create_time``), process group (``pgid``) and command
+  line in ``status.json``. Before any signal, a process must prove it is the job: same pid and
+  start time, and a command line running this module on this job folder (its workers: in its
+  process group, started after it, and running this module or carrying this job's
+  ``MEDCLIPSAM_NNUNET_JOB_DIR``). A pid without a recorded start time, or running another
+  program, is refused with the reason, and nothing is signalled.
+* After a SIGKILL of the job its data-augmentation workers live on: :func:`read_status` lists
+  them (``leftovers``) and :func:`cancel` stops them; a new start is refused until they are
+  gone.
 """
 
 from __future__ import annotations
@@ -23,12 +41,13 @@ import json
 import math
 import os
 import re
-import signal
+import select
+import shlex
 import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import InputError
@@ -40,6 +59,12 @@ PLANS = "nnUNetPlans"
 FOLD = "all"
 JOB_DIR_ENV = "MEDCLIPSAM_NNUNET_JOB_DIR"
 RUNNING_PHASES = ("starting", "planning", "preprocessing", "training")
+ENTRY_MODULE = "napari_medclipsam.nnunet.job"
+JOB_LOCK = ".medclipsam_job.lock"             # beside the job folder: held by the job process
+START_LOCK = ".medclipsam_job.start.lock"     # held by start_training while it starts one
+READY_FD_ENV = "MEDCLIPSAM_JOB_READY_FD"      # the pipe the new job answers on (ok / busy)
+START_TIMEOUT_S = 120.0                       # for the new process to take the job lock
+STARTING_GRACE_S = 60.0                       # "starting" without a pid yet, not crashed
 _BARE_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+:\s*$")
 ENV_NAMES = {"raw": "nnUNet_raw", "preprocessed": "nnUNet_preprocessed",
              "results": "nnUNet_results"}
@@ -124,6 +149,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _alive(pid: int | None, create_time: float | None) -> bool:
+    """Whether ``pid`` runs and (if ``create_time`` is given) started then."""
     if not pid:
         return False
     try:
@@ -137,19 +163,144 @@ def _alive(pid: int | None, create_time: float | None) -> bool:
         return False
 
 
+def _same_path(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _is_job_command(cmdline: list[str], job_dir: Path) -> bool:
+    """``python -m napari_medclipsam.nnunet.job JOB_DIR`` for this job folder."""
+    return (ENTRY_MODULE in cmdline and bool(cmdline)
+            and _same_path(cmdline[-1], job_dir))
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def identify_job(job_dir: str | Path, status: dict | None = None):
+    """The job's own process, verified: ``(psutil.Process or None, problem or None)``.
+
+    The process named by ``status.json`` counts as the job only if its pid, its start time
+    (``create_time``, within a second) and its command line (this module on this job folder)
+    all match. ``problem`` says why a live process with that pid is not taken for the job
+    when that is not plain: no start time recorded (it cannot be told from another program),
+    or the same start time but another command line. A pid that is gone, or that started at
+    another time (reused by another program), is (None, None): the job is not running.
+    """
+    import psutil
+
+    job_dir = Path(job_dir)
+    status = _read_json(job_dir / "status.json") if status is None else status
+    pid = status.get("pid")
+    if not pid:
+        return None, None
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None, None
+        started = proc.create_time()
+    except (psutil.NoSuchProcess, ValueError, TypeError):
+        return None, None
+    except psutil.Error as exc:
+        return None, f"pid {pid} cannot be inspected ({type(exc).__name__})"
+    recorded = status.get("create_time")
+    if not isinstance(recorded, int | float) or isinstance(recorded, bool):
+        return None, (f"status.json records no start time for pid {pid}, so it cannot be told "
+                      "apart from another program that got the same pid")
+    if abs(started - recorded) > 1.0:
+        return None, None   # the pid now belongs to another program: the job is gone
+    try:
+        cmdline = proc.cmdline()
+    except psutil.Error as exc:
+        return None, f"the command line of pid {pid} cannot be read ({type(exc).__name__})"
+    if not _is_job_command(cmdline, job_dir):
+        shown = shlex.join(cmdline)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return None, f"pid {pid} runs {shown!r}, not this job"
+    return proc, None
+
+
+def _job_member(proc, job_dir: Path, job_started: float | None) -> bool:
+    """Whether ``proc`` (in the job's process group or under the job) is one of the job's
+    processes: started after the job and running this module on this job folder, or carrying
+    this job's folder in its environment (workers started by spawn)."""
+    import psutil
+
+    try:
+        if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if job_started is None or proc.create_time() < job_started - 1.0:
+            return False
+        if _is_job_command(proc.cmdline(), job_dir):
+            return True
+        return _same_path(proc.environ().get(JOB_DIR_ENV, ""), job_dir)
+    except (psutil.Error, OSError):
+        return False
+
+
+def job_processes(job_dir: str | Path, status: dict | None = None) -> list:
+    """Every live process of the job, each verified (:func:`identify_job`, and the workers by
+    :func:`_job_member`): the job itself first when it runs, then its children and the rest
+    of its process group (workers whose parent died)."""
+    import psutil
+
+    job_dir = Path(job_dir)
+    status = _read_json(job_dir / "status.json") if status is None else status
+    leader, _ = identify_job(job_dir, status)
+    started = status.get("create_time")
+    if not isinstance(started, int | float) or isinstance(started, bool):
+        return []
+    found = {}
+    if leader is not None:
+        found[leader.pid] = leader
+        with contextlib.suppress(psutil.Error):
+            for child in leader.children(recursive=True):
+                if _job_member(child, job_dir, started):
+                    found.setdefault(child.pid, child)
+    pgid = status.get("pgid", status.get("pid"))
+    if os.name == "posix" and pgid:
+        for proc in psutil.process_iter():
+            if proc.pid in found:
+                continue
+            try:
+                in_group = os.getpgid(proc.pid) == int(pgid)
+            except (OSError, ValueError):
+                continue
+            if in_group and _job_member(proc, job_dir, started):
+                found[proc.pid] = proc
+    return list(found.values())
+
+
 def read_status(job_dir: str | Path, log_lines: int = 20) -> dict:
     """The job's status with ``running`` (bool) and ``log_tail`` (last lines of log.txt).
 
-    A status that claims a running phase whose process is gone reads as ``crashed``.
+    A status that claims a running phase whose process is gone reads as ``crashed``; then
+    ``leftovers`` lists the pids of its workers that still run (verified as the job's; cancel
+    stops them). ``unverified`` says why a live process with the recorded pid is not taken
+    for the job (see :func:`identify_job`).
     """
     job_dir = Path(job_dir)
     status = _read_json(job_dir / "status.json")
     if not status:
         return {"phase": "none", "running": False, "log_tail": ""}
-    running = _alive(status.get("pid"), status.get("create_time"))
-    if status.get("phase") in RUNNING_PHASES and not running:
-        status["phase"] = "crashed"
-    status["running"] = running and status.get("phase") in RUNNING_PHASES
+    leader, problem = identify_job(job_dir, status)
+    running = leader is not None
+    phase = status.get("phase")
+    if phase in RUNNING_PHASES and not running:
+        fresh = (phase == "starting" and not status.get("pid")
+                 and time.time() - float(status.get("started") or 0) < STARTING_GRACE_S)
+        if not fresh:
+            status["phase"] = "crashed"
+            if not problem:
+                left = [p.pid for p in job_processes(job_dir, status)]
+                if left:
+                    status["leftovers"] = left
+    if problem:
+        status["unverified"] = problem
+    status["running"] = running and phase in RUNNING_PHASES
     status["log_tail"] = tail(job_dir / "log.txt", log_lines)
     return status
 
@@ -187,6 +338,12 @@ def format_status(status: dict, sep: str = " | ", details: bool = False) -> str:
         parts.append(f"{len(status['checkpoints'])} ensemble checkpoints")
     if details and status.get("error"):
         parts.append(f"error: {status['error']}")
+    if details and status.get("leftovers"):
+        pids = ", ".join(str(p) for p in status["leftovers"][:8])
+        parts.append(f"{len(status['leftovers'])} process(es) of the crashed job still run "
+                     f"(pids {pids}): cancel stops them")
+    if details and status.get("unverified"):
+        parts.append(f"not verified: {status['unverified']}")
     return sep.join(parts)
 
 
@@ -235,8 +392,10 @@ def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
     Raises
     ------
     InputError
-        A job is running already; a previous run exists and neither resume nor restart was
-        asked for; nothing to resume.
+        A job of this dataset runs already (or is being started, or its crashed predecessor's
+        workers still run); a previous run exists and neither resume nor restart was asked
+        for; nothing to resume; the checkpoint to resume from is unsafe or unreadable; an
+        export is writing the dataset right now.
     """
     if resume and restart:
         raise InputError("resume and restart exclude each other.")
@@ -244,13 +403,120 @@ def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
         raise InputError(f"Unknown configuration {configuration!r}: use 2d or 3d_fullres.")
     if device not in ("auto", "cpu", "cuda", "mps"):
         raise InputError(f"Unknown device {device!r}: use auto, cpu, cuda or mps.")
+    from .export import repair_dataset
+
     name = dataset_name_for(folders, dataset_id)
+    repair_dataset(folders.raw, dataset_id)   # a killed export's leftovers, before planning
+    base = folders.results / name
+    base.mkdir(parents=True, exist_ok=True)
+    with _start_lock(base, name):
+        return _start_locked(dataset_id, name, schedule, folders=folders,
+                             configuration=configuration, device=device, resume=resume,
+                             restart=restart, data_workers=data_workers,
+                             preprocess_workers=preprocess_workers)
+
+
+@contextlib.contextmanager
+def _start_lock(base: Path, name: str):
+    """Held while a job of this dataset is being started (others wait for it, then find the
+    job lock taken)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(base / START_LOCK), timeout=START_TIMEOUT_S + 30)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise InputError(f"Another training of {name} is being started and does not finish "
+                         "starting: try again in a minute.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class JobLock:
+    """The lock a job process holds for its whole life (one job per dataset).
+
+    POSIX record locks (``fcntl.lockf``) belong to the process: the kernel drops them when it
+    dies, and processes it forks do not inherit them (its data-augmentation workers must
+    not keep a dead job's dataset locked). Elsewhere ``msvcrt.locking`` on one byte. The
+    holder writes its pid into the file (for the message of a refused start).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if os.name == "posix":
+                import fcntl
+
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:   # pragma: no cover (Windows)
+                import msvcrt
+
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def write_pid(self) -> None:
+        if self.fd is not None and os.name == "posix":
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        with contextlib.suppress(OSError):
+            if os.name == "posix":
+                import fcntl
+
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def holder(self) -> int | None:
+        """The pid written by the process holding the lock (None if unknown)."""
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+
+def job_lock_holder(base: str | Path) -> int | None:
+    """The pid of the job holding ``base/.medclipsam_job.lock``; 0 when it is held but its
+    pid is unknown; None when no job holds it. Call it only from a process that is not the
+    job (closing the file releases a POSIX lock held by the calling process)."""
+    lock = JobLock(Path(base) / JOB_LOCK)
+    if not lock.path.exists():
+        return None
+    if lock.try_acquire():
+        lock.release()
+        return None
+    return lock.holder() or 0
+
+
+def _start_locked(dataset_id: int, name: str, schedule: EnsembleSchedule, *,
+                  folders: NnUNetFolders, configuration: str, device: str, resume: bool,
+                  restart: bool, data_workers: int | None, preprocess_workers: int) -> Path:
     job_dir = folders.results / name / JOB_FOLDER
     model_dir = model_dir_for(folders, dataset_id, configuration)
+    holder = job_lock_holder(job_dir.parent)
     status = read_status(job_dir)
-    if status["running"]:
-        raise InputError(f"A training of {name} is running already (pid {status.get('pid')}): "
+    if holder is not None or status["running"]:
+        pid = holder or status.get("pid") or "unknown"
+        raise InputError(f"A training of {name} is running already (pid {pid}): "
                          "watch it with status, or cancel it first.")
+    if status.get("leftovers"):
+        pids = ", ".join(str(p) for p in status["leftovers"][:8])
+        raise InputError(f"{len(status['leftovers'])} process(es) of the crashed training of "
+                         f"{name} still run (pids {pids}): stop them with cancel first.")
     has_previous = (model_dir / f"fold_{FOLD}").is_dir()
     if resume:
         if not has_previous:
@@ -262,6 +528,9 @@ def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
         if old is not None and old != schedule:
             raise InputError(f"The run was started with {old}; "
                              "resume it with the same schedule (or start over with restart).")
+        latest = resume_checkpoint(model_dir)
+        if latest is not None:
+            read_checkpoint(latest)   # refuse an unsafe or broken one here, in one line
     elif has_previous and not restart:
         raise InputError(f"{name} has a training already ({model_dir}): resume it, or start "
                          "over with restart (deletes it), or export to a new dataset ID.")
@@ -295,14 +564,126 @@ def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
         "phase": "starting", "dataset": name, "epoch": 0, "epochs": schedule.epochs,
         "cycle": 0, "cycles": schedule.cycles, "started": time.time(), "updated": time.time(),
         **kept})
-    kwargs = {"start_new_session": True} if os.name == "posix" else {
-        "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-    proc = subprocess.Popen([sys.executable, "-m", "napari_medclipsam.nnunet.job", str(job_dir)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, close_fds=True, **kwargs)
-    log.close()
-    update_status(job_dir, pid=proc.pid, create_time=_create_time(proc.pid))
-    return job_dir
+    read_fd = write_fd = None
+    if os.name == "posix":
+        # The new process answers on this pipe once it holds the job lock (or found it
+        # taken); until then this start holds the start lock.
+        read_fd, write_fd = os.pipe()
+        env[READY_FD_ENV] = str(write_fd)
+        kwargs = {"start_new_session": True, "pass_fds": (write_fd,)}
+    else:   # pragma: no cover (Windows)
+        kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", ENTRY_MODULE, str(job_dir)],
+                                stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, close_fds=True, **kwargs)
+    finally:
+        log.close()
+        if write_fd is not None:
+            os.close(write_fd)
+    if read_fd is None:   # pragma: no cover (Windows: no handshake)
+        update_status(job_dir, pid=proc.pid, create_time=_create_time(proc.pid))
+        return job_dir
+    answer = _read_answer(read_fd, proc, START_TIMEOUT_S)
+    if answer == "ok":
+        return job_dir
+    if answer.startswith("busy"):
+        pid = answer.partition(" ")[2] or "unknown"
+        raise InputError(f"A training of {name} is running already (pid {pid}): "
+                         "watch it with status, or cancel it first.")
+    if proc.poll() is None:   # no answer in time: stop it (it is ours: we just started it)
+        proc.kill()
+        proc.wait()
+    update_status(job_dir, phase="failed",
+                  error=f"the job process did not start (exit status {proc.returncode})")
+    raise InputError(f"The training process of {name} did not start (exit status "
+                     f"{proc.returncode}): see {job_dir / 'log.txt'}.")
+
+
+def _read_answer(fd: int, proc: subprocess.Popen, timeout: float) -> str:
+    """The new job's one-line answer on the pipe ("ok" or "busy PID"; "" if none)."""
+    data = b""
+    end = time.monotonic() + timeout
+    try:
+        while b"\n" not in data:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(fd, 256)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data.decode(errors="replace").strip()
+
+
+def _answer(fd: int | None, text: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, (text + "\n").encode())
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def resume_checkpoint(model_dir: str | Path) -> Path | None:
+    """The checkpoint nnU-Net continues from (final, else latest, else best), if any."""
+    fold = Path(model_dir) / f"fold_{FOLD}"
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+        if (fold / name).is_file():
+            return fold / name
+    return None
+
+
+UNSAFE_CHECKPOINT = ("refused: the file contains Python objects, not only weights; it may be "
+                     "unsafe")
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load an nnU-Net checkpoint safely (``weights_only=True``) or raise one clear line.
+
+    Raises
+    ------
+    InputError
+        Missing file; a file holding Python objects other than weights (refused as possibly
+        unsafe; it is never unpickled); a file that is not a readable PyTorch checkpoint
+        (truncated, another format); a checkpoint without nnU-Net's network weights.
+    """
+    import pickle
+    import warnings
+
+    from .trainer import load_checkpoint_file
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Checkpoint {path} does not exist.")
+    if not path.is_file():
+        raise InputError(f"Checkpoint {path} is not a file.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = load_checkpoint_file(path, map_location)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            raise InputError(f"{path}: {UNSAFE_CHECKPOINT}. Use a checkpoint this training "
+                             "wrote.") from None
+        raise InputError(f"{path} is not a readable PyTorch checkpoint (not a checkpoint "
+                         "file, or damaged).") from None
+    except OSError as exc:
+        raise InputError(f"Checkpoint {path} cannot be read: {exc.strerror or exc}.") from None
+    except Exception:
+        raise InputError(f"{path} is not a readable PyTorch checkpoint (truncated, damaged or "
+                         "another kind of file).") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise InputError(f"{path} is not an nnU-Net checkpoint (no network weights in it).")
+    return ckpt
 
 
 def _trainer_path() -> str:
@@ -319,39 +700,77 @@ def _create_time(pid: int) -> float | None:
         return None
 
 
-def cancel(job_dir: str | Path, timeout: float = 10.0) -> bool:
-    """Stop the job's whole process tree (SIGTERM, then SIGKILL); return True if it ran.
+@dataclass
+class StopReport:
+    """What :func:`stop_job` did."""
 
-    The last finished epoch is kept: resume continues from there.
+    stopped: list[int] = field(default_factory=list)
+    """Pids signalled (each verified as the job's first)."""
+    job: bool = False
+    """The job itself was running and was stopped (else: only a crashed job's leftovers)."""
+    note: str = ""
+    """Why a process named by status.json was left alone, if one was."""
+
+
+def stop_job(job_dir: str | Path, timeout: float = 10.0) -> StopReport:
+    """Stop the job's processes (SIGTERM, then SIGKILL), each verified as the job's first.
+
+    Stops the running job with its whole process tree, or, after a crash, the workers it
+    left (:func:`job_processes`). The last finished epoch is kept: resume continues there.
+
+    Raises
+    ------
+    InputError
+        status.json says the job runs and names a live process that cannot be verified as the
+        job (no start time recorded, or another program with that start time): nothing is
+        signalled.
     """
     import psutil
 
     job_dir = Path(job_dir)
-    status = read_status(job_dir)
-    if not status["running"]:
-        return False
-    pid = int(status["pid"])
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    if os.name == "posix":
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)   # the job leads its own process group
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    if os.name == "posix":
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=timeout)
-    update_status(job_dir, phase="cancelled", cancelled=time.time())
-    return True
+    status = _read_json(job_dir / "status.json")
+    if not status:
+        return StopReport()
+    leader, problem = identify_job(job_dir, status)
+    if problem and status.get("phase") in RUNNING_PHASES:
+        raise InputError(f"Refused to stop pid {status.get('pid')}: {problem}. Nothing was "
+                         "signalled.")
+    report = StopReport(job=leader is not None)
+    if problem:
+        report.note = problem
+    elif leader is None and status.get("pid") and _alive(status.get("pid"), None):
+        report.note = (f"pid {status['pid']} named in status.json now belongs to another "
+                       "program (it started at another time) and was left alone")
+    seen: dict[int, object] = {}
+    for _ in range(3):   # a worker may fork while the job stops: look again
+        procs = [p for p in job_processes(job_dir, status) if p.pid not in seen]
+        if not procs:
+            break
+        for p in procs:
+            seen[p.pid] = p
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=timeout)
+    report.stopped = sorted(seen)
+    if report.job:
+        update_status(job_dir, phase="cancelled", cancelled=time.time())
+    elif report.stopped:
+        update_status(job_dir, leftovers_stopped=report.stopped, cancelled=time.time())
+    return report
+
+
+def cancel(job_dir: str | Path, timeout: float = 10.0) -> bool:
+    """Stop the job's whole process tree (SIGTERM, then SIGKILL); return True if it ran.
+
+    Also stops the leftovers of a crashed job (True then too). Every process is verified as
+    the job's before it is signalled (see :func:`stop_job`, which says what was done).
+    The last finished epoch is kept: resume continues from there.
+    """
+    return bool(stop_job(job_dir, timeout).stopped)
 
 
 def saved_schedule(job_dir: str | Path) -> EnsembleSchedule | None:
@@ -426,18 +845,61 @@ def _run(job_dir: Path) -> int:
                      continue_training=bool(job["resume"]), device=device)
     except BaseException as exc:   # the status must say why it stopped
         traceback.print_exc()
-        update_status(job_dir, phase="failed", error=f"{type(exc).__name__}: {exc}")
+        update_status(job_dir, phase="failed", error=_error_line(exc))
         return 1
     update_status(job_dir, phase="done", finished=time.time(), eta_s=0)
     return 0
 
 
+def _error_line(exc: BaseException) -> str:
+    """The status's one-line error; an unsafe checkpoint is named as refused (torch's own
+    message would suggest turning the safety off)."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError) and (
+            "Weights only load failed" in str(exc) or "Unsupported global" in str(exc)):
+        return f"a checkpoint of this training was {UNSAFE_CHECKPOINT}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _take_ready_fd() -> int | None:
+    value = os.environ.pop(READY_FD_ENV, None)   # not for nnU-Net's workers
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The job process: take the dataset's job lock (or answer "busy PID" and exit), record
+    pid, start time, process group and command line in status.json, answer "ok", run."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m napari_medclipsam.nnunet.job JOB_DIR", file=sys.stderr)
         return 2
-    return _run(Path(argv[0]))
+    job_dir = Path(argv[0])
+    ready = _take_ready_fd()
+    lock = JobLock(job_dir.parent / JOB_LOCK)
+    if not lock.try_acquire():
+        _answer(ready, f"busy {lock.holder() or ''}".strip())
+        print("Another training of this dataset holds its lock; not started.", file=sys.stderr)
+        return 3
+    try:
+        lock.write_pid()
+        identity = {"pid": os.getpid(), "create_time": _create_time(os.getpid()),
+                    "pgid": os.getpgid(0) if os.name == "posix" else None}
+        with contextlib.suppress(Exception):
+            import psutil
+
+            identity["command"] = psutil.Process().cmdline()
+        update_status(job_dir, **identity)
+        _answer(ready, "ok")
+        ready = None   # answered and closed: the number may be reused by any file now
+        return _run(job_dir)
+    finally:
+        _answer(ready, "failed")
+        lock.release()
 
 
 if __name__ == "__main__":
