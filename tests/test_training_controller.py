@@ -639,8 +639,7 @@ def test_messages_say_what_to_click_not_what_to_type(folders):
 # --------------------------------------------------------------------------- uncertainty
 def test_the_uncertainty_in_words():
     two = uncertainty_words(2)
-    assert two == ("0 = all checkpoints agree and are sure; 0.69 (ln 2) = a coin flip "
-                   "between two labels")
+    assert two == "0 = all checkpoints agree; 0.69 (ln 2) = a coin flip between two labels"
     assert f"{math.log(2):.2f}" == "0.69"
     three = uncertainty_words(3)
     assert three.startswith(two) and "1.10 (ln 3, the most) = all 3 labels equally likely" \

@@ -439,7 +439,7 @@ def test_export_train_and_predict(make_napari_viewer, folders, qtbot):
     w.predict()
     assert w.wait(180)
     assert "Ensemble of 2 checkpoint(s)" in w.last_status, w.last_status
-    assert "nats (0 = all checkpoints agree and are sure; 0.69 (ln 2) = a coin flip" \
+    assert "nats (0 = all checkpoints agree; 0.69 (ln 2) = a coin flip" \
         in w.last_status, w.last_status
     assert "0.69 (ln 2) = a coin flip between two labels" in w.uncertainty_label.text()
     worst = int(np.argmax(viewer.layers[UNCERTAINTY].data.mean(axis=(1, 2))))

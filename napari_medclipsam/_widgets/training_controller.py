@@ -502,10 +502,10 @@ def in_gui_words(message: str) -> str:
 
 # --------------------------------------------------------------------------- uncertainty
 def uncertainty_words(n_classes: int = 2) -> str:
-    """The entropy scale in words: ``"0 = all checkpoints agree and are sure; 0.69 (ln 2)
-    = a coin flip between two labels"`` (and ln C for C classes)."""
+    """The entropy scale in words: ``"0 = all checkpoints agree; 0.69 (ln 2) = a coin flip
+    between two labels"`` (and ln C, the most, for C classes)."""
     n = max(int(n_classes), 2)
-    text = "0 = all checkpoints agree and are sure; 0.69 (ln 2) = a coin flip between two labels"
+    text = "0 = all checkpoints agree; 0.69 (ln 2) = a coin flip between two labels"
     if n > 2:
         text += f"; {math.log(n):.2f} (ln {n}, the most) = all {n} labels equally likely"
     return text

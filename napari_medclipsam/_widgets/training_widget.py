@@ -468,7 +468,6 @@ class TrainingWidget(QWidget):
         self.log_view = QPlainTextEdit()
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(500)
-        self.log_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
         self.log_view.setFixedHeight(96)
         self.log_view.setPlaceholderText("training log (epochs, losses, pseudo-Dice)")
         self.log_view.setToolTip("The last lines of the training log, without nnU-Net's plans "
@@ -628,6 +627,8 @@ class TrainingWidget(QWidget):
         text = self.estimate.words()
         if status.resumable and status.epoch:
             text = f"Resume ({status.epoch} epochs done): " + text[0].lower() + text[1:]
+        elif status.exists:
+            text = "Start over: " + text[0].lower() + text[1:]
         self.estimate_label.setText(text)
         self.estimate_label.setStyleSheet(LONG_RUN_STYLE if self.estimate.too_long else "")
 
