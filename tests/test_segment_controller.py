@@ -157,6 +157,8 @@ def test_missing_models_are_reported_together_before_any_compute(tmp_path):
     assert stages == ["checking models"]  # nothing loaded, nothing computed
     message = gui_message(str(info.value))
     assert "CLIP folder not found" in message and "SAM checkpoint not found" in message
+    assert message.splitlines()[-1] == (f"SAM: SAM checkpoint not found: {tmp_path}/"
+                                        "no_sam.pth. (field: Models > SAM checkpoint)")
     assert "Models > CLIP model" in message and "--" not in message
     assert ctl.state.targets == []  # a failed run does not use up a label value
 
@@ -229,6 +231,10 @@ def test_gui_message_says_which_field_to_fill(tmp_path, monkeypatch):
     assert "choose it in Models > SAM checkpoint (Browse...)" in messages[2]
     for message in messages:
         assert "--clip-model" not in message and "--sam-checkpoint" not in message
+    assert gui_message("CLIP: Could not download it.\n  copy it and choose that folder in "
+                       "Models > CLIP model.") == ("CLIP: Could not download it.\n  copy it "
+                                                   "and choose that folder in Models > CLIP "
+                                                   "model.")  # named once is enough
     with pytest.raises(ValueError) as info:
         models.resolve_device("cuda:7" if not _has_cuda() else "tpu")
     assert "--device" not in gui_message(str(info.value))

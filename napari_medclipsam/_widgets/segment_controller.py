@@ -446,7 +446,32 @@ def gui_message(message: str) -> str:
     setting = _SETTING_MESSAGE.match(message)
     if setting is not None:
         message = f"{message} (field: {FIELD_LABELS[setting.group(1)]})"
-    return message
+    return "\n".join(_name_model_field(block) for block in _problem_blocks(message))
+
+
+def _problem_blocks(message: str) -> list[str]:
+    """A model message split into its problems (each starts ``CLIP: `` or ``SAM: ``)."""
+    blocks: list[list[str]] = []
+    for line in message.split("\n"):
+        if not blocks or line.startswith(("CLIP: ", "SAM: ")):
+            blocks.append([line])
+        else:
+            blocks[-1].append(line)
+    return ["\n".join(block) for block in blocks]
+
+
+def _name_model_field(block: str) -> str:
+    """A CLIP or SAM problem that names no field gets the field to fix it in."""
+    if any(label in block for label in FIELD_LABELS.values()):
+        return block
+    if block.startswith("CLIP: "):
+        key = "clip_model"
+    elif block.startswith("SAM: "):
+        key = "sam_checkpoint" if "checkpoint" in block.lower() else "sam_model"
+    else:
+        return block
+    first, *rest = block.split("\n")
+    return "\n".join([f"{first} (field: {FIELD_LABELS[key]})", *rest])
 
 
 # --------------------------------------------------------------------------- presets

@@ -431,8 +431,8 @@ class SegmentWidget(QWidget):
         self.save_button.setToolTip("The prompt, models and every parameter, as JSON.")
         self.save_button.clicked.connect(self._save_dialog)
         self.load_button = QPushButton("Load settings...")
-        self.load_button.setToolTip("Fill the fields from saved settings or a 'medclipsam "
-                                    "segment' manifest.")
+        self.load_button.setToolTip("Fill the fields from saved settings, or from the "
+                                    "manifest.json of a batch run.")
         self.load_button.clicked.connect(self._load_dialog)
         files.addWidget(self.save_button)
         files.addWidget(self.load_button)
@@ -1091,9 +1091,14 @@ class SegmentWidget(QWidget):
     def _save_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save settings", "medclipsam_run.json",
                                               "JSON (*.json)")
-        if path:
+        if not path:
+            return
+        try:
             self.save_run(path)
-            self._report(f"Saved {path}.")
+        except OSError as exc:
+            self._report(f"Settings not saved: {exc}", error=True)
+            return
+        self._report(f"Saved {path}.")
 
     def _load_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load settings", "", "JSON (*.json)")
