@@ -591,7 +591,9 @@ def _start_locked(dataset_id: int, name: str, schedule: EnsembleSchedule, *,
         pid = answer.partition(" ")[2] or "unknown"
         raise InputError(f"A training of {name} is running already (pid {pid}): "
                          "watch it with status, or cancel it first.")
-    if proc.poll() is None:   # no answer in time: stop it (it is ours: we just started it)
+    try:
+        proc.wait(timeout=5)   # it closed the pipe without answering: it is ending
+    except subprocess.TimeoutExpired:   # no answer in time: stop it (ours: we just started it)
         proc.kill()
         proc.wait()
     update_status(job_dir, phase="failed",
