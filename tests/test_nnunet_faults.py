@@ -326,12 +326,15 @@ def test_two_trainings_started_at_once_only_one_runs(two_starts):
 def test_a_killed_jobs_workers_are_found_and_stopped_by_cancel(two_starts):
     _, job_dir, flags = two_starts
     end = time.monotonic() + 300
-    while time.monotonic() < end:   # until nnU-Net's augmentation workers run
+    seen = None
+    while time.monotonic() < end:   # until nnU-Net's augmentation workers run (and settled)
         status = job.read_status(job_dir)
         assert status["running"], status
-        if status["phase"] == "training" and len(job.job_processes(job_dir)) >= 3:
+        pids = sorted(p.pid for p in job.job_processes(job_dir))
+        if status["phase"] == "training" and len(pids) >= 3 and pids == seen:
             break
-        time.sleep(0.5)
+        seen = pids
+        time.sleep(1.0)
     else:
         raise AssertionError(f"no workers: {job.read_status(job_dir)}")
     workers = [p for p in job.job_processes(job_dir) if p.pid != status["pid"]]
