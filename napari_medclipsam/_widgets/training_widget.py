@@ -92,6 +92,7 @@ from napari_medclipsam._widgets.training_controller import (
     TrainingEstimate,
     export_label_table,
     folders_from_values,
+    guess_device,
     in_gui_words,
     label_name_from_layer,
     label_table_from_features,
@@ -247,6 +248,8 @@ class TrainingWidget(QWidget):
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         self._refresh_layers()
+        if guess_device("auto")[0] == "cpu":  # the paper's 600 epochs are days on a CPU
+            self.apply_preset("quick")
         self.load_settings()
         if not all(edit.text().strip() for edit in self.folder_edits.values()):
             self.folders_box.expand(animate=False)  # still to be set
