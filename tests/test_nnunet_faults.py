@@ -361,3 +361,24 @@ def test_a_killed_jobs_workers_are_found_and_stopped_by_cancel(two_starts):
     assert sorted(after["leftovers_stopped"]) == sorted(p.pid for p in workers)
     code, out, _ = cli("nnunet", "cancel", "--dataset-id", 3, *flags)
     assert out.strip() == "No training of this dataset is running."
+
+
+@pytest.mark.parametrize(("phase", "after"), [("training", "cancelled"), ("done", "done")])
+def test_stopping_a_verified_job_marks_only_a_running_one_cancelled(tmp_path, phase, after):
+    """A job that finished but whose process is still exiting stays 'done' when stopped."""
+    job_dir = tmp_path / "medclipsam_job"
+    job_dir.mkdir()
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             job.ENTRY_MODULE, str(job_dir)])
+    try:
+        (job_dir / "status.json").write_text(json.dumps(
+            {"phase": phase, "pid": fake.pid,
+             "create_time": psutil.Process(fake.pid).create_time()}))
+        assert job.identify_job(job_dir)[0] is not None  # taken for our job: verified
+        report = job.stop_job(job_dir)
+        assert report.job and fake.pid in report.stopped
+        assert fake.wait(timeout=10) is not None
+        assert json.loads((job_dir / "status.json").read_text())["phase"] == after
+    finally:
+        fake.kill()
+        fake.wait()

@@ -758,7 +758,7 @@ def stop_job(job_dir: str | Path, timeout: float = 10.0) -> StopReport:
                 p.kill()
         psutil.wait_procs(alive, timeout=timeout)
     report.stopped = sorted(seen)
-    if report.job:
+    if report.job and status.get("phase") in RUNNING_PHASES:  # a finished job stays done
         update_status(job_dir, phase="cancelled", cancelled=time.time())
     elif report.stopped:
         update_status(job_dir, leftovers_stopped=report.stopped, cancelled=time.time())
