@@ -9,9 +9,11 @@ import pytest
 from skimage.filters import threshold_otsu
 
 from napari_medclipsam.core.config import CoarseMaskConfig, PromptConfig
+from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.core.postprocess import (
     Component,
     Prompts,
+    body_slices,
     boxes_from_labels,
     coarse_mask,
     keep_largest_components,
@@ -418,3 +420,57 @@ def test_keep_largest_components_in_3d_uses_26_connectivity():
     vol[4, 0, 4] = True  # area 1
     kept = keep_largest_components(vol, 2)
     assert kept.sum() == 6 and kept[0, 0, 0] and kept[1, 1, 1] and not kept[4, 0, 4]
+
+
+# --------------------------------------------------------------------------- body slices
+
+
+def ct_like_volume() -> np.ndarray:
+    """(8, 20, 20) int16 "CT": air at -1000 HU; slices 0, 1 and 7 hold only air, slice 6 a
+    single 60 HU voxel (1 of 400, 0.25 %), slices 2-5 a 10x10 body at 40 HU (25 %)."""
+    vol = np.full((8, 20, 20), -1000, dtype=np.int16)
+    vol[2:6, 5:15, 5:15] = 40
+    vol[6, 10, 10] = 60
+    return vol
+
+
+def test_body_slices_otsu_keeps_the_body_and_skips_air():
+    vol = ct_like_volume()
+    kept, threshold, how = body_slices(vol)
+    assert how == "otsu"
+    assert threshold == pytest.approx(threshold_otsu(vol.astype(np.float64).ravel()))
+    assert -1000 < threshold < 40  # between air and tissue
+    assert kept == [2, 3, 4, 5]  # slice 6: one body voxel, 0.25 % < the default 1 %
+    assert body_slices(vol, fraction=0.002)[0] == [2, 3, 4, 5, 6]
+    assert body_slices(vol, fraction=0.0)[0] == list(range(8))  # every share is >= 0
+
+
+def test_body_slices_with_a_given_threshold():
+    vol = ct_like_volume()
+    assert body_slices(vol, threshold=50.0, fraction=0.002) == ([6], 50.0, "given")
+    assert body_slices(vol, threshold=-2000, fraction=1.0) == (list(range(8)), -2000.0,
+                                                               "given")
+    assert body_slices(vol, threshold=40, fraction=0.25) == ([], 40.0, "given")  # ">" not ">="
+    # a share exactly at the fraction is kept: 100 of 400 voxels above 0 on slices 2-5
+    assert body_slices(vol, threshold=0, fraction=0.25)[0] == [2, 3, 4, 5]
+
+
+def test_body_slices_of_a_constant_or_non_finite_volume():
+    flat = np.full((3, 4, 4), 7.0, dtype=np.float32)
+    assert body_slices(flat) == ([], 7.0, "otsu")  # nothing stands out: no body
+    nan = np.full((2, 3, 3), np.nan, dtype=np.float32)
+    assert body_slices(nan) == ([], 0.0, "otsu")
+    mixed = np.zeros((3, 10, 10), dtype=np.float32)
+    mixed[1, :5] = 100.0
+    mixed[2] = np.nan  # NaN voxels are ignored by Otsu and never count as body
+    assert body_slices(mixed) == ([1], pytest.approx(threshold_otsu(np.array(
+        [0.0] * 150 + [100.0] * 50))), "otsu")
+
+
+@pytest.mark.parametrize(("volume", "kwargs", "match"), [
+    (np.zeros(5), {}, r"2 or more dimensions .*shape \(5,\)"),
+    (np.zeros((2, 3, 3)), {"fraction": 1.5}, "fraction 1.5: give a share between 0 and 1"),
+])
+def test_body_slices_refuses_bad_input(volume, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        body_slices(volume, **kwargs)

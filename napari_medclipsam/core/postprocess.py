@@ -32,6 +32,7 @@ __all__ = [
     "CoarseResult",
     "Component",
     "Prompts",
+    "body_slices",
     "boxes_from_labels",
     "coarse_mask",
     "keep_largest_components",
@@ -649,3 +650,66 @@ def keep_largest_components(mask: np.ndarray, n: int | None) -> np.ndarray:
         return m.copy()
     ids = np.lexsort((np.arange(area.size), -area))[:n] + 1
     return np.isin(cc, ids)
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+def body_slices(volume: np.ndarray, threshold: float | None = None,
+                fraction: float = 0.01) -> tuple[list[int], float, str]:
+    """Slices of a volume that hold the body: those with at least ``fraction`` of their
+    voxels above ``threshold``.
+
+    Slices outside the body (air, the table, padding) hold nothing to find; a volume run can
+    skip them (``medclipsam segment --skip-empty-slices``).
+
+    Parameters
+    ----------
+    volume : np.ndarray
+        (Z, Y, X) volume in its own intensity units (e.g. HU for CT); slices are along
+        axis 0. Any array of two or more dimensions works (each index of axis 0 is a slice).
+    threshold : float or None
+        Intensity above which a voxel counts as body. ``None``: Otsu's threshold of the
+        volume's finite voxels (air/background against tissue), computed on at most two
+        million evenly strided voxels; a constant volume gives its value (so no slice is
+        body unless ``fraction`` is 0), a volume without finite voxels gives 0.
+    fraction : float
+        Share of a slice's voxels, in [0, 1], that must be above the threshold for the slice
+        to count as body (0 keeps every slice).
+
+    Returns
+    -------
+    indices : list of int
+        Indices along axis 0 of the body slices, ascending.
+    threshold : float
+        The threshold used.
+    how : str
+        ``"given"`` (the ``threshold`` argument) or ``"otsu"``.
+
+    Raises
+    ------
+    InputError
+        For a volume of fewer than two dimensions or a ``fraction`` outside [0, 1].
+    """
+    vol = np.asarray(volume)
+    if vol.ndim < 2:
+        raise InputError(f"body_slices needs a volume of 2 or more dimensions (Z, Y, X); got "
+                         f"shape {vol.shape}.")
+    if not 0.0 <= fraction <= 1.0:
+        raise InputError(f"fraction {fraction!r}: give a share between 0 and 1.")
+    how = "given"
+    if threshold is None:
+        from skimage.filters import threshold_otsu
+
+        sample = vol.reshape(-1)
+        if sample.size > 2_000_000:
+            sample = sample[:: int(np.ceil(sample.size / 2_000_000))]
+        sample = sample[np.isfinite(sample)].astype(np.float64)
+        if sample.size == 0 or sample.min() == sample.max():
+            threshold = float(sample.min()) if sample.size else 0.0
+        else:
+            threshold = float(threshold_otsu(sample))
+        how = "otsu"
+    share = (vol > threshold).reshape(vol.shape[0], -1).mean(axis=1)
+    empty = share < fraction
+    return [int(z) for z in np.flatnonzero(~empty)], float(threshold), how
