@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from napari_medclipsam.cli import main, segment
+from napari_medclipsam.cli.segment_volume import VolumeState
 from napari_medclipsam.core import models
 from napari_medclipsam.core.io import temporary_name
 from napari_medclipsam.core.pipeline import ZeroShotPipeline
@@ -278,13 +279,13 @@ def test_checkpoint_interval_limits_writes(model_flags, tmp_path, monkeypatch):
     """Partial files are rewritten at most every CHECKPOINT_SECONDS; an interrupt still
     saves every finished slice."""
     writes = []
-    original = segment._VolumeState.save
+    original = VolumeState.save
 
     def save(self):
         writes.append(sorted(self.done))
         return original(self)
 
-    monkeypatch.setattr(segment._VolumeState, "save", save)
+    monkeypatch.setattr(VolumeState, "save", save)
     monkeypatch.setattr(segment, "CHECKPOINT_SECONDS", 3600.0)
     vol = _volume(tmp_path)
     out = tmp_path / "out"

@@ -26,6 +26,12 @@ inputs (explicit files must be images; headers are read) and the output folder a
 checked before any model loads, then every model source is checked at once
 (:meth:`ZeroShotPipeline.prepare`). One image that fails (unreadable, degenerate, any
 error) is reported in one line and recorded in the manifest; the others go on (exit 1).
+
+This module holds the parser, the parameters (``--config``, ``--preset``, flags), the inputs
+and prompts, the plan and the loop over images. The run's record (parameters and their
+hashes, output paths, resume checks, the manifest, the folder lock) is in
+:mod:`~napari_medclipsam.cli.run_record`; volumes, slice by slice with partial saves, in
+:mod:`~napari_medclipsam.cli.segment_volume`.
 """
 
 from __future__ import annotations
@@ -34,10 +40,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
-import os
-import platform
 import re
 import sys
 import time
@@ -47,7 +50,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..core.config import PipelineConfig
 from ..core.errors import InputError
 from .common import (
@@ -62,6 +64,18 @@ from .common import (
     read_json_file,
     sigterm_as_interrupt,
 )
+from .run_record import (
+    OUTPUT_FOLDERS,
+    FolderLock,
+    Plan,
+    Run,
+    can_keep,
+    check_existing,
+    output_paths,
+    partial_paths,
+    read_json_or_none,
+)
+from .segment_volume import segment_volume
 
 __all__ = ["BODY_FRACTION", "CHECKPOINT_SECONDS", "MANIFEST_SECONDS", "add_parser",
            "collect_images", "config_from_args", "format_presets", "parse_slices",
@@ -78,10 +92,6 @@ MANIFEST_SECONDS = 5.0
 #: slice when slices are slow. Ctrl-C, SIGTERM and errors always write the last state.
 CHECKPOINT_SECONDS = 10.0
 CHECKPOINT_SHARE = 0.1
-#: Subfolders of OUT this command writes.
-OUTPUT_FOLDERS = ("saliency", "coarse", "prompts", "masks", "partial")
-#: Settings that do not change the results (model identity is checked by weight hashes).
-_NOT_PARAMETERS = ("device", "clip_model", "sam_checkpoint")
 
 
 def add_parser(sub) -> None:
@@ -439,109 +449,10 @@ def _shape_probe(path: Path) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- bookkeeping
+# --------------------------------------------------------------------------- the plan
 
 
-def _sha256_text(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _jsonable(data: Any) -> Any:
-    return json.loads(json.dumps(data, default=str))
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix.rstrip("."): data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _differences(old: Any, new: Any, limit: int = 4) -> list[str]:
-    """Readable differences between two parameter records (``saliency.steps 3 -> 5``)."""
-    a, b = _flatten(_jsonable(old)), _flatten(_jsonable(new))
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            if key.endswith("sha256"):
-                diffs.append(f"{key.removesuffix('_sha256').removesuffix('sha256')} "
-                             "content changed")
-            else:
-                diffs.append(f"{key} {json.dumps(a.get(key))} -> {json.dumps(b.get(key))}")
-    return diffs[:limit] + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
-
-
-@dataclasses.dataclass
-class _Plan:
-    """A validated ``segment`` run (nothing loaded, nothing written yet)."""
-
-    config: PipelineConfig
-    files: list[Path]
-    prompts: dict[Path, list[str]]
-    window: Any  # Window or None
-    out: Path
-    volume: bool
-    slices: slice | None
-    slices_text: str | None
-    body: dict[str, Any] | None  # {"threshold": float or None (Otsu), "fraction": float}
-    resume: bool
-    overwrite: bool
-    debug: bool
-    preset: str | None
-    window_text: str | None
-    previous: dict[str, Any] | None = None  # the manifest being resumed
-    probe_errors: dict[Path, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def run_parameters(self) -> dict[str, Any]:
-        """What every result depends on, models aside (they are compared by hash)."""
-        config = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_PARAMETERS}
-        return {"config": config, "window": self.window_text or "auto"}
-
-    def image_parameters(self, f: Path, input_sha256: str) -> dict[str, Any]:
-        volume = ({"slices": self.slices_text or "all", "body": self.body}
-                  if self.volume else None)
-        return {"prompt": self.prompts[f], "input_sha256": input_sha256, "volume": volume}
-
-    def parameters_sha256(self, f: Path, input_sha256: str) -> str:
-        return _sha256_text({"run": self.run_parameters,
-                             "image": self.image_parameters(f, input_sha256)})
-
-
-def _outputs(out: Path, stem: str, volume: bool) -> dict[str, Path]:
-    ext = ".nii.gz" if volume else ".png"
-    return {"saliency": out / "saliency" / f"{stem}.tif",
-            "coarse": out / "coarse" / f"{stem}{ext}",
-            "prompts": out / "prompts" / f"{stem}.json",
-            "mask": out / "masks" / f"{stem}{ext}"}
-
-
-def _partial_paths(out: Path, stem: str) -> dict[str, Path]:
-    folder = out / "partial"
-    return {"record": folder / f"{stem}.json", "mask": folder / f"{stem}.mask.nii.gz",
-            "coarse": folder / f"{stem}.coarse.nii.gz",
-            "saliency": folder / f"{stem}.saliency.tif"}
-
-
-def _existing_outputs(out: Path, stem: str) -> list[Path]:
-    paths = {*_outputs(out, stem, True).values(), *_outputs(out, stem, False).values(),
-             *_partial_paths(out, stem).values()}
-    return sorted(p for p in paths if p.exists())
-
-
-def _read_json_or_none(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _plan(args: argparse.Namespace) -> _Plan:
+def _plan(args: argparse.Namespace) -> Plan:
     """Every check that needs no model: flags, files, prompts, output folder, resume."""
     from ..core.io import Window, file_stem
 
@@ -579,13 +490,13 @@ def _plan(args: argparse.Namespace) -> _Plan:
     for sub in OUTPUT_FOLDERS:
         if (out / sub).exists():
             check_writable_folder(out / sub)
-    plan = _Plan(config=config, files=files, prompts=prompts, window=window, out=out,
+    plan = Plan(config=config, files=files, prompts=prompts, window=window, out=out,
                  volume=args.volume, slices=slices,
                  slices_text=args.slices.strip() if args.slices else None, body=body,
                  resume=args.resume, overwrite=args.overwrite,
                  debug=getattr(args, "debug", False),
                  preset=getattr(args, "preset", None), window_text=args.window)
-    _check_existing(plan)
+    check_existing(plan)
     check_device(config.device)
     for f in files:
         problem = _shape_probe(f)
@@ -600,84 +511,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     return plan
 
 
-def _check_existing(plan: _Plan) -> None:
-    """Refuse to write over existing outputs, or check what ``--resume`` would keep."""
-    from ..core.io import file_stem
-    from ..core.models import file_sha256
-
-    out = plan.out
-    manifest_path = out / "manifest.json"
-    existing = sorted({p for f in plan.files for p in _existing_outputs(out, file_stem(f))})
-    if not plan.resume:
-        if plan.overwrite:
-            return
-        clash = existing + ([manifest_path] if manifest_path.exists() else [])
-        if clash:
-            raise CLIError(f"{len(clash)} output file(s) already exist in {out} (e.g. "
-                           f"{clash[0]}); continue that run with --resume, choose another -o "
-                           "folder, or pass --overwrite.")
-        return
-    if not manifest_path.exists():
-        if existing and not plan.overwrite:
-            raise CLIError(f"--resume: {out} has outputs but no manifest.json, so they cannot "
-                           "be checked; pass --overwrite to redo them, or choose another -o.")
-        return
-    previous = _read_json_or_none(manifest_path)
-    if not isinstance(previous, dict) or previous.get("command") != "segment":
-        if plan.overwrite:
-            return
-        raise CLIError(f"--resume: {manifest_path} is not a readable segment manifest; pass "
-                       "--overwrite to redo the run, or choose another -o.")
-    old = previous.get("parameters")
-    if not isinstance(old, dict):  # a manifest written before parameters were recorded
-        old_config = previous.get("config") if isinstance(previous.get("config"), dict) else {}
-        old = {"config": {k: v for k, v in old_config.items() if k not in _NOT_PARAMETERS},
-               "window": plan.run_parameters["window"]}
-    diffs = _differences(old, plan.run_parameters)
-    if diffs:
-        if plan.overwrite:
-            return  # redo everything
-        raise CLIError(f"--resume: {out} was made with other parameters ({'; '.join(diffs)}); "
-                       "rerun with the same ones to continue it, or add --overwrite to redo "
-                       "it.")
-    entries = {e.get("name"): e for e in previous.get("images", []) if isinstance(e, dict)}
-    changed = []
-    for f in plan.files:
-        stem = file_stem(f)
-        record = _read_json_or_none(_partial_paths(out, stem)["record"])
-        olds = [e.get("parameters") for e in (entries.get(stem), record)
-                if isinstance(e, dict) and e.get("status", "done") in ("done", "interrupted",
-                                                                        "running")
-                and isinstance(e.get("parameters"), dict)]
-        if not olds:
-            continue
-        now = plan.image_parameters(f, file_sha256(f))
-        for old_image in olds:
-            diff = _differences(old_image.get("image", old_image), now, limit=2)
-            if diff:
-                changed.append(f"{f.name}: {'; '.join(diff)}")
-                break
-    if changed and not plan.overwrite:
-        raise CLIError(f"--resume: {len(changed)} image(s) were made with another prompt, "
-                       f"input file or slice selection ({' | '.join(changed[:3])}); rerun with "
-                       "the same ones, or add --overwrite to redo them.")
-    plan.previous = previous
-
-
 # --------------------------------------------------------------------------- the run
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "napari-medclipsam": __version__}
-    for pkg in ("torch", "open_clip_torch", "segment-anything", "timm", "transformers", "numpy",
-                "scikit-image"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _prompts_json(result) -> dict[str, Any]:
@@ -689,110 +523,6 @@ def _prompts_json(result) -> dict[str, Any]:
 
 
 _FATAL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS}
-
-
-class _Run:
-    """The manifest of one run: entries per image, written atomically (throttled)."""
-
-    def __init__(self, plan: _Plan, pipeline, started: str):
-        self.plan = plan
-        self.pipeline = pipeline
-        self.started = started
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.kept: dict[str, dict[str, Any]] = {}  # entries of the resumed manifest
-        if plan.previous is not None:
-            self.kept = {e["name"]: e for e in plan.previous.get("images", [])
-                         if isinstance(e, dict) and isinstance(e.get("name"), str)}
-        self.last_save = 0.0
-        self.versions = _versions()
-        clip, sam = pipeline.clip, pipeline.sam
-        self.models_sha256 = {"clip": clip.weights_sha256, "sam": sam.checkpoint_sha256}
-        self.models = {"clip": {"source": plan.config.clip_model, "id": clip.model_id,
-                                "sha256": clip.weights_sha256},
-                       "sam": {"name": plan.config.sam_model, "id": sam.model_id,
-                               "checkpoint": sam.checkpoint,
-                               "sha256": sam.checkpoint_sha256},
-                       "device": clip.device}
-
-    def check_models(self) -> None:
-        """On --resume, refuse other model weights than the resumed run's (unless
-        --overwrite, which redoes everything)."""
-        previous = self.plan.previous
-        if previous is None:
-            return
-        old = previous.get("models", {})
-        diffs = []
-        for key in ("clip", "sam"):
-            before = old.get(key, {}).get("sha256") if isinstance(old.get(key), dict) else None
-            if before and before != self.models_sha256[key]:
-                diffs.append(f"{key.upper()} weights {before[:12]}... -> "
-                             f"{(self.models_sha256[key] or 'none')[:12]}...")
-        if diffs and not self.plan.overwrite:
-            raise CLIError(f"--resume: {self.plan.out} was made with other model weights "
-                           f"({'; '.join(diffs)}); use the same models to continue it, or "
-                           "add --overwrite to redo it.")
-        if diffs:
-            self.plan.previous, self.kept = None, {}
-
-    def previous_entry(self, name: str) -> dict[str, Any] | None:
-        return self.kept.get(name)
-
-    def record(self, name: str, entry: dict[str, Any]) -> None:
-        self.entries[name] = entry
-        self.kept.pop(name, None)
-        self.save()
-
-    def manifest(self, status: str) -> dict[str, Any]:
-        from ..core.io import file_stem
-
-        plan = self.plan
-        names = [file_stem(f) for f in plan.files]
-        images = [self.entries[n] for n in names if n in self.entries]
-        images += [self.kept[n] for n in names if n in self.kept and n not in self.entries]
-        images += [e for n, e in self.kept.items() if n not in names]
-        by_status: dict[str, list[str]] = {"done": [], "failed": [], "interrupted": []}
-        for e in images:
-            by_status.setdefault(e.get("status", "done"), []).append(e["name"])
-        finished = set(by_status["done"]) | set(by_status["failed"])
-        return {
-            "tool": "napari-medclipsam", "command": "segment", "status": status,
-            "started": self.started,
-            "finished": None if status == "running" else time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "preset": plan.preset,
-            "config": plan.config.to_dict(),
-            "parameters": plan.run_parameters,
-            "parameters_sha256": _sha256_text(plan.run_parameters),
-            "window": dataclasses.asdict(plan.window) if plan.window
-            else "auto (0.5-99.5 percentiles)",
-            "models": self.models,
-            "versions": self.versions,
-            "done": by_status["done"], "failed": by_status["failed"],
-            "pending": [n for n in names if n not in finished],
-            "images": images,
-        }
-
-    def save(self, status: str = "running", force: bool = False) -> None:
-        from ..core.io import write_text
-
-        now = time.monotonic()
-        if not force and now - self.last_save < MANIFEST_SECONDS:
-            return
-        write_text(self.plan.out / "manifest.json",
-                   json.dumps(self.manifest(status), indent=2, default=str))
-        self.last_save = time.monotonic()
-
-
-def _complete(entry: dict[str, Any] | None, parameters_sha256: str, models: dict,
-              out: Path) -> bool:
-    """True when a resumed entry's outputs can be kept as they are."""
-    if not entry or entry.get("status", "done") != "done":
-        return False
-    if entry.get("parameters_sha256") != parameters_sha256:
-        return False
-    if entry.get("models_sha256") not in (None, models):
-        return False
-    outputs = entry.get("outputs") or {}
-    return bool(outputs) and all((out / rel).is_file() for rel in outputs.values())
 
 
 def _is_tty() -> bool:
@@ -825,19 +555,19 @@ def run_segment(args: argparse.Namespace) -> int:
             print(f"{'Terminated' if isinstance(exc, Terminated) else 'Interrupted'} while "
                   "loading the models; nothing was written.", file=sys.stderr)
             return 143 if isinstance(exc, Terminated) else 130
-        run = _Run(plan, pipeline, started)
+        run = Run(plan, pipeline, started, every=MANIFEST_SECONDS)
         run.check_models()
         return _run_all(plan, pipeline, run)
 
 
-def _run_all(plan: _Plan, pipeline, run: _Run) -> int:
+def _run_all(plan: Plan, pipeline, run: Run) -> int:
     from tqdm import tqdm
 
     from ..core.io import file_stem, remove_stale_temporaries
 
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    with FolderLock(out):
         removed = [p for sub in ("", *OUTPUT_FOLDERS)
                    for p in remove_stale_temporaries(out / sub if sub else out)]
         if removed:
@@ -901,7 +631,7 @@ def _run_all(plan: _Plan, pipeline, run: _Run) -> int:
             run.save("interrupted", force=True)
             kind = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
             note = ""
-            if current is not None and _partial_paths(out, file_stem(current))["record"].exists():
+            if current is not None and partial_paths(out, file_stem(current))["record"].exists():
                 note = f"; the finished slices of {current.name} are kept in {out / 'partial'}"
             print(f"{kind}: {n_done} of {len(plan.files)} image(s) done{note}; manifest.json "
                   "written. Continue with the same command and --resume.", file=sys.stderr)
@@ -918,41 +648,11 @@ def _run_all(plan: _Plan, pipeline, run: _Run) -> int:
     return 0
 
 
-class _locked:
-    """Exclusive lock on the output folder while a run writes into it (two runs into one
-    folder would mix their manifests); released when the process ends, however it ends."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.fd: int | None = None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not on POSIX
-            return self
-        self.fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self.fd)
-            self.fd = None
-            raise CLIError(f"Another medclipsam segment is writing to {self.folder}; wait for "
-                           "it to finish, or choose another -o folder.") from exc
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        return False
-
-
-def _partial_note(plan: _Plan, name: str) -> dict[str, Any]:
-    record = _read_json_or_none(_partial_paths(plan.out, name)["record"])
+def _partial_note(plan: Plan, name: str) -> dict[str, Any]:
+    record = read_json_or_none(partial_paths(plan.out, name)["record"])
     if not isinstance(record, dict):
         return {}
-    return {"partial": str(_partial_paths(plan.out, name)["record"].relative_to(plan.out)),
+    return {"partial": str(partial_paths(plan.out, name)["record"].relative_to(plan.out)),
             "slices_done": len(record.get("done", []))}
 
 
@@ -977,7 +677,7 @@ def _failure(exc: BaseException, f: Path, debug: bool) -> tuple[str, bool]:
             "traceback and please report it."), False
 
 
-def _segment_one(plan: _Plan, pipeline, run: _Run, f: Path, bar) -> dict[str, Any]:
+def _segment_one(plan: Plan, pipeline, run: Run, f: Path, bar) -> dict[str, Any]:
     from ..core.io import (
         file_stem,
         read_image,
@@ -992,7 +692,7 @@ def _segment_one(plan: _Plan, pipeline, run: _Run, f: Path, bar) -> dict[str, An
     input_sha = file_sha256(f)
     params_sha = plan.parameters_sha256(f, input_sha)
     previous = run.previous_entry(name)
-    if plan.resume and _complete(previous, params_sha, run.models_sha256, plan.out):
+    if plan.resume and can_keep(previous, params_sha, run.models_sha256, plan.out):
         return {**previous, "kept": True}
     image = read_image(f)
     if image.is_volume and not plan.volume:
@@ -1003,8 +703,10 @@ def _segment_one(plan: _Plan, pipeline, run: _Run, f: Path, bar) -> dict[str, An
               "models_sha256": run.models_sha256,
               "parameters": {"image": plan.image_parameters(f, input_sha)}}
     if image.is_volume:
-        return {**common, **_segment_volume(plan, pipeline, run, f, image, common, bar)}
-    paths = _outputs(plan.out, name, False)
+        return {**common, **segment_volume(plan, pipeline, run, f, image, common,
+                                           checkpoint_seconds=CHECKPOINT_SECONDS,
+                                           checkpoint_share=CHECKPOINT_SHARE)}
+    paths = output_paths(plan.out, name, False)
     win = plan.window or image.meta.get("window")
 
     def progress(stage: str, fraction: float) -> None:
@@ -1017,223 +719,3 @@ def _segment_one(plan: _Plan, pipeline, run: _Run, f: Path, bar) -> dict[str, An
     write_mask_png(paths["mask"], res.mask)
     return {**common, "found": res.found, "message": res.message,
             "outputs": {k: str(v.relative_to(plan.out)) for k, v in paths.items()}}
-
-
-# --------------------------------------------------------------------------- volumes
-
-
-def _body_slices(volume, body: dict[str, Any]) -> tuple[list[int], float, str]:
-    """Slices whose share of voxels above the body threshold is below the fraction; the
-    threshold used and how it was chosen (given, or Otsu's of the volume)."""
-    import numpy as np
-
-    threshold, how = body.get("threshold"), "given"
-    if threshold is None:
-        from skimage.filters import threshold_otsu
-
-        sample = np.asarray(volume).reshape(-1)
-        if sample.size > 2_000_000:
-            sample = sample[:: int(np.ceil(sample.size / 2_000_000))]
-        sample = sample[np.isfinite(sample)].astype(np.float64)
-        if sample.size == 0 or sample.min() == sample.max():
-            threshold = float(sample.min()) if sample.size else 0.0
-        else:
-            threshold = float(threshold_otsu(sample))
-        how = "otsu"
-    share = (np.asarray(volume) > threshold).reshape(volume.shape[0], -1).mean(axis=1)
-    skipped = [int(z) for z in np.flatnonzero(share < body["fraction"])]
-    return skipped, float(threshold), how
-
-
-class _VolumeState:
-    """A volume's results so far (finished slices), saved as partial files and reloaded."""
-
-    def __init__(self, plan: _Plan, name: str, image, record: dict[str, Any]):
-        import numpy as np
-
-        shape = image.data.shape
-        self.plan, self.name, self.image = plan, name, image
-        self.paths = _partial_paths(plan.out, name)
-        self.record = record
-        self.saliency = np.zeros(shape, dtype=np.float32)
-        self.coarse = np.zeros(shape, dtype=bool)
-        self.mask = np.zeros(shape, dtype=bool)
-        self.done: list[int] = []
-        self.prompts: dict[int, dict] = {}
-        self.found: list[int] = []
-        self.saved_done = 0
-        self.last_write = 0.0
-        self.write_seconds = 0.0
-
-    def load(self, record: dict[str, Any]) -> bool:
-        """Take the finished slices of an earlier run's partial files; False when they are
-        missing or do not fit (then the volume starts over)."""
-        import numpy as np
-        import tifffile
-
-        from ..core.io import read_image
-
-        try:
-            mask = read_image(self.paths["mask"]).data
-            coarse = read_image(self.paths["coarse"]).data
-            saliency = tifffile.imread(str(self.paths["saliency"]))
-        except Exception:  # noqa: BLE001 - unusable partial files: start over
-            return False
-        if not (mask.shape == coarse.shape == saliency.shape == self.mask.shape):
-            return False
-        self.mask, self.coarse = mask.astype(bool), coarse.astype(bool)
-        self.saliency = np.asarray(saliency, dtype=np.float32)
-        self.done = [int(z) for z in record.get("done", [])]
-        self.prompts = {int(z): p for z, p in record.get("prompts", {}).items()}
-        self.found = [int(z) for z in record.get("found_slices", [])]
-        self.saved_done = len(self.done)
-        return True
-
-    def add(self, z: int, one) -> None:
-        self.saliency[z], self.coarse[z], self.mask[z] = one.saliency, one.coarse.mask, one.mask
-        self.done.append(int(z))
-        if one.found:
-            self.prompts[int(z)] = one.prompts.to_dict()
-            self.found.append(int(z))
-
-    def due(self) -> bool:
-        wait = max(CHECKPOINT_SECONDS, self.write_seconds / CHECKPOINT_SHARE)
-        return time.monotonic() - self.last_write >= wait
-
-    def save(self) -> None:
-        """Write the arrays, then the record naming their finished slices (so the record
-        never claims a slice the arrays lack), each file atomically."""
-        from ..core.io import write_float_tiff, write_nifti_like, write_text
-
-        if len(self.done) == self.saved_done and self.paths["record"].exists():
-            return
-        t0 = time.monotonic()
-        write_nifti_like(self.paths["mask"], self.mask, self.image)
-        write_nifti_like(self.paths["coarse"], self.coarse, self.image)
-        write_float_tiff(self.paths["saliency"], self.saliency)
-        record = {**self.record, "done": sorted(self.done),
-                  "found_slices": sorted(self.found),
-                  "prompts": {str(z): p for z, p in sorted(self.prompts.items())},
-                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_text(self.paths["record"], json.dumps(record, indent=1))
-        self.saved_done = len(self.done)
-        self.last_write = time.monotonic()
-        self.write_seconds = self.last_write - t0
-
-    def remove(self) -> None:
-        for path in self.paths.values():
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # other volumes' partial files are there
-            self.paths["record"].parent.rmdir()
-
-
-def _segment_volume(plan: _Plan, pipeline, run: _Run, f: Path, image, common: dict,
-                    bar) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from ..core.io import auto_window, write_float_tiff, write_nifti_like, write_text
-
-    name = common["name"]
-    n_slices = image.data.shape[0]
-    planned = list(range(n_slices))
-    if plan.slices is not None:
-        planned = list(range(*plan.slices.indices(n_slices)))
-        if not planned:
-            raise InputError(f"--slices {plan.slices_text} selects no slice of {f.name} "
-                             f"({n_slices} slices, 0..{n_slices - 1}).")
-    skipped: list[int] = []
-    body_info = None
-    if plan.body is not None:
-        empty, threshold, how = _body_slices(image.data, plan.body)
-        skipped = [z for z in planned if z in set(empty)]
-        body_info = {"threshold": threshold, "threshold_from": how,
-                     "fraction": plan.body["fraction"]}
-    to_run = [z for z in planned if z not in set(skipped)]
-    window = plan.window or image.meta.get("window") or auto_window(image.data)
-    record = {"image": str(f), "name": name, "shape": list(image.data.shape),
-              "parameters_sha256": common["parameters_sha256"],
-              "parameters": {"run": plan.run_parameters, "image": common["parameters"]["image"]},
-              "models_sha256": run.models_sha256, "models": {
-                  "clip": run.models["clip"]["id"], "sam": run.models["sam"]["id"]},
-              "slices_planned": planned, "skipped_slices": skipped, "body": body_info}
-    state = _VolumeState(plan, name, image, record)
-    previous = _read_json_or_none(state.paths["record"])
-    resumed = False
-    if plan.resume and isinstance(previous, dict) \
-            and previous.get("parameters_sha256") == common["parameters_sha256"] \
-            and previous.get("models_sha256") == run.models_sha256 \
-            and previous.get("shape") == list(image.data.shape):
-        resumed = state.load(previous)
-    if not resumed:
-        state.remove()
-    done_before = set(state.done) & set(to_run)
-    remaining = [z for z in to_run if z not in done_before]
-
-    slice_bar = tqdm(total=len(to_run), initial=len(done_before), desc=f"{name} slices",
-                     unit="slice", file=sys.stderr, disable=None, leave=False, position=1)
-    quiet = slice_bar.disable
-    t_start = time.monotonic()
-    stage_re = re.compile(r"^slice \d+/\d+ \(z=(\d+)\): (.*)$")
-
-    def progress(stage: str, fraction: float) -> None:
-        match = stage_re.match(stage)
-        slice_bar.set_postfix_str(f"z={match[1]}: {match[2]}" if match else stage,
-                                  refresh=True)
-
-    n_start = len(state.done)
-
-    def on_slice(z: int, one) -> None:
-        state.add(z, one)
-        slice_bar.update(1)
-        if quiet:  # no bar (not a terminal): one line per slice, with the ETA
-            n_new = len(state.done) - n_start
-            left = len(to_run) - len(set(state.done) & set(to_run))
-            eta = (time.monotonic() - t_start) / max(n_new, 1) * left
-            print(f"{f.name}: slice {len(to_run) - left}/{len(to_run)} done (z={z}), ETA "
-                  f"{_clock(eta)}", file=sys.stderr)
-        if state.due():
-            state.save()
-
-    if resumed and done_before:
-        print(f"{f.name}: resuming, {len(done_before)} of {len(to_run)} slice(s) already done.",
-              file=sys.stderr)
-    try:
-        if remaining:
-            state.last_write = time.monotonic()
-            pipeline.segment_volume(image.data, plan.prompts[f], window=window,
-                                    slices=remaining, progress=progress, on_slice=on_slice)
-    except BaseException:
-        if state.done:
-            state.save()  # keep every finished slice, whatever stopped the run
-        raise
-    finally:
-        slice_bar.close()
-    paths = _outputs(plan.out, name, True)
-    write_float_tiff(paths["saliency"], state.saliency)
-    write_nifti_like(paths["coarse"], state.coarse, image)
-    write_nifti_like(paths["mask"], state.mask, image)
-    found = sorted(set(state.found) & set(planned))
-    write_text(paths["prompts"], json.dumps(
-        {"slices": {str(z): state.prompts[z] for z in found}, "found_slices": found,
-         "slices_run": to_run, "skipped_slices": skipped, "body": body_info}, indent=2))
-    state.remove()
-    message = f"found on {len(found)} of {n_slices} slices"
-    if skipped:
-        message += f" ({len(skipped)} skipped outside the body)"
-    if not to_run:
-        message = (f"nothing segmented: all {len(planned)} selected slice(s) are outside the "
-                   f"body (threshold {body_info['threshold']:g}); lower --body-threshold or "
-                   "--body-fraction")
-    return {"found": bool(found), "message": message,
-            "outputs": {k: str(v.relative_to(plan.out)) for k, v in paths.items()},
-            "volume": {"slices_total": n_slices, "slices_selected": plan.slices_text or "all",
-                       "slices_run": to_run, "skipped_slices": skipped, "body": body_info,
-                       "found_slices": found, "slices_resumed": len(done_before)}}
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else \
-        f"{rest // 60:02d}:{rest % 60:02d}"
-
