@@ -158,8 +158,11 @@ def segment_volume(plan: Plan, pipeline, run: Run, f: Path, image, common: dict,
     done_before = set(state.done) & set(to_run)
     remaining = [z for z in to_run if z not in done_before]
 
+    # a slice takes seconds to minutes: draw every update (tqdm's default 0.1 s throttle
+    # would skip the fast ones and, with leave=False, never show the last count)
     slice_bar = tqdm(total=len(to_run), initial=len(done_before), desc=f"{name} slices",
-                     unit="slice", file=sys.stderr, disable=None, leave=False, position=1)
+                     unit="slice", file=sys.stderr, disable=None, leave=False, position=1,
+                     mininterval=0)
     quiet = slice_bar.disable
     t_start = time.monotonic()
     stage_re = re.compile(r"^slice \d+/\d+ \(z=(\d+)\): (.*)$")
