@@ -43,3 +43,21 @@ def tiny_pipeline(tiny_clip_dir, tiny_sam_checkpoint):
     clear_model_cache()
     yield build_tiny_pipeline(tiny_clip_dir, tiny_sam_checkpoint, steps=2)
     clear_model_cache()
+
+
+@pytest.fixture
+def model_flags(request, tiny_clip_dir, tiny_sam_checkpoint, monkeypatch, tmp_path):
+    """``medclipsam`` flags pointing at the tiny local models (SAM's architecture is the tiny
+    one); ``MODEL_STEPS`` in a test module sets the M2IB steps (default 3)."""
+    from tiny_sam import build_tiny_sam
+
+    from napari_medclipsam.core import models
+
+    steps = getattr(request.module, "MODEL_STEPS", 3)
+    monkeypatch.setattr(models, "build_sam", lambda name: build_tiny_sam())
+    monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "cache"))
+    models.clear_model_cache()
+    yield ["--clip-model", f"local-dir:{tiny_clip_dir}", "--sam-model", "vit_b",
+           "--sam-checkpoint", str(tiny_sam_checkpoint), "--device", "cpu", "--steps",
+           str(steps), "--batch-size", "2", "--layer", "2"]
+    models.clear_model_cache()

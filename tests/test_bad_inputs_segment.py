@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tiny_pipeline import write_cli_runner
 
 from napari_medclipsam.cli import main
 from napari_medclipsam.core import io, models
@@ -29,17 +30,7 @@ from napari_medclipsam.core.pipeline import ZeroShotPipeline
 PREFIX = "medclipsam segment: error: "
 
 
-@pytest.fixture
-def model_flags(tiny_clip_dir, tiny_sam_checkpoint, monkeypatch, tmp_path):
-    from tiny_sam import build_tiny_sam
-
-    monkeypatch.setattr(models, "build_sam", lambda name: build_tiny_sam())
-    monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "cache"))
-    models.clear_model_cache()
-    yield ["--clip-model", f"local-dir:{tiny_clip_dir}", "--sam-model", "vit_b",
-           "--sam-checkpoint", str(tiny_sam_checkpoint), "--device", "cpu", "--steps", "2",
-           "--batch-size", "2", "--layer", "2"]
-    models.clear_model_cache()
+MODEL_STEPS = 2  # M2IB steps of the tiny models (conftest's model_flags)
 
 
 def _blob(h=40, w=48, seed=0) -> np.ndarray:
@@ -534,33 +525,10 @@ def test_ctrl_c_in_a_batch_writes_the_manifest_and_resume_continues(ctx, capsys)
 # --------------------------------------------------------------------------- noise
 
 
-RUNNER = """
-import sys
-sys.path.insert(0, {tests!r})
-from napari_medclipsam.cli import main
-from napari_medclipsam.core import models
-
-def build_sam(name):
-    from tiny_sam import build_tiny_sam
-    return build_tiny_sam()
-
-original_load_clip = models.load_clip
-
-def load_clip(*args, **kwargs):
-    from tiny_clip import register_tiny_vit
-    register_tiny_vit()
-    return original_load_clip(*args, **kwargs)
-
-models.build_sam, models.load_clip = build_sam, load_clip
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_third_party_warnings_hidden_unless_debug(ctx):
     """A fresh process imports torch and timm inside main (as the console script does):
     their import-time FutureWarning is hidden; --debug shows it."""
-    runner = ctx.root / "runner.py"
-    runner.write_text(RUNNER.format(tests=str(Path(__file__).parent)))
+    runner = write_cli_runner(ctx.root)
     env = {**os.environ, "MEDCLIPSAM_HOME": str(ctx.root / "cache")}
     args = [sys.executable, str(runner), *ctx.seg(ctx.images / "a.png")]
     quiet = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)

@@ -6,21 +6,6 @@ import numpy as np
 import pytest
 
 from napari_medclipsam.cli import main
-from napari_medclipsam.core import models
-
-
-@pytest.fixture
-def model_flags(tiny_clip_dir, tiny_sam_checkpoint, monkeypatch, tmp_path):
-    """Flags that point the CLI at tiny local models (the SAM architecture is the tiny one)."""
-    from tiny_sam import build_tiny_sam
-
-    monkeypatch.setattr(models, "build_sam", lambda name: build_tiny_sam())
-    monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "cache"))
-    models.clear_model_cache()
-    yield ["--clip-model", f"local-dir:{tiny_clip_dir}", "--sam-model", "vit_b",
-           "--sam-checkpoint", str(tiny_sam_checkpoint), "--device", "cpu", "--steps", "3",
-           "--batch-size", "2", "--layer", "2"]
-    models.clear_model_cache()
 
 
 def _blob_image(h, w, cy, cx, r, dtype=np.uint8, seed=0):

@@ -10,16 +10,15 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_pipeline import write_cli_runner
 
 from napari_medclipsam.cli import main, segment
 from napari_medclipsam.cli.segment_volume import VolumeState
-from napari_medclipsam.core import models
 from napari_medclipsam.core.io import temporary_name
 from napari_medclipsam.core.pipeline import ZeroShotPipeline
 
@@ -28,17 +27,7 @@ N_SLICES = 8
 BODY = (2, 3, 4, 5, 6)  # slices holding "tissue"; 0, 1 and 7 are air
 
 
-@pytest.fixture
-def model_flags(tiny_clip_dir, tiny_sam_checkpoint, monkeypatch, tmp_path):
-    from tiny_sam import build_tiny_sam
-
-    monkeypatch.setattr(models, "build_sam", lambda name: build_tiny_sam())
-    monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "cache"))
-    models.clear_model_cache()
-    yield ["--clip-model", f"local-dir:{tiny_clip_dir}", "--sam-model", "vit_b",
-           "--sam-checkpoint", str(tiny_sam_checkpoint), "--device", "cpu", "--steps", "2",
-           "--batch-size", "2", "--layer", "2"]
-    models.clear_model_cache()
+MODEL_STEPS = 2  # M2IB steps of the tiny models (conftest's model_flags)
 
 
 def _volume(tmp_path: Path) -> Path:
@@ -305,52 +294,12 @@ def test_checkpoint_interval_limits_writes(model_flags, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- real signals
 
-RUNNER = """
-import sys, time
-sys.path.insert(0, {tests!r})
-from napari_medclipsam.cli import main, segment
-from napari_medclipsam.core import models
-from napari_medclipsam.core.pipeline import ZeroShotPipeline
-
-def build_sam(name):
-    from tiny_sam import build_tiny_sam
-    return build_tiny_sam()
-
-original_load_clip = models.load_clip
-
-def load_clip(*args, **kwargs):
-    from tiny_clip import register_tiny_vit
-    register_tiny_vit()
-    return original_load_clip(*args, **kwargs)
-
-models.build_sam = build_sam
-models.load_clip = load_clip
-segment.CHECKPOINT_SECONDS = 0.0
-original_segment = ZeroShotPipeline.segment
-
-def slow_segment(self, *args, **kwargs):
-    time.sleep({delay})
-    return original_segment(self, *args, **kwargs)
-
-ZeroShotPipeline.segment = slow_segment
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def write_runner(tmp_path: Path, delay: float = 0.0) -> Path:
-    """A script that runs ``medclipsam`` on the tiny models in a fresh process (the tiny
-    CLIP is registered and torch imported only inside main, as in a real run)."""
-    path = tmp_path / "runner.py"
-    path.write_text(textwrap.dedent(RUNNER.format(tests=str(TESTS), delay=delay)))
-    return path
-
-
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_signal_keeps_finished_slices_and_resume_finishes(model_flags, tmp_path, sig,
                                                           monkeypatch):
     vol = _volume(tmp_path)
     out = tmp_path / "out"
-    runner = write_runner(tmp_path, delay=0.4)
+    runner = write_cli_runner(tmp_path, delay=0.4)
     args = [sys.executable, str(runner), "segment", str(vol), "--prompt", "a disk",
             "--volume", "-o", str(out), *model_flags]
     env = {**os.environ, "MEDCLIPSAM_HOME": str(tmp_path / "cache")}

@@ -22,3 +22,45 @@ def build_tiny_pipeline(clip_dir: str | Path, sam_checkpoint: str | Path, steps:
     return ZeroShotPipeline(config, clip=load_clip(config.clip_model, "cpu"),
                             sam=load_sam("vit_b", sam_checkpoint, "cpu",
                                          builder=build_tiny_sam))
+
+
+RUNNER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from napari_medclipsam.cli import main, segment
+from napari_medclipsam.core import models
+from napari_medclipsam.core.pipeline import ZeroShotPipeline
+
+def build_sam(name):
+    from tiny_sam import build_tiny_sam
+    return build_tiny_sam()
+
+original_load_clip = models.load_clip
+
+def load_clip(*args, **kwargs):
+    from tiny_clip import register_tiny_vit
+    register_tiny_vit()
+    return original_load_clip(*args, **kwargs)
+
+models.build_sam, models.load_clip = build_sam, load_clip
+if {delay}:
+    segment.CHECKPOINT_SECONDS = 0.0  # save every slice
+    original_segment = ZeroShotPipeline.segment
+
+    def slow_segment(self, *args, **kwargs):
+        time.sleep({delay})
+        return original_segment(self, *args, **kwargs)
+
+    ZeroShotPipeline.segment = slow_segment
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def write_cli_runner(folder: str | Path, delay: float = 0.0) -> Path:
+    """A script running ``medclipsam`` on the tiny models in a fresh process (the tiny CLIP
+    is registered and torch imported only inside main, as in a real run). With ``delay``,
+    each image or slice first sleeps that long and a volume is saved after every slice, so
+    a test can signal the process mid-run."""
+    path = Path(folder) / "runner.py"
+    path.write_text(RUNNER.format(tests=str(Path(__file__).parent), delay=delay))
+    return path
