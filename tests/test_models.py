@@ -89,7 +89,7 @@ def test_sam_refuses_pickled_objects_and_wrong_architectures(tmp_path, tiny_sam_
 
     evil = tmp_path / "evil.pth"
     torch.save({"model": Payload()}, evil)
-    with pytest.raises(ModelUnavailableError, match="SAM's format"):
+    with pytest.raises(ModelUnavailableError, match="holds Python objects, not only tensors"):
         load_sam("vit_b", str(evil), "cpu", builder=build_tiny_sam)
     with pytest.raises(ModelUnavailableError, match="medsam"):
         load_sam("vit_b", tiny_sam_checkpoint, "cpu",
@@ -152,3 +152,33 @@ def test_clip_without_vocabulary_is_refused(tmp_path, tiny_clip_dir):
         models.check_model_sources(clip_model=f"local-dir:{broken}")
     with pytest.raises(ModelUnavailableError, match="no tokenizer vocabulary"):
         load_clip(f"local-dir:{broken}", "cpu")
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated"])
+def test_unsafe_or_damaged_weights_are_one_clear_line(tmp_path, tiny_clip_dir,
+                                                      tiny_sam_checkpoint, damage, capsys):
+    import shutil
+
+    from tiny_sam import build_tiny_sam
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, clip)
+    weights = models._find_weights(clip)
+    sam = tmp_path / "sam.pth"
+    if damage == "pickle":
+        for path in (weights, sam):
+            torch.save({"model": Payload()}, path)
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+        sam.write_bytes(tiny_sam_checkpoint.read_bytes()[:1000])
+    expected = ("was not loaded: its weights file holds Python objects" if damage == "pickle"
+                else "could not be loaded: its weights file is damaged, truncated")
+    with pytest.raises(ModelUnavailableError) as clip_err:
+        load_clip(f"local-dir:{clip}", "cpu")
+    with pytest.raises(ModelUnavailableError) as sam_err:
+        load_sam("vit_b", str(sam), "cpu", builder=build_tiny_sam)
+    for err, what in ((clip_err, f"The CLIP model local-dir:{clip}"),
+                      (sam_err, f"The SAM checkpoint {sam}")):
+        message = str(err.value)
+        assert message.startswith(f"{what} {expected}") and "\n" not in message
+        assert "weights_only" not in message and "payload ran" not in capsys.readouterr().out

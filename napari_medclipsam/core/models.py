@@ -254,6 +254,27 @@ def _read_state_dict(path: Path, device: str = "cpu") -> dict[str, Any]:
     return state
 
 
+def is_unsafe_pickle(exc: BaseException) -> bool:
+    """Whether ``torch.load(..., weights_only=True)`` refused ``exc``'s file because it holds
+    Python objects (a pickle that could run code), not only tensors."""
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower()
+
+
+def weights_error(what: str, exc: BaseException, kind: str = "") -> ModelUnavailableError:
+    """One line for a weights file that cannot be used: refused as unsafe (never quoting
+    torch's advice to load it unsafely), or damaged / of another format."""
+    if is_unsafe_pickle(exc):
+        return ModelUnavailableError(
+            f"{what} was not loaded: its weights file holds Python objects, not only tensors, "
+            "and such a file can run code when it is opened. Use the model's original weights.")
+    return ModelUnavailableError(
+        f"{what} could not be loaded: its weights file is damaged, truncated or not a "
+        f"PyTorch/safetensors state dict{kind} ({type(exc).__name__}). Copy or download the "
+        "weights again.")
+
+
 def _open_clip_keys(state: dict[str, Any]) -> dict[str, Any]:
     """Rename a Hugging Face-layout CLIP state dict (MedCLIP-SAMv2's release) to open_clip's.
 
@@ -298,7 +319,13 @@ def _build_clip(config_dir: Path, weights: Path | None, source: str, device: str
     model = model_cls(**model_cfg)
     sha = None
     if weights is not None:
-        state = _open_clip_keys(_read_state_dict(weights))
+        try:
+            state = _open_clip_keys(_read_state_dict(weights))
+        except ModelUnavailableError:
+            raise
+        except Exception as exc:  # unpickling, zip, safetensors errors: all say the same
+            raise weights_error(f"The CLIP model {source}", exc,
+                                " for its open_clip_config.json") from None
         missing, unexpected = model.load_state_dict(state, strict=False)
         # position_ids buffers differ between transformers versions; anything else is an error
         missing = [k for k in missing if not k.endswith("position_ids")]
@@ -596,9 +623,14 @@ def load_sam(name: str = "vit_h", checkpoint: str | None = None, device: str | N
         path = download_sam_checkpoint(name)
     elif not path.is_file():
         raise ModelUnavailableError(f"SAM checkpoint not found: {path}.")
+    try:  # read (and refuse) the file before building a large model
+        state = _read_state_dict(path)
+    except ModelUnavailableError:
+        raise
+    except Exception as exc:
+        raise weights_error(f"The SAM checkpoint {path}", exc) from None
     sam = builder() if builder is not None else build_sam(name)
     try:
-        state = _read_state_dict(path)
         sam.load_state_dict(state, strict=True)
     except ModelUnavailableError:
         raise

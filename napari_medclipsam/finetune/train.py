@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import inspect
 import json
-import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,10 +250,6 @@ class _CheckedPairs:
         return image, caption, None
 
 
-def _unsafe_pickle(exc: BaseException) -> bool:
-    return isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower()
-
-
 # --------------------------------------------------------------------------- inputs
 
 
@@ -299,27 +294,12 @@ def data_inputs(data: str | Path, pairs) -> tuple[list[tuple[Path, str]],
 
 
 def load_source_clip(clip_source: str, device: str):
-    """:func:`~napari_medclipsam.core.models.load_clip`, with damaged or unsafe weights
-    reported as one :class:`InputError` line (never torch's advice to load them unsafely)."""
-    import logging
+    """:func:`~napari_medclipsam.core.models.load_clip`; damaged or unsafe weights are one
+    :class:`~napari_medclipsam.core.models.ModelUnavailableError` line (never torch's advice
+    to load them unsafely)."""
+    from ..core.models import load_clip
 
-    from ..core.models import ModelUnavailableError, load_clip
-
-    try:
-        return load_clip(clip_source, device)
-    except (InputError, ModelUnavailableError):
-        raise
-    except Exception as exc:
-        logging.getLogger("medclipsam").debug("loading %s failed", clip_source, exc_info=True)
-        if _unsafe_pickle(exc):
-            raise InputError(
-                f"The CLIP model {clip_source} was not loaded: its weights file holds Python "
-                "objects, not only tensors, and such a file can run code when it is opened. "
-                "Use the model's original weights.") from None
-        raise InputError(
-            f"The CLIP model {clip_source} could not be loaded: its weights file is damaged, "
-            "truncated or not a PyTorch/safetensors state dict for its open_clip_config.json "
-            f"({type(exc).__name__}). Copy or download the weights again.") from None
+    return load_clip(clip_source, device)
 
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "best_val", "config")
@@ -336,10 +316,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """
     import torch
 
+    from ..core.models import is_unsafe_pickle
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        if _unsafe_pickle(exc):
+        if is_unsafe_pickle(exc):
             raise InputError(f"{path} was not loaded: it holds Python objects, not only "
                              "tensors and plain values, so it was not written by fine-tuning "
                              "(or was changed) and could run code. Start again with "

@@ -660,6 +660,7 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     import pickle
     import warnings
 
+    from ..core.models import is_unsafe_pickle
     from .trainer import load_checkpoint_file
 
     path = Path(path)
@@ -672,8 +673,7 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
             warnings.simplefilter("ignore")
             ckpt = load_checkpoint_file(path, map_location)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        if is_unsafe_pickle(exc):
             raise InputError(f"{path}: {UNSAFE_CHECKPOINT}. Use a checkpoint this training "
                              "wrote.") from None
         raise InputError(f"{path} is not a readable PyTorch checkpoint (not a checkpoint "
