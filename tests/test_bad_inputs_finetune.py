@@ -530,7 +530,9 @@ def test_killed_overwrite_keeps_the_old_model_and_is_cleaned_next_time(world, ca
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert tree(out) == old
-    assert leftovers(world.root) == [staged[0].name]
+    # the staging folder is all that is left beside the output (a kill at a random moment may
+    # also leave a temporary inside it: removed with it)
+    assert [p for p in leftovers(world.root) if "/" not in p] == [staged[0].name]
     capsys.readouterr()
     assert main(ft(world, "--overwrite", "--batch-size", "4", out=out)) == 0
     assert f"removed {staged[0].name}, left beside tuned by a killed run" in \
