@@ -177,3 +177,22 @@ def test_evaluate_pairs_by_name_resizes_and_scores(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["evaluate", "--pred", str(empty), "--gt", str(gt)]) == 2
+
+
+def test_an_unforeseen_os_error_is_one_line_for_every_command(monkeypatch, tmp_path, capsys):
+    """main turns any OSError into one line (exit 2), whichever command raised it."""
+    import errno
+
+    from napari_medclipsam.cli import nnunet as nnunet_cli
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.nii.gz"))
+
+    monkeypatch.setattr(nnunet_cli, "run_nnunet", full_disk)
+    rc = main(["nnunet", "status", "--dataset-id", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    where = tmp_path / "x.nii.gz"
+    assert err == (f"medclipsam nnunet: error: no space left on the device ({where}); free "
+                   "some space or choose another -o folder, then rerun (with --resume where "
+                   "the command has it).\n")

@@ -163,7 +163,9 @@ def oserror_line(exc: OSError) -> str:
     if isinstance(exc, IsADirectoryError):
         return f"is a folder, not a file{where}."
     if isinstance(exc, NotADirectoryError):
-        return f"not a folder{where}."
+        return f"a file stands where a folder is needed{where}; choose a folder."
+    if isinstance(exc, FileExistsError):
+        return f"already exists and is in the way{where}; remove it or choose another folder."
     text = exc.strerror or str(exc) or type(exc).__name__
     return f"{text[0].lower()}{text[1:]}{where}."
 

@@ -108,11 +108,6 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise CLIError("--resume and --overwrite exclude each other.")
 
 
-def _write_error(exc: OSError) -> CLIError:
-    where = f" {exc.filename}" if exc.filename else ""
-    return CLIError(f"cannot use{where}: {exc.strerror or exc}.")
-
-
 def run_finetune(args: argparse.Namespace) -> int:
     from ..finetune.train import FinetuneConfig, finetune_clip
 
@@ -128,13 +123,11 @@ def run_finetune(args: argparse.Namespace) -> int:
             num_workers=args.workers, seed=args.seed)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
-    try:
-        result = finetune_clip(args.clip_model, args.data, args.out, config, device=args.device,
-                               resume=args.resume, overwrite=args.overwrite,
-                               progress=tqdm_progress("fine-tuning"),
-                               log=lambda line: print(line, file=sys.stderr))
-    except OSError as exc:  # whatever the checks could not foresee (a disk, a permission)
-        raise _write_error(exc) from exc
+    # an OSError the checks could not foresee (a disk, a permission) is one line in main
+    result = finetune_clip(args.clip_model, args.data, args.out, config, device=args.device,
+                           resume=args.resume, overwrite=args.overwrite,
+                           progress=tqdm_progress("fine-tuning"),
+                           log=lambda line: print(line, file=sys.stderr))
     print(f"{result.n_train} training and {result.n_val} validation pairs "
           f"({result.n_dropped} dropped: caption too short). Best epoch: {result.best_epoch}.")
     print(f"Saved the fine-tuned model in {result.out_dir}; use it with "
@@ -200,10 +193,7 @@ def run_eval_retrieval(args: argparse.Namespace) -> int:
         print(f"  {direction} top-{name[-1]}: {100 * result.mean[name]:6.2f} % "
               f"+- {100 * result.std[name]:.2f}")
     if out is not None:
-        try:
-            write_text(out, json.dumps({"model": clip.source, "data": str(args.data),
-                                        **result.to_dict()}, indent=2) + "\n")
-        except OSError as exc:
-            raise _write_error(exc) from exc
+        write_text(out, json.dumps({"model": clip.source, "data": str(args.data),
+                                    **result.to_dict()}, indent=2) + "\n")
         print(f"Saved {out}")
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import sys
 import time
@@ -165,30 +164,7 @@ def _folders(args: argparse.Namespace, raw: str | None = None):
                                  args.results)
 
 
-def _os_error_line(exc: OSError) -> str:
-    """An operating-system error as one line saying what to do."""
-    where = f" ({exc.filename})" if exc.filename else ""
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"cannot write or read there{where}: permission denied or a read-only "
-                "folder; choose a folder you can write to.")
-    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return f"the disk is full{where}: free some space or choose another folder."
-    if exc.errno == errno.ENOTDIR:
-        return f"a file stands where a folder is needed{where}: choose a folder."
-    if exc.errno == errno.EEXIST:
-        return f"{exc.filename or 'the path'} exists already and is in the way: remove it " \
-               "or choose another folder."
-    return f"{exc.strerror or exc}{where}."
-
-
 def run_nnunet(args: argparse.Namespace) -> int:
-    try:
-        return _run_nnunet(args)
-    except OSError as exc:
-        raise CLIError(_os_error_line(exc)) from None
-
-
-def _run_nnunet(args: argparse.Namespace) -> int:
     import os
 
     from ..nnunet import job
