@@ -35,9 +35,11 @@ import numpy as np
 
 from napari_medclipsam.core.config import PipelineConfig, PromptConfig
 from napari_medclipsam.core.errors import CancelledError, InputError
+from napari_medclipsam.core.io import file_stem
 from napari_medclipsam.core.pipeline import SegmentationResult, VolumeResult, ZeroShotPipeline
 from napari_medclipsam.core.postprocess import Prompts, prompts_from_mask
 from napari_medclipsam.core.presets import Preset, list_presets
+from napari_medclipsam.nnunet.job import format_eta
 
 ProgressFn = Callable[[str, float], None]
 StopFn = Callable[[], bool]
@@ -312,15 +314,9 @@ SLICE_STAGE = re.compile(r"^slice (\d+)/(\d+) \(z=(\d+)\): (.*)$")
 
 
 def format_duration(seconds: float) -> str:
-    """``"8 s"``, ``"3 min 20 s"``, ``"2 h 05 min"``."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, sec = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {sec:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+    """``"8 s"``, ``"3 min 20 s"``, ``"2 h 05 min"``: the training job's ETA format, so both
+    docks say times alike."""
+    return format_eta(max(0.0, seconds))
 
 
 @dataclass(frozen=True)
@@ -560,8 +556,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def _stem_suffix(name: str) -> tuple[str, str]:
-    suffix = next((s for s in (*NIFTI_SUFFIXES, ".png") if name.lower().endswith(s)), "")
-    return name[:len(name) - len(suffix)], suffix
+    stem = file_stem(name)  # .nii.gz counts as one suffix
+    return stem, name[len(stem):]
 
 
 def label_map_path(path: str | Path) -> Path:

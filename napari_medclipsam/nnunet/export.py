@@ -726,8 +726,10 @@ def _write_durable(path: Path, data: bytes) -> None:
 
 
 def _sha256(path: Path) -> str | None:
+    from ..core.models import file_sha256
+
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except FileNotFoundError:
         return None
 
