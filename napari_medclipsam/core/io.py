@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .runtime import process_matches
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -1059,15 +1060,6 @@ def _link_no_clobber(source: Path, target: Path) -> None:
         os.replace(source, target)
 
 
-def _pid_alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.pid_exists(pid)
-    except (OSError, ValueError):
-        return True          # cannot tell: keep the file
-
-
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove the temporary files a killed run left in ``folder`` (not recursive).
 
@@ -1096,7 +1088,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
             continue
         if not stat.S_ISREG(info.st_mode):
             continue
-        if _pid_alive(pid) and now - info.st_mtime < _STALE_AFTER_S:
+        if process_matches(pid) is not False and now - info.st_mtime < _STALE_AFTER_S:
             continue
         try:
             entry.unlink()

@@ -1,4 +1,5 @@
-"""Process-level guards that keep the heavy libraries importable inside napari.
+"""Process-level helpers: the guard that keeps the heavy libraries importable inside napari,
+and whether a process that left files behind (a temporary, a staging folder, a job) still runs.
 
 :func:`avoid_triton_llvm_clash` must run before ``torchvision``, ``open_clip`` or nnU-Net's
 predictor is first imported in a process that renders with Mesa's LLVM (napari with
@@ -37,3 +38,40 @@ def avoid_triton_llvm_clash() -> bool:
         return False
     sys.modules["triton"] = None
     return True
+
+
+def process_matches(pid: int, create_time: float | None = None) -> bool | None:
+    """Whether ``pid`` is a running process that (when ``create_time`` is given, within a
+    second) started then.
+
+    Returns
+    -------
+    bool or None
+        True: it runs (and is the same process); False: gone, a zombie, not a valid pid, or
+        the pid now belongs to a process started at another time; None: cannot tell (no
+        permission, psutil unavailable), so a caller keeps what it would have removed.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or abs(proc.create_time() - create_time) <= 1.0
+    except (psutil.NoSuchProcess, ValueError, TypeError):
+        return False
+    except (psutil.Error, OSError):
+        return None
+
+
+def process_create_time(pid: int | None = None) -> float | None:
+    """Start time of ``pid`` (default: this process) as psutil gives it, or None when it
+    cannot be read; recorded beside a pid so a reused pid is not taken for ours."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None

@@ -102,20 +102,17 @@ def check_separate(out: str | Path, folders: Iterable[tuple[str | Path, str]] = 
 def _stale(entry: Path, pid: int) -> bool:
     """True when the process that made ``entry`` is gone (its id absent, or reused by a
     process started after the folder was last changed)."""
-    import psutil
+    from ..core.runtime import process_create_time, process_matches
 
-    try:
-        proc = psutil.Process(pid)
-        started = proc.create_time()
-    except psutil.NoSuchProcess:
-        return True
-    except (psutil.Error, OSError):
-        return False  # cannot tell: keep it
+    running = process_matches(pid)
+    if running is not True:
+        return running is False  # None: cannot tell, keep it
+    started = process_create_time(pid)
     try:
         changed = entry.lstat().st_mtime
     except OSError:
         return False
-    return started > changed + 1.0
+    return started is not None and started > changed + 1.0
 
 
 def _owned_temporaries(folder: Path) -> None:

@@ -79,6 +79,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.io import SUPPORTED, file_stem, read_image
+from ..core.runtime import process_create_time, process_matches
 
 CASES_FILE = "medclipsam_cases.json"
 MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_labels", "_gt", "-mask", "_segmentation")
@@ -734,31 +735,6 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def _process_matches(pid: int, create_time: float | None) -> bool | None:
-    """True: ``pid`` runs and (if given) started at ``create_time``; False: gone or another
-    process now; None: cannot tell."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) <= 1.0
-    except psutil.NoSuchProcess:
-        return False
-    except (psutil.Error, OSError):
-        return None
-
-
-def _own_create_time() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:
-        return None
-
-
 def remove_stale_staging(raw_dir: str | Path) -> list[Path]:
     """Remove the staging folders of new exports whose process is gone; return them.
 
@@ -788,7 +764,7 @@ def remove_stale_staging(raw_dir: str | Path) -> list[Path]:
                 pid, created = int(match["pid"]), None
             if pid != int(match["pid"]):
                 continue   # not a folder we wrote
-            stale = _process_matches(pid, created) is False
+            stale = process_matches(pid, created) is False
         if stale:
             shutil.rmtree(entry, ignore_errors=True)
             if not entry.exists():
@@ -983,7 +959,7 @@ def _commit_append(folder: Path, staging: Path, written: list[str], ds_json: dic
         _fsync_dir(staging / sub)
     _fsync_dir(staging)
     fault_point("append:staged")
-    journal = {"format": 1, "pid": os.getpid(), "create_time": _own_create_time(),
+    journal = {"format": 1, "pid": os.getpid(), "create_time": process_create_time(),
                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "staging": APPEND_STAGING,
                "cases": list(written), "files": files,
                "dataset_json_sha256": hashlib.sha256(new_json).hexdigest(),
@@ -1080,7 +1056,7 @@ def _export_locked(cases: Iterable[ExportCase], raw_dir: Path, dataset_id: int, 
         staging = raw_dir / f".{folder_name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir()
         (staging / _OWNER_FILE).write_text(json.dumps(
-            {"pid": os.getpid(), "create_time": _own_create_time()}))
+            {"pid": os.getpid(), "create_time": process_create_time()}))
     else:
         # inside the dataset (hidden, so nnU-Net ignores it): the moves are renames
         staging = existing / APPEND_STAGING

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import InputError
+from ..core.runtime import process_create_time, process_matches
 from .schedule import SCHEDULE_ENV, EnsembleSchedule
 
 JOB_FOLDER = "medclipsam_job"
@@ -146,21 +147,6 @@ def _read_json(path: Path) -> dict:
         except json.JSONDecodeError:
             time.sleep(0.05)
     return {}
-
-
-def _alive(pid: int | None, create_time: float | None) -> bool:
-    """Whether ``pid`` runs and (if ``create_time`` is given) started then."""
-    if not pid:
-        return False
-    try:
-        import psutil
-
-        proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
-            return False   # the pid was reused by another program
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return False
 
 
 def _same_path(a, b) -> bool:
@@ -582,7 +568,7 @@ def _start_locked(dataset_id: int, name: str, schedule: EnsembleSchedule, *,
         if write_fd is not None:
             os.close(write_fd)
     if read_fd is None:   # pragma: no cover (Windows: no handshake)
-        update_status(job_dir, pid=proc.pid, create_time=_create_time(proc.pid))
+        update_status(job_dir, pid=proc.pid, create_time=process_create_time(proc.pid))
         return job_dir
     answer = _read_answer(read_fd, proc, START_TIMEOUT_S)
     if answer == "ok":
@@ -693,15 +679,6 @@ def _trainer_path() -> str:
     return str(Path(__file__).with_name("trainers"))
 
 
-def _create_time(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:
-        return None
-
-
 @dataclass
 class StopReport:
     """What :func:`stop_job` did."""
@@ -740,7 +717,7 @@ def stop_job(job_dir: str | Path, timeout: float = 10.0) -> StopReport:
     report = StopReport(job=leader is not None)
     if problem:
         report.note = problem
-    elif leader is None and status.get("pid") and _alive(status.get("pid"), None):
+    elif leader is None and status.get("pid") and process_matches(status["pid"]) is True:
         report.note = (f"pid {status['pid']} named in status.json now belongs to another "
                        "program (it started at another time) and was left alone")
     seen: dict[int, object] = {}
@@ -889,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     try:
         lock.write_pid()
-        identity = {"pid": os.getpid(), "create_time": _create_time(os.getpid()),
+        identity = {"pid": os.getpid(), "create_time": process_create_time(),
                     "pgid": os.getpgid(0) if os.name == "posix" else None}
         with contextlib.suppress(Exception):
             import psutil
