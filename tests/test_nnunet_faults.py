@@ -374,6 +374,9 @@ def test_stopping_a_verified_job_marks_only_a_running_one_cancelled(tmp_path, ph
         (job_dir / "status.json").write_text(json.dumps(
             {"phase": phase, "pid": fake.pid,
              "create_time": psutil.Process(fake.pid).create_time()}))
+        deadline = time.monotonic() + 30  # a process just started may show no command line
+        while not psutil.Process(fake.pid).cmdline() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert job.identify_job(job_dir)[0] is not None  # taken for our job: verified
         report = job.stop_job(job_dir)
         assert report.job and fake.pid in report.stopped
