@@ -393,6 +393,10 @@ EVAL_CASES = [
         (t / "s.json").write_text("{}"), ["-o", t / "s.csv"])[1],
      "medclipsam evaluate: error: {tmp}/s.json already exists; pass --overwrite to replace "
      "it, or choose another file with -o."),
+    ("-o under a file, refused before scoring", lambda p, g, t: (
+        (t / "notes").write_text("mine\n"), ["-o", t / "notes" / "scores.csv"])[1],
+     "medclipsam evaluate: error: -o {tmp}/notes: exists and is not a folder; choose a "
+     "folder."),
     ("-o is a folder", lambda p, g, t: ((t / "out.csv").mkdir(), ["-o", t / "out.csv"])[1],
      "medclipsam evaluate: error: {tmp}/out.csv is a folder; give a file name such as "
      "scores.csv."),

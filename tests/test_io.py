@@ -227,3 +227,14 @@ def test_remove_stale_temporaries_keeps_what_this_process_writes(tmp_path):
         assert remove_stale_temporaries(tmp_path) == []
         tmp.write_bytes(b"done")
     assert (tmp_path / "a.png").read_bytes() == b"done"
+
+
+def test_atomic_write_under_a_file_says_not_a_folder(tmp_path):
+    """A file where a folder is needed is named as such, not taken for an existing target."""
+    from napari_medclipsam.core.io import write_text
+
+    (tmp_path / "notes").write_text("mine\n")
+    for target in (tmp_path / "notes" / "scores.csv", tmp_path / "notes" / "sub" / "x.csv"):
+        with pytest.raises(NotADirectoryError):
+            write_text(target, "a", overwrite=False)
+    assert (tmp_path / "notes").read_text() == "mine\n"

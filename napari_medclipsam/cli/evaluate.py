@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import CLIError
+from .common import CLIError, check_writable_folder
 
 __all__ = ["add_parser", "run_evaluate"]
 
@@ -71,6 +71,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     overwrite = bool(getattr(args, "overwrite", False))
     try:   # before any scoring: fail before the work, not after it
         evaluation_paths(out, overwrite=overwrite, inputs=inputs)
+        check_writable_folder(out.parent)
     except OutputExistsError as exc:
         raise CLIError(f"{exc.path} already exists; pass --overwrite to replace it, or choose "
                        "another file with -o.") from exc

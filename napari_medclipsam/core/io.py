@@ -1021,7 +1021,12 @@ def atomic_path(target: str | Path, *, overwrite: bool = True) -> Iterator[Path]
     :class:`FileExistsError` is raised if ``target`` exists by then.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file stands where a folder is needed: not "target exists"
+        blocker = next(p for p in (target.parent, *target.parent.parents)
+                       if os.path.lexists(p))
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(blocker)) from None
     if not overwrite and os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, "File exists", str(target))
     while True:
