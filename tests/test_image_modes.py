@@ -418,3 +418,17 @@ def test_dicom_signed_with_rescale(tmp_path):
     img = read_image(write_dicom(tmp_path / "s.dcm", pixels, signed=True,
                                  extra={"RescaleSlope": 2, "RescaleIntercept": -1024}))
     assert np.array_equal(img.data, pixels * 2.0 - 1024)
+
+
+def test_decoded_images_are_writable(tmp_path):
+    """A PNG mask read for napari is painted in place; a read-only array would refuse it."""
+    from PIL import Image
+
+    from napari_medclipsam.core.io import read_image
+
+    for mode, shape in (("L", (12, 10)), ("RGB", (12, 10, 3)), ("P", (12, 10))):
+        path = tmp_path / f"{mode}.png"
+        Image.fromarray(np.zeros(shape, np.uint8)).convert(mode).save(path)
+        data = read_image(path).data
+        assert data.flags.writeable, mode
+        data[0, 0] = 1

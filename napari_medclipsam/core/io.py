@@ -285,7 +285,13 @@ def _open_pil(path: Path):
 
 
 def pil_to_array(im) -> np.ndarray:
-    """A PIL image of any mode -> (H, W) or (H, W, 3|4) array (see :func:`read_image`)."""
+    """A PIL image of any mode -> (H, W) or (H, W, 3|4) array (see :func:`read_image`),
+    writable (a napari Labels layer is painted in place; torch warns on read-only arrays)."""
+    return np.require(_pil_pixels(im), requirements="W")
+
+
+def _pil_pixels(im) -> np.ndarray:
+    """The pixels of ``im`` by mode; may be a read-only view of PIL's buffer."""
     mode = im.mode
     if mode == "1":
         return np.asarray(im, dtype=bool).astype(np.uint8) * 255
