@@ -67,21 +67,27 @@ def prepare_image(clip: ClipBundle, image: np.ndarray) -> torch.Tensor:
     The whole image is resized (bilinear, antialiased) to the model's square input
     ``S`` without cropping, scaled to [0, 1] and normalised with the model's mean/std.
     """
-    import torch
-    import torch.nn.functional as F
-
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise InputError(
             f"Expected an HxWx3 uint8 RGB image; got shape {image.shape}, dtype {image.dtype}. "
             "Use napari_medclipsam.core.io.to_rgb_uint8 to convert.")
+    return image_tensor(image, clip.image_size, clip.mean, clip.std)[None].to(clip.device)
+
+
+def image_tensor(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
+    """HxWx3 uint8 -> [3, size, size] float on the CPU: the whole image resized (bilinear,
+    antialiased) without cropping, scaled to [0, 1], normalised with ``mean``/``std``. The
+    one preprocessing of CLIP inputs, for the saliency and for fine-tuning."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-    size = clip.image_size
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=True)
-    mean = torch.tensor(clip.mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(clip.std, dtype=x.dtype).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(clip.device)
+    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x - mean_t) / std_t)[0]
 
 
 def as_prompts(text: str | Sequence[str]) -> list[str]:

@@ -26,15 +26,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..core.errors import InputError
 from ..core.io import SUPPORTED, read_image, to_rgb_uint8
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+from ..core.saliency import image_tensor
 
 IMAGE_COLUMNS = ("path", "image", "filename", "file", "image_path", "filepath")
 CAPTION_COLUMNS = ("caption", "text", "report", "title")  # filepath/title: open_clip's CSVs
@@ -269,21 +266,6 @@ def load_rgb(path: Path) -> np.ndarray:
     if image.is_volume:
         raise InputError(f"{path} is a volume; caption pairs must be 2-D images.")
     return to_rgb_uint8(image.data)
-
-
-def image_tensor(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
-    """HxWx3 uint8 -> [3, size, size] float, resized without cropping and normalised
-    (the same preprocessing as the saliency's)."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return ((x - mean_t) / std_t)[0]
 
 
 class PairDataset:
