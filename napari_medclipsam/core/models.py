@@ -205,14 +205,22 @@ def _hub_snapshot(repo_id: str, patterns: list[str] | None) -> Path:
     return Path(path)
 
 
-def _text_dir(model_dir: Path, text_cfg: dict[str, Any], allow_download: bool) -> str:
-    """Where the Hugging Face text tower's config/tokenizer files are, as a local path."""
+def _local_text_dir(model_dir: Path, text_cfg: dict[str, Any]) -> Path | None:
+    """The local folder of the text tower's config/tokenizer files: ``model_dir``,
+    ``model_dir/text`` or the folder the config names; None when there is none."""
     for candidate in (model_dir, model_dir / "text"):
         if (candidate / "config.json").is_file():
-            return str(candidate)
+            return candidate
+    name = str(text_cfg.get("hf_model_name", ""))
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def _text_dir(model_dir: Path, text_cfg: dict[str, Any], allow_download: bool) -> str:
+    """Where the Hugging Face text tower's config/tokenizer files are, as a local path."""
+    local = _local_text_dir(model_dir, text_cfg)
+    if local is not None:
+        return str(local)
     name = text_cfg.get("hf_model_name", "")
-    if name and Path(name).is_dir():
-        return str(Path(name))
     if name and not allow_download:
         raise ModelUnavailableError(
             f"The CLIP folder {model_dir} has no text-tower config (config.json) and the "
@@ -464,10 +472,7 @@ def check_clip_source(source: str) -> list[str]:
             except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
                 return [*problems, f"{config_path} is not a valid open_clip config ({exc})."]
             if isinstance(text_cfg, dict) and "hf_model_name" in text_cfg:
-                text_dir = next((c for c in (folder, folder / "text")
-                                 if (c / "config.json").is_file()), None)
-                if text_dir is None and Path(str(text_cfg["hf_model_name"])).is_dir():
-                    text_dir = Path(str(text_cfg["hf_model_name"]))
+                text_dir = _local_text_dir(folder, text_cfg)
                 if text_dir is None:
                     problems.append(
                         f"The CLIP folder {folder} has no text-tower config (config.json); put "
