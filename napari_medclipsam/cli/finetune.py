@@ -162,10 +162,10 @@ def _check_json_out(out: Path, folders, files, overwrite: bool) -> None:
 
 def run_eval_retrieval(args: argparse.Namespace) -> int:
     from ..core.io import write_text
-    from ..core.models import check_model_sources
+    from ..core.models import check_model_sources, load_clip
     from ..finetune.data import clean_pairs, read_pairs
     from ..finetune.retrieval import evaluate_retrieval
-    from ..finetune.train import clip_inputs, data_inputs, load_source_clip
+    from ..finetune.train import clip_inputs, data_inputs
 
     if args.batch_size < 2 or args.repeats < 1:
         raise CLIError(f"--batch-size must be at least 2 and --repeats at least 1; got "
@@ -181,7 +181,7 @@ def run_eval_retrieval(args: argparse.Namespace) -> int:
         _check_json_out(out, *_inputs(clip_inputs(args.clip_model),
                                       data_inputs(args.data, raw)), args.overwrite)
     check_model_sources(clip_model=args.clip_model, device=args.device)
-    clip = load_source_clip(args.clip_model, args.device)
+    clip = load_clip(args.clip_model, args.device)
     if out is not None:
         _check_json_out(out, *clip_inputs(args.clip_model, clip), args.overwrite)
     result = evaluate_retrieval(clip, pairs, batch_size=args.batch_size, repeats=args.repeats,

@@ -50,7 +50,7 @@ from .output import (
 )
 
 __all__ = ["LAST_CHECKPOINT", "LOSS_NAMES", "WEIGHTS_NAME", "FinetuneConfig", "FinetuneResult",
-           "clip_inputs", "data_inputs", "finetune_clip", "load_checkpoint", "load_source_clip"]
+           "clip_inputs", "data_inputs", "finetune_clip", "load_checkpoint"]
 
 LOSS_NAMES = ("dhn-nce", "hn-nce", "dcl", "infonce")  # keys of losses.LOSSES (no torch here)
 ProgressFn = Callable[[int, int], None]
@@ -293,15 +293,6 @@ def data_inputs(data: str | Path, pairs) -> tuple[list[tuple[Path, str]],
     return folders, files
 
 
-def load_source_clip(clip_source: str, device: str):
-    """:func:`~napari_medclipsam.core.models.load_clip`; damaged or unsafe weights are one
-    :class:`~napari_medclipsam.core.models.ModelUnavailableError` line (never torch's advice
-    to load them unsafely)."""
-    from ..core.models import load_clip
-
-    return load_clip(clip_source, device)
-
-
 _CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "best_val", "config")
 
 
@@ -382,7 +373,7 @@ def finetune_clip(
     ModelUnavailableError
         When the model's files are missing (as :func:`check_model_sources` says).
     """
-    from ..core.models import check_model_sources, resolve_device
+    from ..core.models import check_model_sources, load_clip, resolve_device
 
     config = config or FinetuneConfig()
     say = log or (lambda line: None)
@@ -407,7 +398,7 @@ def finetune_clip(
     OutputFolder.check(out_dir, resume=resume, overwrite=overwrite)  # before the slow load
 
     check_model_sources(clip_model=clip_source, device=device)
-    clip = load_source_clip(clip_source, device)
+    clip = load_clip(clip_source, device)
     check_separate(out_dir, *clip_inputs(clip_source, clip))
 
     output = OutputFolder.open(out_dir, resume=resume, overwrite=overwrite, log=say)
