@@ -29,7 +29,8 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch and torchvision are resolved together by pip (never a pinned local CPU file).
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+# sam2 is built from its source release; its optional CUDA extension is not needed here.
+SAM2_BUILD_CUDA=${SAM2_BUILD_CUDA:-0} "$VENV/bin/python" -m pip install -q -e ".[test]"
 
 # Tests never download weights: make any accidental hub access fail at once.
 export HF_HUB_OFFLINE=1

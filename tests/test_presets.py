@@ -44,7 +44,7 @@ def test_each_preset_resolves_to_the_scripts_settings(name):
     assert (cfg.saliency.layer, cfg.saliency.beta, cfg.saliency.seed) == (layer, beta, seed)
     assert cfg.saliency.readout == "last_forward"
     assert cfg.prompts.seed == seed
-    assert cfg.sam_model == "vit_h" and cfg.prompts.mode == "boxes"
+    assert cfg.sam_model == "auto" and cfg.prompts.mode == "boxes"  # ViT-H on a GPU
     assert cfg.sam.keep_largest == 0 and cfg.sam.multimask_output is False
     lungs = task.startswith("lung")
     assert cfg.coarse.top_k == (2 if lungs else 1)
@@ -105,7 +105,7 @@ def test_cli_list_presets_needs_no_inputs(capsys):
 def test_cli_flags_given_override_the_preset_and_defaults_do_not():
     cfg = config_from_args(_args("--preset", "breast-us", "--beta", "0.5"))
     assert (cfg.saliency.layer, cfg.saliency.beta, cfg.saliency.seed) == (9, 0.5, 12)
-    assert cfg.coarse.method == "kmeans" and cfg.sam_model == "vit_h"
+    assert cfg.coarse.method == "kmeans" and cfg.sam_model == "auto"
     # No flags: every preset value survives the parser's defaults.
     assert config_from_args(_args("--preset", "lung-ct")) == apply_preset("lung-ct")
     cfg = config_from_args(_args("--preset", "lung-xray", "--top-k", "1", "--box-mode",

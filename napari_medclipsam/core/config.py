@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CLIP_MODEL = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-DEFAULT_SAM_MODEL = "vit_h"
+#: "auto": SAM ViT-H (the paper's) on a CUDA GPU, SAM 2.1 hiera tiny on a CPU or MPS
+#: (see :func:`napari_medclipsam.core.models.default_sam_model`).
+DEFAULT_SAM_MODEL = "auto"
+PRECISIONS = ("auto", "bf16", "fp32")
 
 THRESHOLD_METHODS = ("otsu", "kmeans", "fixed")
 RANK_BY = ("confidence", "area")
@@ -181,20 +184,47 @@ class SamConfig:
         pipeline sets it to the coarse mask's ``top_k`` when left at 0.
     multimask_output : bool
         Passed to SAM; the paper uses False.
+    propagate_size : int
+        Input size of SAM 2's video predictor when propagating through a volume. 0 (auto):
+        the model's own (1024) on a GPU; on a CPU 512 when the slices are at most 512 pixels
+        on their longer side (still at least twice the scan's resolution for them; 8x less
+        compute per slice in the memory attention), else 1024.
+    stop_after_empty : int
+        Propagation stops in a direction after this many consecutive empty slices (the
+        object has ended); 0 runs every slice.
     """
 
     keep_largest: int | None = 0
     multimask_output: bool = False
+    propagate_size: int = 0
+    stop_after_empty: int = 3
+
+    def __post_init__(self) -> None:
+        if self.propagate_size not in (0, 256, 512, 768, 1024):
+            raise ValueError(f"propagate_size must be 0 (auto), 256, 512, 768 or 1024; got "
+                             f"{self.propagate_size}.")
+        if self.stop_after_empty < 0:
+            raise ValueError(f"stop_after_empty must be non-negative; got "
+                             f"{self.stop_after_empty}.")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Everything a zero-shot run depends on (models, stages, seed)."""
+    """Everything a zero-shot run depends on (models, stages, seed).
+
+    ``sam_model`` "auto" picks by device (ViT-H on a GPU, SAM 2.1 tiny on a CPU);
+    ``precision`` "auto" runs M2IB and the image encoders in bf16 where the hardware has it
+    natively (see :mod:`napari_medclipsam.core.precision`), else fp32.
+    """
+
+    def __post_init__(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
 
     clip_model: str = DEFAULT_CLIP_MODEL
     sam_model: str = DEFAULT_SAM_MODEL
     sam_checkpoint: str | None = None
     device: str | None = None
+    precision: str = "auto"
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     coarse: CoarseMaskConfig = field(default_factory=CoarseMaskConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)

@@ -14,6 +14,12 @@ e.g. ``~/.cache/napari-medclipsam``). Offline, point the loaders at local files:
   into the architecture of the ``open_clip_config.json`` beside it, or else of
   the default BiomedCLIP.
 * SAM: ``sam_checkpoint=PATH`` to an official SAM or MedSAM ``.pth`` file.
+* SAM 2.1 (``sam2_t``, ``sam2_s``, ``sam2_b+``, ``sam2_l``): ``sam_checkpoint=PATH`` to the
+  official ``sam2.1_hiera_*.pt`` file; the architecture comes from the ``sam2`` package's own
+  Hydra configs (``configs/sam2.1/sam2.1_hiera_*.yaml``).
+
+``sam_model="auto"`` chooses by device (:func:`default_sam_model`): SAM 2.1 hiera tiny on a
+CPU or MPS (a first mask in seconds), SAM ViT-H on a CUDA GPU (the paper's model).
 
 Loaded models are cached by (source, device).
 """
@@ -66,7 +72,42 @@ SAM_CHECKPOINTS: dict[str, dict[str, str]] = {
         "fname": "medsam_vit_b.pth",
     },
 }
-SAM_MODELS = tuple(SAM_CHECKPOINTS)
+
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+#: Official SAM 2.1 checkpoints (hiera tiny/small/base-plus/large) and the ``sam2`` package's
+#: config of each. SHA-256 of tiny and small as published by other projects that pin them;
+#: base-plus and large have none recorded here (the first download's SHA-256 is written
+#: beside it and checked on every later use; see :func:`download_sam_checkpoint`).
+SAM2_CHECKPOINTS: dict[str, dict[str, str | None]] = {
+    "sam2_t": {
+        "config": "configs/sam2.1/sam2.1_hiera_t.yaml",
+        "url": _SAM2_URL + "sam2.1_hiera_tiny.pt",
+        "hash": "sha256:7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
+        "fname": "sam2.1_hiera_tiny.pt",
+    },
+    "sam2_s": {
+        "config": "configs/sam2.1/sam2.1_hiera_s.yaml",
+        "url": _SAM2_URL + "sam2.1_hiera_small.pt",
+        "hash": "sha256:6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
+        "fname": "sam2.1_hiera_small.pt",
+    },
+    "sam2_b+": {
+        "config": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+        "url": _SAM2_URL + "sam2.1_hiera_base_plus.pt",
+        "hash": None,
+        "fname": "sam2.1_hiera_base_plus.pt",
+    },
+    "sam2_l": {
+        "config": "configs/sam2.1/sam2.1_hiera_l.yaml",
+        "url": _SAM2_URL + "sam2.1_hiera_large.pt",
+        "hash": None,
+        "fname": "sam2.1_hiera_large.pt",
+    },
+}
+SAM1_MODELS = tuple(SAM_CHECKPOINTS)
+SAM2_MODELS = tuple(SAM2_CHECKPOINTS)
+#: Every name ``--sam-model`` accepts ("auto" chooses by device).
+SAM_MODELS = ("auto", *SAM1_MODELS, *SAM2_MODELS)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -493,11 +534,21 @@ def check_clip_source(source: str) -> list[str]:
             "local folder as 'local-dir:PATH', or a checkpoint file (.pt/.pth/.bin/.safetensors)."]
 
 
-def check_sam_source(name: str, checkpoint: str | None = None) -> list[str]:
+def check_sam_source(name: str, checkpoint: str | None = None,
+                     device: str | None = None) -> list[str]:
     """Problems that would stop :func:`load_sam`; downloads the official checkpoint when
-    none is given (hash-checked), so a later load finds it in the cache."""
-    if name not in SAM_CHECKPOINTS:
-        return [f"Unknown SAM model {name!r}; choose one of {', '.join(SAM_MODELS)}."]
+    none is given (hash-checked), so a later load finds it in the cache. ``auto`` is
+    resolved for ``device``."""
+    try:
+        name = resolve_sam_model(name, device)
+    except ValueError as exc:
+        return [str(exc)]
+    if name in SAM2_CHECKPOINTS:
+        from importlib.util import find_spec
+
+        if find_spec("sam2") is None:
+            return [f"{name} needs the 'sam2' package: pip install sam2 (or choose a SAM "
+                    "backend: --sam-model vit_b)."]
     if checkpoint:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
@@ -530,7 +581,8 @@ def check_model_sources(clip_model: str | None = None, sam_model: str | None = N
     if clip_model is not None:
         problems += [f"CLIP: {p}" for p in check_clip_source(clip_model)]
     if sam_model is not None:
-        problems += [f"SAM: {p}" for p in check_sam_source(sam_model, sam_checkpoint)]
+        problems += [f"SAM: {p}" for p in check_sam_source(sam_model, sam_checkpoint,
+                                                           device=device)]
     if problems:
         head = (f"{len(problems)} problem(s) with the models; nothing was computed:"
                 if len(problems) > 1 else "")
@@ -540,9 +592,38 @@ def check_model_sources(clip_model: str | None = None, sam_model: str | None = N
 # --------------------------------------------------------------------------- SAM
 
 
+def default_sam_model(device: str | None = None) -> str:
+    """The SAM backend ``sam_model="auto"`` picks: ``vit_h`` (the paper's) on a CUDA GPU,
+    ``sam2_t`` (SAM 2.1 hiera tiny: about 1 s per image on two CPU cores in bf16, against
+    about 20 s for ViT-B and a minute for ViT-H) on a CPU or MPS."""
+    return "vit_h" if str(resolve_device(device)).startswith("cuda") else "sam2_t"
+
+
+def resolve_sam_model(name: str | None, device: str | None = None) -> str:
+    """``name``, or the device's default (:func:`default_sam_model`) for ``auto``/None.
+
+    Raises
+    ------
+    ValueError
+        For a name no registry knows.
+    """
+    if name in (None, "", "auto"):
+        return default_sam_model(device)
+    if name not in SAM_CHECKPOINTS and name not in SAM2_CHECKPOINTS:
+        raise ValueError(f"Unknown SAM model {name!r}; choose one of {', '.join(SAM_MODELS)}.")
+    return name
+
+
+def sam_family(name: str) -> str:
+    """``"sam2"`` for the SAM 2.1 backends, ``"sam"`` for segment-anything's."""
+    return "sam2" if name in SAM2_CHECKPOINTS else "sam"
+
+
 @dataclass
 class SamBundle:
-    """A loaded SAM model (segment-anything ``Sam``, eval mode, frozen) and its identity."""
+    """A loaded SAM model (segment-anything ``Sam``, or a ``sam2`` ``SAM2Base`` built as our
+    :class:`~napari_medclipsam.core.propagate.VolumePredictor`; eval mode, frozen) and its
+    identity."""
 
     model: Any
     name: str
@@ -553,6 +634,11 @@ class SamBundle:
     @property
     def model_id(self) -> str:
         return f"{self.name}@{(self.checkpoint_sha256 or 'random')[:16]}"
+
+    @property
+    def family(self) -> str:
+        """``"sam2"`` or ``"sam"`` (:func:`sam_family`)."""
+        return sam_family(self.name)
 
 
 def download_sam_checkpoint(name: str) -> Path:
@@ -565,29 +651,42 @@ def download_sam_checkpoint(name: str) -> Path:
     """
     import pooch
 
-    if name not in SAM_CHECKPOINTS:
+    spec = SAM_CHECKPOINTS.get(name) or SAM2_CHECKPOINTS.get(name)
+    if spec is None:
         raise ValueError(f"Unknown SAM model {name!r}; choose one of {', '.join(SAM_MODELS)}.")
-    spec = SAM_CHECKPOINTS[name]
-    folder = cache_dir() / "sam"
-    target = folder / spec["fname"]
+    folder = cache_dir() / ("sam2" if name in SAM2_CHECKPOINTS else "sam")
+    target = folder / str(spec["fname"])
+    known = spec["hash"]
+    pinned = folder / f"{spec['fname']}.sha256"  # first download's hash, for unpinned files
     if target.is_file():
+        if known is None and pinned.is_file():
+            if file_sha256(target) != pinned.read_text().strip():
+                raise ModelUnavailableError(
+                    f"{target} changed since it was downloaded (its SHA-256 no longer matches "
+                    f"{pinned}); delete both files to download it again.")
         return target
     try:
-        path = pooch.retrieve(url=spec["url"], known_hash=spec["hash"], fname=spec["fname"],
+        path = pooch.retrieve(url=str(spec["url"]), known_hash=known, fname=str(spec["fname"]),
                               path=folder, progressbar=True)
     except Exception as exc:
+        expected = f" (expected {known})" if known else ""
         raise ModelUnavailableError(
             f"Could not download the {name} checkpoint from {spec['url']} "
-            f"({type(exc).__name__}: {exc}).\nDownload it on a connected machine "
-            f"(expected {spec['hash']}), copy it here and pass --sam-checkpoint PATH "
-            f"(in napari: the SAM checkpoint field), or put it at {target}."
+            f"({type(exc).__name__}: {exc}).\nDownload it on a connected machine{expected}, "
+            "copy it here and pass --sam-checkpoint PATH (in napari: the SAM checkpoint "
+            f"field), or put it at {target}."
         ) from exc
+    if known is None:
+        pinned.write_text(file_sha256(path) + "\n")
     return Path(path)
 
 
 def build_sam(name: str):
-    """An untrained SAM of the named architecture (``vit_b``, ``vit_l``, ``vit_h`` or
-    ``medsam``) built by segment-anything's registry, without loading any file."""
+    """An untrained SAM of the named architecture built without loading any file:
+    ``vit_b``, ``vit_l``, ``vit_h`` or ``medsam`` by segment-anything's registry, the SAM 2.1
+    names by :func:`build_sam2_model`."""
+    if name in SAM2_CHECKPOINTS:
+        return build_sam2_model(name)
     from segment_anything import sam_model_registry
 
     if name not in SAM_CHECKPOINTS:
@@ -595,21 +694,47 @@ def build_sam(name: str):
     return sam_model_registry[SAM_CHECKPOINTS[name]["arch"]](checkpoint=None)
 
 
-def load_sam(name: str = "vit_h", checkpoint: str | None = None, device: str | None = None,
-             builder=None) -> SamBundle:
+def build_sam2_model(name: str = "sam2_t", overrides: tuple[str, ...] | list[str] = ()):
+    """An untrained SAM 2.1 model from the ``sam2`` package's own config and builder.
+
+    ``sam2.build_sam.build_sam2_video_predictor`` builds it (with the package's
+    post-processing settings for video), as our
+    :class:`~napari_medclipsam.core.propagate.VolumePredictor`, a subclass of
+    ``SAM2VideoPredictor`` that takes the slices of a volume as an array. The same object
+    serves single images (:class:`~napari_medclipsam.core.sam.Sam2Session`) and propagation
+    through a volume. ``overrides`` are extra Hydra overrides (tests shrink the model with
+    them; ``"++model.image_size=512"`` changes the input size). No file is loaded.
+    """
+    if name not in SAM2_CHECKPOINTS:
+        raise ValueError(f"Unknown SAM 2 model {name!r}; choose one of "
+                         f"{', '.join(SAM2_MODELS)}.")
+    from sam2.build_sam import build_sam2_video_predictor
+
+    extra = ["++model._target_=napari_medclipsam.core.propagate.VolumePredictor",
+             *overrides]
+    return build_sam2_video_predictor(str(SAM2_CHECKPOINTS[name]["config"]), ckpt_path=None,
+                                      device="cpu", hydra_overrides_extra=extra)
+
+
+def load_sam(name: str = "auto", checkpoint: str | None = None, device: str | None = None,
+             builder=None, image_size: int | None = None) -> SamBundle:
     """Load SAM weights into segment-anything's architecture, cached by (name, file, device).
 
     Parameters
     ----------
     name : str
-        ``vit_b``, ``vit_l``, ``vit_h`` or ``medsam``.
+        ``vit_b``, ``vit_l``, ``vit_h``, ``medsam``, a SAM 2.1 name (``sam2_t``, ``sam2_s``,
+        ``sam2_b+``, ``sam2_l``) or ``auto`` (:func:`default_sam_model` of the device).
     checkpoint : str, optional
-        A local ``.pth``; without it the official file is downloaded (hash-checked).
+        A local ``.pth``/``.pt``; without it the official file is downloaded (hash-checked).
     device : str, optional
         As :func:`resolve_device`.
     builder : callable, optional
         Returns the (untrained) ``Sam`` to load the weights into; defaults to
         :func:`build_sam` of ``name``. Tests pass a tiny architecture here.
+    image_size : int, optional
+        SAM 2 only: the model's input size (default its config's, 1024); the same weights
+        load at 512 for faster propagation on a CPU.
 
     Notes
     -----
@@ -619,8 +744,9 @@ def load_sam(name: str = "vit_h", checkpoint: str | None = None, device: str | N
     """
     avoid_triton_llvm_clash()
     device = resolve_device(device)
+    name = resolve_sam_model(name, device)
     path = Path(checkpoint).expanduser() if checkpoint else None
-    key = ("sam", f"{name}:{path}", device)
+    key = ("sam", f"{name}:{path}:{image_size or ''}", device)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -634,15 +760,20 @@ def load_sam(name: str = "vit_h", checkpoint: str | None = None, device: str | N
         raise
     except Exception as exc:
         raise weights_error(f"The SAM checkpoint {path}", exc) from None
-    sam = builder() if builder is not None else build_sam(name)
+    if builder is None and image_size and sam_family(name) == "sam2":
+        sam = build_sam2_model(name, (f"++model.image_size={int(image_size)}",))
+    else:
+        sam = builder() if builder is not None else build_sam(name)
+    family_name = "SAM 2.1" if sam_family(name) == "sam2" else "SAM"
     try:
         sam.load_state_dict(state, strict=True)
     except ModelUnavailableError:
         raise
     except Exception as exc:
         raise ModelUnavailableError(
-            f"{path} is not a {name} checkpoint in SAM's format ({type(exc).__name__}: "
-            f"{str(exc)[:300]}). Check --sam-model matches the file (MedSAM is 'medsam')."
+            f"{path} is not a {name} checkpoint in {family_name}'s format "
+            f"({type(exc).__name__}: {str(exc)[:300]}). Check --sam-model matches the file "
+            "(MedSAM is 'medsam'; sam2.1_hiera_tiny.pt is 'sam2_t')."
         ) from exc
     sam.eval().requires_grad_(False).to(device)
     bundle = SamBundle(model=sam, name=name, device=device, checkpoint=str(path),

@@ -82,7 +82,7 @@ class Preset:
     prompt_mode, box_mode
         :class:`~napari_medclipsam.core.config.PromptConfig` fields.
     sam_model : str
-        SAM backbone.
+        SAM backbone; "auto" (the paper's ViT-H on a GPU, SAM 2.1 tiny on a CPU).
     keep_largest, multimask_output
         :class:`~napari_medclipsam.core.config.SamConfig` fields (``keep_largest`` 0:
         as many of SAM's largest components as the coarse mask kept, as the scripts do).
@@ -106,7 +106,7 @@ class Preset:
     min_area: int = 0
     prompt_mode: str = "boxes"
     box_mode: str = "single"
-    sam_model: str = "vit_h"
+    sam_model: str = "auto"
     keep_largest: int | None = 0
     multimask_output: bool = False
 

@@ -29,8 +29,9 @@ import numpy as np
 
 from .errors import InputError
 from .postprocess import float_array
+from .precision import autocast
 
-__all__ = ["SamSession", "image_digest"]
+__all__ = ["Sam2Session", "SamSession", "image_digest", "make_session"]
 
 
 @dataclass
@@ -122,6 +123,27 @@ def _check_prompts(boxes: Any, points: Any, point_labels: Any, point_box: Any
                              f" ({n_boxes} boxes); got {sorted(set(owner.tolist()))}.")
         owner = owner.astype(np.int64)
     return boxes, points, labels, owner
+
+
+def _prompt_batches(boxes: np.ndarray, points: np.ndarray, owner: np.ndarray
+                    ) -> list[list[tuple[np.ndarray | None, np.ndarray]]]:
+    """Prompt groups (box or None, indices of its points), batched by equal point counts.
+
+    With N > 0 boxes, one group per box holding that box and its points (``owner == i`` or
+    -1); with no boxes, one group of all points. Groups of equal point counts form one batch.
+    """
+    if len(boxes) == 0:
+        groups = [(None, np.arange(len(points)))]
+    else:
+        groups = [(boxes[i], np.flatnonzero((owner == i) | (owner == -1)))
+                  for i in range(len(boxes))]
+    if len({len(members) for _, members in groups}) == 1:
+        return [groups]
+    return [[group] for group in groups]
+
+
+NO_PROMPTS = ("No prompts: give at least one box or one point (the coarse mask was probably "
+              "empty, i.e. nothing was found).")
 
 
 # --------------------------------------------------------------------------- fast decoder
@@ -407,7 +429,7 @@ class SamSession:
     """
 
     def __init__(self, sam: Any, model_id: str, cache_size: int = 16,
-                 fast: bool | None = None):
+                 fast: bool | None = None, precision: str = "fp32"):
         from segment_anything import SamPredictor
 
         if int(cache_size) < 1:
@@ -415,6 +437,7 @@ class SamSession:
         self.sam = sam
         self.model_id = str(model_id)
         self.cache_size = int(cache_size)
+        self.precision = precision  # of the image encoder ("bf16" or "fp32", resolved)
         self.predictor = SamPredictor(sam)
         self.encoder_calls = 0
         self._cache: OrderedDict[str, _Embedding] = OrderedDict()
@@ -484,9 +507,10 @@ class SamSession:
         with self._lock:
             entry = self._cache.get(key)
             if entry is None:
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast(self.precision, str(self.sam.device)):
                     self.predictor.set_image(np.ascontiguousarray(image), image_format="RGB")
                 self.encoder_calls += 1
+                self.predictor.features = self.predictor.features.float()  # decode in fp32
                 entry = _Embedding(self.predictor.features,
                                    tuple(int(s) for s in self.predictor.original_size),
                                    tuple(int(s) for s in self.predictor.input_size))
@@ -569,17 +593,8 @@ class SamSession:
 
         boxes, points, labels, owner = _check_prompts(boxes, points, point_labels, point_box)
         if len(boxes) == 0 and len(points) == 0:
-            raise InputError("No prompts: give at least one box or one point (the coarse mask "
-                             "was probably empty, i.e. nothing was found).")
-        if len(boxes) == 0:
-            groups = [(None, np.arange(len(points)))]
-        else:
-            groups = [(boxes[i], np.flatnonzero((owner == i) | (owner == -1)))
-                      for i in range(len(boxes))]
-        if len({len(members) for _, members in groups}) == 1:
-            batches = [groups]
-        else:
-            batches = [[group] for group in groups]
+            raise InputError(NO_PROMPTS)
+        batches = _prompt_batches(boxes, points, owner)
 
         with self._lock:
             key = self._current if image_key is None else image_key
@@ -651,3 +666,165 @@ class SamSession:
                 low_res = low_res[torch.arange(len(best), device=best.device), best][:, None]
         logits = sam.postprocess_masks(low_res, entry.input_size, entry.original_size)
         return logits.amax(dim=0)[0] if len(logits) > 1 else logits[0, 0]
+
+
+# --------------------------------------------------------------------------- SAM 2
+
+
+def _image_predictor(model: Any):
+    """A ``sam2`` ``SAM2ImagePredictor`` for ``model`` at any input size.
+
+    The released predictor assumes 1024x1024 inputs for its backbone feature sizes; they
+    follow the model's ``image_size`` here (512 for propagation on a CPU, 256 for the tests'
+    tiny models).
+    """
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    class _AnySizePredictor(SAM2ImagePredictor):
+        def __init__(self, sam_model: Any, **kwargs: Any) -> None:
+            super().__init__(sam_model, **kwargs)
+            size = int(sam_model.image_size)
+            self._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8),
+                                   (size // 16, size // 16)]
+
+    return _AnySizePredictor(model)
+
+
+class Sam2Session:
+    """:class:`SamSession`'s interface for SAM 2.1 models (``sam2`` package).
+
+    One ``SAM2ImagePredictor`` per cached image holds that image's embedding (the image
+    embedding and the two high-resolution feature maps SAM 2's decoder uses, float32);
+    prompting runs only the prompt encoder and mask decoder. Prompts, groups, union and
+    thresholding are as :meth:`SamSession.predict` documents.
+
+    Parameters
+    ----------
+    sam : sam2.modeling.sam2_base.SAM2Base
+        Eval mode, on its device (:func:`~napari_medclipsam.core.models.load_sam` of a
+        ``sam2_*`` name builds it).
+    model_id : str
+        Names the model and its weights; part of each cache key.
+    cache_size : int
+        How many images' embeddings to keep (hiera: about 6 MiB each at 1024x1024).
+    precision : {"fp32", "bf16"}
+        Of the image encoder (resolved, :func:`~napari_medclipsam.core.precision.
+        resolve_precision`); decoding is always fp32.
+    """
+
+    fast = False  # the decoder is sam2's own
+
+    def __init__(self, sam: Any, model_id: str, cache_size: int = 16,
+                 precision: str = "fp32"):
+        if int(cache_size) < 1:
+            raise ValueError(f"cache_size must be at least 1; got {cache_size}.")
+        self.sam = sam
+        self.model_id = str(model_id)
+        self.cache_size = int(cache_size)
+        self.precision = precision
+        self.encoder_calls = 0
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._current: str | None = None
+        self._lock = threading.RLock()
+
+    @property
+    def predictor(self):
+        """The current image's ``SAM2ImagePredictor`` (``None`` before any image)."""
+        with self._lock:
+            return None if self._current is None else self._cache.get(self._current)
+
+    def key_for(self, image: np.ndarray) -> str:
+        """Cache key of an HxWx3 uint8 image: ``f"{model_id}:{blake2b(bytes, shape)}"``."""
+        return f"{self.model_id}:{image_digest(_check_image(image))}"
+
+    @property
+    def current_key(self) -> str | None:
+        return self._current
+
+    def cached_keys(self) -> list[str]:
+        with self._lock:
+            return list(self._cache)
+
+    def is_cached(self, key: str) -> bool:
+        with self._lock:
+            return key in self._cache
+
+    def set_image(self, image: np.ndarray) -> str:
+        """Make ``image`` (HxWx3 uint8) current, encoding it only if not cached; its key."""
+        import torch
+
+        image = _check_image(image)
+        key = f"{self.model_id}:{image_digest(image)}"
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+            else:
+                predictor = _image_predictor(self.sam)
+                with torch.inference_mode(), autocast(self.precision, str(self.sam.device)):
+                    predictor.set_image(np.ascontiguousarray(image))
+                self.encoder_calls += 1
+                features = predictor._features  # cast once, so decoding runs in fp32
+                features["image_embed"] = features["image_embed"].float()
+                features["high_res_feats"] = [f.float() for f in features["high_res_feats"]]
+                self._cache[key] = predictor
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            self._current = key
+        return key
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._current = None
+
+    def predict(self, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
+                point_labels: np.ndarray | None = None, point_box: np.ndarray | None = None,
+                multimask_output: bool = False, image_key: str | None = None,
+                return_logits: bool = False) -> np.ndarray:
+        """HxW bool mask (or float32 logits) at the image's size; see
+        :meth:`SamSession.predict` for the parameters, groups and errors."""
+        import torch
+
+        boxes, points, labels, owner = _check_prompts(boxes, points, point_labels, point_box)
+        if len(boxes) == 0 and len(points) == 0:
+            raise InputError(NO_PROMPTS)
+        with self._lock:
+            key = self._current if image_key is None else image_key
+            if key is None:
+                raise RuntimeError("No image set: call set_image(image) before predict().")
+            predictor = self._cache.get(key)
+            if predictor is None:
+                raise KeyError(f"Image key {key!r} is not in the embedding cache (never set, "
+                               f"or dropped after {self.cache_size} newer images); call "
+                               "set_image(image) again.")
+            logits = None
+            with torch.inference_mode():
+                for batch in _prompt_batches(boxes, points, owner):
+                    box = (np.stack([b for b, _ in batch]) if batch[0][0] is not None
+                           else None)
+                    coords = labs = None
+                    if len(batch[0][1]):
+                        idx = np.stack([members for _, members in batch])  # (B, M)
+                        coords, labs = points[idx], labels[idx]
+                        if box is None:
+                            coords, labs = coords[0], labs[0]
+                    out, scores, _ = predictor.predict(
+                        point_coords=coords, point_labels=labs, box=box,
+                        multimask_output=multimask_output, return_logits=True)
+                    out = out.reshape(-1, *out.shape[-3:])  # (B, C, H, W)
+                    scores = scores.reshape(len(out), -1)
+                    best = out[np.arange(len(out)), scores.argmax(axis=1)]  # (B, H, W)
+                    group = best.max(axis=0)
+                    logits = group if logits is None else np.maximum(logits, group)
+        logits = logits.astype(np.float32, copy=False)
+        return logits if return_logits else logits > predictor.mask_threshold
+
+
+def make_session(bundle: Any, precision: str = "fp32", cache_size: int = 16):
+    """The session for a loaded :class:`~napari_medclipsam.core.models.SamBundle`:
+    :class:`Sam2Session` for SAM 2.1 backends, :class:`SamSession` for SAM's."""
+    if bundle.family == "sam2":
+        return Sam2Session(bundle.model, bundle.model_id, cache_size=cache_size,
+                           precision=precision)
+    return SamSession(bundle.model, bundle.model_id, cache_size=cache_size,
+                      precision=precision)
