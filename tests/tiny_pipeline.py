@@ -6,22 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_tiny_pipeline(clip_dir: str | Path, sam_checkpoint: str | Path, steps: int = 2):
+def build_tiny_pipeline(clip_dir: str | Path, sam_checkpoint: str | Path, steps: int = 2,
+                        sam: str = "vit_b"):
     """A ZeroShotPipeline on ``local-dir:clip_dir`` and the tiny SAM checkpoint, on the CPU,
-    with the bottleneck after block 2 (the tiny ViT has 4), ``steps`` M2IB steps, batch 2."""
+    with the bottleneck after block 2 (the tiny ViT has 4), ``steps`` M2IB steps, batch 2.
+    ``sam="sam2_t"`` with a tiny SAM 2.1 checkpoint uses the SAM 2 backend."""
     from tiny_clip import register_tiny_vit
-    from tiny_sam import build_tiny_sam
+    from tiny_sam2 import tiny_builder
 
     from napari_medclipsam.core.config import PipelineConfig, SaliencyConfig
     from napari_medclipsam.core.models import load_clip, load_sam
     from napari_medclipsam.core.pipeline import ZeroShotPipeline
 
     register_tiny_vit()  # the tiny CLIP's timm trunk, for a fresh process
-    config = PipelineConfig(clip_model=f"local-dir:{clip_dir}", device="cpu",
+    config = PipelineConfig(clip_model=f"local-dir:{clip_dir}", device="cpu", sam_model=sam,
+                            sam_checkpoint=str(sam_checkpoint),
                             saliency=SaliencyConfig(layer=2, steps=steps, batch_size=2))
     return ZeroShotPipeline(config, clip=load_clip(config.clip_model, "cpu"),
-                            sam=load_sam("vit_b", sam_checkpoint, "cpu",
-                                         builder=build_tiny_sam))
+                            sam=load_sam(sam, sam_checkpoint, "cpu",
+                                         builder=lambda: tiny_builder(sam)))
 
 
 RUNNER = """
@@ -32,8 +35,8 @@ from napari_medclipsam.core import models
 from napari_medclipsam.core.pipeline import ZeroShotPipeline
 
 def build_sam(name):
-    from tiny_sam import build_tiny_sam
-    return build_tiny_sam()
+    from tiny_sam2 import tiny_builder
+    return tiny_builder(name)
 
 original_load_clip = models.load_clip
 

@@ -33,3 +33,37 @@ TINY_SAM2_OVERRIDES = (
     "++model.memory_encoder.mask_downsampler.embed_dim=32",
     "++model.memory_encoder.fuser.layer.dim=32",
 )
+
+
+def build_tiny_sam2(seed: int = 0):
+    """A tiny SAM 2.1 (:class:`~napari_medclipsam.core.propagate.VolumePredictor`) with
+    random weights from ``seed``, eval mode, on the CPU."""
+    import torch
+
+    from napari_medclipsam.core.models import build_sam2_model
+
+    torch.manual_seed(seed)
+    return build_sam2_model("sam2_t", TINY_SAM2_OVERRIDES).eval().requires_grad_(False)
+
+
+def save_tiny_sam2_checkpoint(path, seed: int = 0):
+    """Write the tiny SAM 2.1's weights as the official files hold them (``{"model": state
+    dict}``, tensors only); returns the path."""
+    from pathlib import Path
+
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": build_tiny_sam2(seed).state_dict()}, path)
+    return path
+
+
+def tiny_builder(name: str):
+    """Stands in for ``core.models.build_sam`` in tests: the tiny SAM 2.1 for ``sam2_*``
+    names, the tiny SAM for the others."""
+    if name.startswith("sam2"):
+        return build_tiny_sam2()
+    from tiny_sam import build_tiny_sam
+
+    return build_tiny_sam()
