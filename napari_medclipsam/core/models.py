@@ -534,6 +534,23 @@ def check_clip_source(source: str) -> list[str]:
             "local folder as 'local-dir:PATH', or a checkpoint file (.pt/.pth/.bin/.safetensors)."]
 
 
+def sam2_at_size(bundle: SamBundle, image_size: int) -> SamBundle:
+    """The same SAM 2.1 weights as ``bundle`` in a model taking ``image_size`` inputs.
+
+    The input size changes no parameter's shape (Hiera interpolates its position embedding,
+    the memory attention recomputes its rotary encoding), so the new model shares
+    ``bundle``'s parameter tensors (``load_state_dict(assign=True)``): no file is read and
+    no memory is copied.
+    """
+    if bundle.family != "sam2":
+        raise ValueError(f"{bundle.name} is not a SAM 2.1 model.")
+    model = build_sam2_model(bundle.name, (f"++model.image_size={int(image_size)}",))
+    model.load_state_dict(bundle.model.state_dict(), strict=True, assign=True)
+    model.eval().requires_grad_(False).to(bundle.device)
+    return SamBundle(model=model, name=bundle.name, device=bundle.device,
+                     checkpoint=bundle.checkpoint, checkpoint_sha256=bundle.checkpoint_sha256)
+
+
 def check_sam_source(name: str, checkpoint: str | None = None,
                      device: str | None = None) -> list[str]:
     """Problems that would stop :func:`load_sam`; downloads the official checkpoint when
@@ -659,11 +676,11 @@ def download_sam_checkpoint(name: str) -> Path:
     known = spec["hash"]
     pinned = folder / f"{spec['fname']}.sha256"  # first download's hash, for unpinned files
     if target.is_file():
-        if known is None and pinned.is_file():
-            if file_sha256(target) != pinned.read_text().strip():
-                raise ModelUnavailableError(
-                    f"{target} changed since it was downloaded (its SHA-256 no longer matches "
-                    f"{pinned}); delete both files to download it again.")
+        if (known is None and pinned.is_file()
+                and file_sha256(target) != pinned.read_text().strip()):
+            raise ModelUnavailableError(
+                f"{target} changed since it was downloaded (its SHA-256 no longer matches "
+                f"{pinned}); delete both files to download it again.")
         return target
     try:
         path = pooch.retrieve(url=str(spec["url"]), known_hash=known, fname=str(spec["fname"]),

@@ -381,10 +381,9 @@ class ZeroShotPipeline:
         if size == own:
             return bundle
         if self._propagator is None or int(self._propagator.model.image_size) != size:
-            from .models import load_sam
+            from .models import sam2_at_size
 
-            self._propagator = load_sam(bundle.name, bundle.checkpoint, str(bundle.device),
-                                        image_size=size)
+            self._propagator = sam2_at_size(bundle, size)  # shares the weights' tensors
         return self._propagator
 
     def propagate_volume(self, volume: np.ndarray, text: str | Sequence[str] | None = None,
