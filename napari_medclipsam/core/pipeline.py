@@ -425,21 +425,26 @@ class ZeroShotPipeline:
                 raise InputError("Propagation needs a mask on at least one slice, or a text "
                                  "prompt to find one.")
             report("ranking slices", 0.0)
-            result.ranking = self.rank_slices(rgb, text, candidates)
-            for z, _ in result.ranking:
+            try:
                 _check_stop(should_stop)
-                one = self.segment(
-                    volume[z], text, window=window, should_stop=should_stop,
-                    progress=lambda stage, fraction, z=z: report(
-                        f"seed slice z={z}: {stage}", 0.2 * fraction))
-                result.saliency[z], result.coarse[z] = one.saliency, one.coarse.mask
-                result.completed.append(z)
-                if one.found:
-                    seeds[z] = one.mask
-                    result.prompts[z] = one.prompts
-                    result.found_slices.append(z)
-                    if len(seeds) >= n_seeds:
-                        break
+                result.ranking = self.rank_slices(rgb, text, candidates)
+                for z, _ in result.ranking:
+                    _check_stop(should_stop)
+                    one = self.segment(
+                        volume[z], text, window=window, should_stop=should_stop,
+                        progress=lambda stage, fraction, z=z: report(
+                            f"seed slice z={z}: {stage}", 0.2 * fraction))
+                    result.saliency[z], result.coarse[z] = one.saliency, one.coarse.mask
+                    result.completed.append(z)
+                    if one.found:
+                        seeds[z] = result.mask[z] = one.mask
+                        result.prompts[z] = one.prompts
+                        result.found_slices.append(z)
+                        if len(seeds) >= n_seeds:
+                            break
+            except CancelledError as exc:  # the seed slices found so far, nothing propagated
+                exc.partial = result
+                raise
             if not seeds:
                 raise InputError(f"Nothing found on any candidate slice for {text!r}; no "
                                  "seed to propagate. " + NOTHING_FOUND.split(": ", 1)[1])

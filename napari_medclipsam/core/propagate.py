@@ -222,6 +222,16 @@ def _report(progress: ProgressFn | None, done: int, total: int, z: int) -> None:
         progress(f"propagating: slice {done}/{total} (z={z})", done / max(total, 1))
 
 
+def _cancelled(result: PropagationResult) -> CancelledError:
+    """The error a stop raises: ``partial`` is ``result`` so far (``completed`` False,
+    ``propagated`` ascending as documented)."""
+    result.completed = False
+    result.propagated.sort()
+    exc = CancelledError("Propagation cancelled.")
+    exc.partial = result
+    return exc
+
+
 def _propagate_sam2(model: Any, volume_rgb: np.ndarray, conditioning: dict[int, np.ndarray],
                     locked: set[int], progress: ProgressFn | None,
                     should_stop: StopFn | None, stop_after_empty: int,
@@ -250,10 +260,7 @@ def _propagate_sam2(model: Any, volume_rgb: np.ndarray, conditioning: dict[int, 
                 if z in conditioning:
                     continue
                 if should_stop is not None and should_stop():
-                    result.completed = False
-                    exc = CancelledError("Propagation cancelled.")
-                    exc.partial = result
-                    raise exc
+                    raise _cancelled(result)
                 slice_mask = (logits[0, 0] > 0.0).cpu().numpy()
                 if z not in locked:
                     mask[z] = slice_mask
@@ -321,10 +328,7 @@ def propagate_by_boxes(session: Any, volume_rgb: np.ndarray,
         empty_run = 0
         for z in range(start + step, stop, step):
             if should_stop is not None and should_stop():
-                result.completed = False
-                exc = CancelledError("Propagation cancelled.")
-                exc.partial = result
-                raise exc
+                raise _cancelled(result)
             box = _box_of(previous)
             if box is None:
                 slice_mask = np.zeros(mask.shape[1:], dtype=bool)
