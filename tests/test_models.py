@@ -182,3 +182,148 @@ def test_unsafe_or_damaged_weights_are_one_clear_line(tmp_path, tiny_clip_dir,
         message = str(err.value)
         assert message.startswith(f"{what} {expected}") and "\n" not in message
         assert "weights_only" not in message and "payload ran" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- SAM 2.1
+
+
+def test_sam2_loads_from_a_released_style_checkpoint(tiny_sam2_checkpoint):
+    from tiny_sam2 import build_tiny_sam2
+
+    bundle = load_sam("sam2_t", str(tiny_sam2_checkpoint), "cpu",
+                      builder=lambda: build_tiny_sam2(seed=7))  # other random weights
+    assert bundle.family == "sam2" and bundle.name == "sam2_t"
+    assert bundle.model_id.startswith("sam2_t@") and len(bundle.checkpoint_sha256) == 64
+    assert not bundle.model.training
+    assert not any(p.requires_grad for p in bundle.model.parameters())
+    state = torch.load(tiny_sam2_checkpoint, map_location="cpu", weights_only=True)["model"]
+    loaded = bundle.model.state_dict()
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+    assert load_sam("sam2_t", str(tiny_sam2_checkpoint), "cpu",
+                    builder=lambda: build_tiny_sam2(seed=7)) is bundle  # cached
+    # "auto" on a CPU is SAM 2.1 tiny.
+    auto = load_sam("auto", str(tiny_sam2_checkpoint), "cpu", builder=build_tiny_sam2)
+    assert auto.name == "sam2_t" and auto.family == "sam2"
+
+
+def test_sam2_refuses_pickled_objects_in_one_line(tmp_path):
+    from tiny_sam2 import build_tiny_sam2
+
+    evil = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": Payload()}, evil)
+    built = []
+    with pytest.raises(ModelUnavailableError) as err:
+        load_sam("sam2_t", str(evil), "cpu", builder=lambda: built.append(1) or build_tiny_sam2())
+    message = str(err.value)
+    assert message == (f"The SAM checkpoint {evil} was not loaded: its weights file holds "
+                       "Python objects, not only tensors, and such a file can run code when "
+                       "it is opened. Use the model's original weights.")
+    assert not built  # refused before any model was built
+
+
+def test_sam1_and_sam2_checkpoints_are_not_interchangeable(tiny_sam_checkpoint,
+                                                           tiny_sam2_checkpoint):
+    from tiny_sam import build_tiny_sam
+    from tiny_sam2 import build_tiny_sam2
+
+    with pytest.raises(ModelUnavailableError) as err:
+        load_sam("sam2_t", str(tiny_sam_checkpoint), "cpu", builder=build_tiny_sam2)
+    message = str(err.value)
+    assert message.startswith(f"{tiny_sam_checkpoint} is not a sam2_t checkpoint in SAM 2.1's "
+                              "format")
+    assert "(the file holds a SAM model; RuntimeError: " in message
+    assert "'sam2_t'" in message and "--sam-model" in message and "\n" not in message
+    with pytest.raises(ModelUnavailableError, match=r"is not a vit_b checkpoint in SAM's "
+                                                    r"format \(the file holds a SAM 2.1 model;"
+                       ) as err:
+        load_sam("vit_b", str(tiny_sam2_checkpoint), "cpu", builder=build_tiny_sam)
+    assert "\n" not in str(err.value)
+
+
+def test_sam2_offline_check_names_the_url_and_the_flag(tmp_path, monkeypatch):
+    spec = dict(models.SAM2_CHECKPOINTS["sam2_t"],
+                url="http://127.0.0.1:9/sam2.1_hiera_tiny.pt")  # nothing listens: offline
+    monkeypatch.setitem(models.SAM2_CHECKPOINTS, "sam2_t", spec)
+    start = time.perf_counter()
+    problems = models.check_sam_source("sam2_t", device="cpu")
+    assert time.perf_counter() - start < 30
+    assert len(problems) == 1
+    message = problems[0]
+    assert message.startswith("Could not download the sam2_t checkpoint from "
+                              "http://127.0.0.1:9/sam2.1_hiera_tiny.pt")
+    assert "--sam-checkpoint PATH" in message and str(spec["hash"]) in message
+    assert str(tmp_path / "cache" / "sam2" / "sam2.1_hiera_tiny.pt") in message
+    assert not (tmp_path / "cache" / "sam2" / "sam2.1_hiera_tiny.pt").exists()
+    # "auto" on a CPU checks the same model; a local file needs no download.
+    assert models.check_sam_source("auto", device="cpu") == problems
+    local = tmp_path / "mine.pt"
+    local.write_bytes(b"x")
+    assert models.check_sam_source("sam2_t", str(local), device="cpu") == []
+    assert models.check_sam_source("sam2_t", str(tmp_path / "none.pt"), device="cpu") == [
+        f"SAM checkpoint not found: {tmp_path / 'none.pt'}."]
+    assert "Unknown SAM model 'sam3'" in models.check_sam_source("sam3", device="cpu")[0]
+
+
+def test_default_sam_model_per_device(monkeypatch):
+    for device, expected in (("cpu", "sam2_t"), ("mps", "sam2_t"), ("cuda", "vit_h"),
+                             ("cuda:1", "vit_h")):
+        monkeypatch.setattr(models, "resolve_device", lambda d=None, device=device: device)
+        assert models.default_sam_model() == expected
+        for name in (None, "", "auto"):
+            assert models.resolve_sam_model(name) == expected
+        assert models.resolve_sam_model("vit_b") == "vit_b"
+        assert models.resolve_sam_model("sam2_b+") == "sam2_b+"
+
+
+def test_sam_registry_names_and_families():
+    assert models.SAM_MODELS == ("auto", "vit_h", "vit_l", "vit_b", "medsam", "sam2_t",
+                                 "sam2_s", "sam2_b+", "sam2_l")
+    assert [models.sam_family(n) for n in models.SAM_MODELS[1:]] == ["sam"] * 4 + ["sam2"] * 4
+    assert models.SamBundle(None, "sam2_l", "cpu", None, None).family == "sam2"
+    assert models.SamBundle(None, "medsam", "cpu", None, None).family == "sam"
+    for spec in models.SAM2_CHECKPOINTS.values():
+        assert str(spec["url"]).endswith(str(spec["fname"]))
+        assert str(spec["config"]).startswith("configs/sam2.1/sam2.1_hiera_")
+    with pytest.raises(ValueError, match="Unknown SAM model 'sam2_x'; choose one of auto, "):
+        models.resolve_sam_model("sam2_x", "cpu")
+    with pytest.raises(ValueError, match="Unknown SAM 2 model 'vit_b'"):
+        models.build_sam2_model("vit_b")
+    with pytest.raises(ValueError, match="sam2_t"):
+        load_sam("sam2_x", None, "cpu")
+
+
+@pytest.mark.parametrize("name", ["sam2_b+", "sam2_l"])
+def test_unpinned_sam2_checkpoint_is_checked_against_its_first_download(tmp_path, monkeypatch,
+                                                                        name):
+    import pooch
+
+    spec = models.SAM2_CHECKPOINTS[name]
+    assert spec["hash"] is None  # no published hash: trust on first use
+    folder = tmp_path / "cache" / "sam2"
+
+    def fake_retrieve(url, known_hash, fname, path, progressbar):
+        assert url == spec["url"] and known_hash is None
+        path.mkdir(parents=True, exist_ok=True)  # as pooch does
+        target = path / fname
+        target.write_bytes(b"first download")
+        return str(target)
+
+    monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
+    target = models.download_sam_checkpoint(name)
+    pin = folder / f"{spec['fname']}.sha256"
+    assert target == folder / str(spec["fname"])
+    assert pin.read_text().strip() == models.file_sha256(target)
+
+    def no_network(**kwargs):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(pooch, "retrieve", no_network)
+    assert models.download_sam_checkpoint(name) == target  # matches its pin
+    target.write_bytes(b"replaced by something else")
+    with pytest.raises(ModelUnavailableError, match="changed since it was downloaded") as err:
+        models.download_sam_checkpoint(name)
+    assert str(pin) in str(err.value) and "delete both files" in str(err.value)
+    with pytest.raises(ModelUnavailableError, match="changed since it was downloaded"):
+        load_sam(name, None, "cpu")

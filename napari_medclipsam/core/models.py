@@ -733,6 +733,15 @@ def build_sam2_model(name: str = "sam2_t", overrides: tuple[str, ...] | list[str
                                       device="cpu", hydra_overrides_extra=extra)
 
 
+def _state_family(state: dict[str, Any]) -> str | None:
+    """"SAM 2.1" or "SAM" by the image encoder's keys of a state dict (None: neither)."""
+    if any(k.startswith("image_encoder.trunk.") for k in state):
+        return "SAM 2.1"
+    if any(k.startswith("image_encoder.blocks.") for k in state):
+        return "SAM"
+    return None
+
+
 def load_sam(name: str = "auto", checkpoint: str | None = None, device: str | None = None,
              builder=None, image_size: int | None = None) -> SamBundle:
     """Load SAM weights into segment-anything's architecture, cached by (name, file, device).
@@ -787,9 +796,14 @@ def load_sam(name: str = "auto", checkpoint: str | None = None, device: str | No
     except ModelUnavailableError:
         raise
     except Exception as exc:
+        detail = " ".join(str(exc).split())  # torch lists the keys over several lines
+        detail = detail if len(detail) <= 200 else detail[:200] + "..."
+        holds = _state_family(state)
+        holds = (f"the file holds a {holds} model; " if holds and holds != family_name
+                 else "")
         raise ModelUnavailableError(
-            f"{path} is not a {name} checkpoint in {family_name}'s format "
-            f"({type(exc).__name__}: {str(exc)[:300]}). Check --sam-model matches the file "
+            f"{path} is not a {name} checkpoint in {family_name}'s format ({holds}"
+            f"{type(exc).__name__}: {detail}). Check --sam-model matches the file "
             "(MedSAM is 'medsam'; sam2.1_hiera_tiny.pt is 'sam2_t')."
         ) from exc
     sam.eval().requires_grad_(False).to(device)
