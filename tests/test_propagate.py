@@ -449,6 +449,8 @@ def test_nothing_found_anywhere_or_no_text(tiny_sam2_pipeline):
         pipeline.propagate_volume(volume, ["  ", ""])
     with pytest.raises(InputError, match=r"\(Z, Y, X\)"):
         pipeline.propagate_volume(volume[0], "a disk")
+    with pytest.raises(InputError, match=r"Candidate slice indices out of range 0..5: \[6, -1\]"):
+        pipeline.propagate_volume(volume, "a disk", candidates=[2, 6, -1])
     pipeline.config = dataclasses.replace(pipeline.config, coarse=CoarseMaskConfig(eta_c=1.0))
     with pytest.raises(InputError, match="Nothing found on any candidate slice") as info:
         pipeline.propagate_volume(volume, "a disk")

@@ -413,6 +413,10 @@ class ZeroShotPipeline:
         volume = np.asarray(volume)
         if volume.ndim != 3:
             raise InputError(f"Expected a (Z, Y, X) volume; got shape {volume.shape}.")
+        bad = [int(z) for z in (candidates or ()) if not 0 <= int(z) < len(volume)]
+        if bad:
+            raise InputError(f"Candidate slice indices out of range 0..{len(volume) - 1}: "
+                             f"{bad}.")
         window = window or auto_window(volume)
         report = progress or (lambda stage, fraction: None)
         rgb = np.stack([to_rgb_uint8(volume[z], window) for z in range(len(volume))])
