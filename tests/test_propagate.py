@@ -392,11 +392,13 @@ def test_text_chooses_the_best_ranked_slice_that_found_something(tiny_sam2_pipel
 
 
 def test_a_best_ranked_slice_with_nothing_found_is_skipped(tiny_sam2_pipeline):
+    from napari_medclipsam.core.io import auto_window, to_rgb_uint8
+
     pipeline = tiny_sam2_pipeline
     volume = volume_with_objects()
+    window = auto_window(volume)  # as propagate_volume windows the slices
     ranked = [z for z, _ in pipeline.rank_slices(
-        np.stack([np.dstack([v.clip(0, 255).astype(np.uint8)] * 3) for v in volume]),
-        "a disk")]
+        np.stack([to_rgb_uint8(v, window) for v in volume]), "a disk")]
     best = ranked[0]
     assert best in (1, 4)  # the slices with something in them rank first
     spy_segment(pipeline, nothing_on=[volume[best]])
