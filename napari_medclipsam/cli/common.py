@@ -1,6 +1,6 @@
 """What several ``medclipsam`` subcommands share: the user-error type, model and chain
-flags, a tqdm progress callback, and the CLI-wide handling of warnings, OS errors and
-SIGTERM."""
+flags, a tqdm progress callback, and the CLI-wide handling of warnings, OS errors, SIGTERM
+and stop requests (:func:`stop_requests`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any
 from ..core.config import (
     BOX_MODES,
     DEFAULT_CLIP_MODEL,
-    DEFAULT_SAM_MODEL,
+    PRECISIONS,
     PROMPT_MODES,
     RANK_BY,
     READOUTS,
@@ -32,10 +32,11 @@ from ..core.config import (
     SaliencyConfig,
     SamConfig,
 )
+from ..core.models import SAM_MODELS
 
-__all__ = ["CLIError", "Terminated", "add_chain_flags", "add_model_flags", "check_device",
-           "check_writable_folder", "logger", "oserror_line", "quiet_warnings", "read_json_file",
-           "sigterm_as_interrupt", "tqdm_progress"]
+__all__ = ["CLIError", "StopRequest", "Terminated", "add_chain_flags", "add_model_flags",
+           "check_device", "check_writable_folder", "logger", "oserror_line", "quiet_warnings",
+           "read_json_file", "sigterm_as_interrupt", "stop_requests", "tqdm_progress"]
 
 logger = logging.getLogger("medclipsam")
 
@@ -54,13 +55,21 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-model", default=None,
                    help=f"CLIP: 'hf-hub:ORG/NAME', 'local-dir:PATH' or a checkpoint file "
                         f"(default {DEFAULT_CLIP_MODEL}).")
-    g.add_argument("--sam-model", default=None, choices=("vit_b", "vit_l", "vit_h", "medsam"),
-                   help=f"SAM backbone (default {DEFAULT_SAM_MODEL}; medsam is MedSAM ViT-B).")
+    g.add_argument("--sam-model", default=None, choices=SAM_MODELS,
+                   help="SAM backend (default auto: auto = vit_h on a CUDA GPU, sam2_t (SAM "
+                        "2.1 tiny) on a CPU; the choice is printed at the start). vit_b, "
+                        "vit_l, vit_h: SAM; medsam: MedSAM (ViT-B); sam2_t, sam2_s, sam2_b+, "
+                        "sam2_l: SAM 2.1 hiera tiny, small, base-plus, large.")
     g.add_argument("--sam-checkpoint", default=None, metavar="PATH",
-                   help="Local SAM/MedSAM .pth (default: download the official one, "
-                        "hash-checked, into $MEDCLIPSAM_HOME).")
+                   help="local weights of the --sam-model backend: a SAM/MedSAM .pth or a SAM "
+                        "2.1 .pt (e.g. sam2.1_hiera_tiny.pt for sam2_t); default: download the "
+                        "official one, hash-checked, into $MEDCLIPSAM_HOME.")
     g.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU).")
+    g.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="numeric precision of M2IB and the image encoders (default auto: auto "
+                        "= bf16 where the CPU/GPU has it natively, else fp32). The precision "
+                        "used is recorded in the manifest.")
 
 
 def add_chain_flags(p: argparse.ArgumentParser) -> None:
@@ -260,3 +269,63 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class StopRequest:
+    """Whether Ctrl-C or SIGTERM asked the work to stop (see :func:`stop_requests`); call it
+    as a ``should_stop`` callable."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def interrupt(self) -> KeyboardInterrupt:
+        """The exception that ends the command as the signal would have: :class:`Terminated`
+        for SIGTERM, else KeyboardInterrupt."""
+        if self.signum == getattr(signal, "SIGTERM", None):
+            return Terminated()
+        return KeyboardInterrupt()
+
+
+@contextmanager
+def stop_requests(note: str | None = None) -> Iterator[StopRequest]:
+    """While inside, the first Ctrl-C or SIGTERM only sets the :class:`StopRequest` yielded
+    (work that checks it stops at its next safe point and keeps what it did); a second one
+    stops at once (KeyboardInterrupt, or :class:`Terminated` for SIGTERM). ``note`` is
+    printed on stderr at the first one. Outside the main thread nothing changes (the request
+    is never set)."""
+    import sys
+
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    term = getattr(signal, "SIGTERM", None)
+
+    def handler(signum, frame):
+        if request.signum is not None:  # asked twice: stop now
+            raise Terminated() if signum == term else KeyboardInterrupt()
+        request.signum = signum
+        if note:
+            print(note, file=sys.stderr, flush=True)
+
+    previous: dict[int, Any] = {}
+    installed = True
+    try:
+        for sig in (signal.SIGINT, term):
+            if sig is not None:
+                previous[sig] = signal.signal(sig, handler)
+    except (ValueError, OSError):  # pragma: no cover - signals unavailable here
+        installed = False
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if not installed:  # pragma: no cover
+        yield request
+        return
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

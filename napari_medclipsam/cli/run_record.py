@@ -6,7 +6,8 @@
 * :func:`output_paths`, :func:`partial_paths`: where an image's outputs, and a volume's
   partial files, go in OUT (:data:`OUTPUT_FOLDERS`).
 * :func:`check_existing`: refuse to write over existing outputs, or check what ``--resume``
-  would keep (same parameters, prompt, input file and slice selection).
+  would keep (same parameters, resolved SAM backend and precision, prompt, input file, slice
+  selection and propagation settings).
 * :class:`Run`: ``OUT/manifest.json`` (status, models and their hashes, parameters,
   versions, an entry per image), written atomically and throttled; :meth:`Run.check_models`
   refuses other model weights on ``--resume``; :func:`can_keep` says whether a resumed
@@ -34,8 +35,11 @@ __all__ = ["OUTPUT_FOLDERS", "FolderLock", "Plan", "Run", "can_keep", "check_exi
 
 #: Subfolders of OUT this command writes.
 OUTPUT_FOLDERS = ("saliency", "coarse", "prompts", "masks", "partial")
-#: Settings that do not change the results (model identity is checked by weight hashes).
-_NOT_PARAMETERS = ("device", "clip_model", "sam_checkpoint")
+#: Settings that do not change the results (model identity is checked by weight hashes), or
+#: that are recorded resolved instead: ``sam_model`` and ``precision`` ("auto" means another
+#: model or precision on another machine), as :attr:`Plan.sam_model` and
+#: :attr:`Plan.precision`.
+_NOT_PARAMETERS = ("device", "clip_model", "sam_checkpoint", "sam_model", "precision")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -95,16 +99,27 @@ class Plan:
     window_text: str | None
     previous: dict[str, Any] | None = None  # the manifest being resumed
     probe_errors: dict[Path, str] = dataclasses.field(default_factory=dict)
+    #: the SAM backend and precision ``config`` resolves to on this machine ("auto" resolved)
+    sam_model: str = ""
+    precision: str = ""
+    #: ``--propagate``: {"seeds": N or None, "seed_slices": [z, ...] or None}; None: slice by
+    #: slice
+    propagate: dict[str, Any] | None = None
 
     @property
     def run_parameters(self) -> dict[str, Any]:
-        """What every result depends on, models aside (they are compared by hash)."""
+        """What every result depends on, model weights aside (they are compared by hash):
+        the chain's settings, the window, the resolved SAM backend and precision."""
         config = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_PARAMETERS}
-        return {"config": config, "window": self.window_text or "auto"}
+        return {"config": config, "window": self.window_text or "auto",
+                "sam_model": self.sam_model, "precision": self.precision}
 
     def image_parameters(self, f: Path, input_sha256: str) -> dict[str, Any]:
-        volume = ({"slices": self.slices_text or "all", "body": self.body}
-                  if self.volume else None)
+        volume = None
+        if self.volume:
+            volume = {"slices": self.slices_text or "all", "body": self.body}
+            if self.propagate is not None:
+                volume["propagate"] = self.propagate
         return {"prompt": self.prompts[f], "input_sha256": input_sha256, "volume": volume}
 
     def parameters_sha256(self, f: Path, input_sha256: str) -> str:
@@ -143,6 +158,34 @@ def read_json_or_none(path: Path) -> Any:
         return None
 
 
+def _resolved_models(old: dict[str, Any], device: str | None) -> dict[str, Any]:
+    """Parameters of a manifest written before the resolved SAM backend and precision were
+    recorded, with them: the backend its config names ("auto" resolved for ``device``), and
+    fp32 when its config has no precision (every run was fp32 then)."""
+    from ..core.models import resolve_sam_model
+    from ..core.precision import resolve_precision
+
+    config = old.get("config")
+    if not isinstance(config, dict) or ("sam_model" in old and "precision" in old):
+        return old
+    old = {**old, "config": {k: v for k, v in config.items() if k not in _NOT_PARAMETERS}}
+    try:
+        if "sam_model" not in old and config.get("sam_model"):
+            old["sam_model"] = resolve_sam_model(config["sam_model"], device)
+        if "precision" not in old:
+            old["precision"] = resolve_precision(config.get("precision", "fp32"),
+                                                 _device(device))
+    except ValueError:  # an unknown name or precision: compared as written
+        pass
+    return old
+
+
+def _device(device: str | None) -> str:
+    from ..core.models import resolve_device
+
+    return resolve_device(device)
+
+
 def check_existing(plan: Plan) -> None:
     """Refuse to write over existing outputs, or check what ``--resume`` would keep."""
     from ..core.io import file_stem
@@ -174,9 +217,8 @@ def check_existing(plan: Plan) -> None:
     old = previous.get("parameters")
     if not isinstance(old, dict):  # a manifest written before parameters were recorded
         old_config = previous.get("config") if isinstance(previous.get("config"), dict) else {}
-        old = {"config": {k: v for k, v in old_config.items() if k not in _NOT_PARAMETERS},
-               "window": plan.run_parameters["window"]}
-    diffs = _differences(old, plan.run_parameters)
+        old = {"config": dict(old_config), "window": plan.run_parameters["window"]}
+    diffs = _differences(_resolved_models(old, plan.config.device), plan.run_parameters)
     if diffs:
         if plan.overwrite:
             return  # redo everything
@@ -214,8 +256,8 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "napari-medclipsam": __version__}
-    for pkg in ("torch", "open_clip_torch", "segment-anything", "timm", "transformers", "numpy",
-                "scikit-image"):
+    for pkg in ("torch", "open_clip_torch", "segment-anything", "sam2", "timm", "transformers",
+                "numpy", "scikit-image"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -243,10 +285,12 @@ class Run:
         self.models_sha256 = {"clip": clip.weights_sha256, "sam": sam.checkpoint_sha256}
         self.models = {"clip": {"source": plan.config.clip_model, "id": clip.model_id,
                                 "sha256": clip.weights_sha256},
-                       "sam": {"name": plan.config.sam_model, "id": sam.model_id,
+                       "sam": {"name": sam.name, "requested": plan.config.sam_model,
+                               "family": sam.family, "id": sam.model_id,
                                "checkpoint": sam.checkpoint,
                                "sha256": sam.checkpoint_sha256},
                        "device": clip.device}
+        self.precision = {"resolved": pipeline.precision, "requested": plan.config.precision}
 
     def check_models(self) -> None:
         """On --resume, refuse other model weights than the resumed run's (unless
@@ -299,6 +343,7 @@ class Run:
             "window": dataclasses.asdict(plan.window) if plan.window
             else "auto (0.5-99.5 percentiles)",
             "models": self.models,
+            "precision": self.precision,
             "versions": self.versions,
             "done": by_status["done"], "failed": by_status["failed"],
             "pending": [n for n in names if n not in finished],

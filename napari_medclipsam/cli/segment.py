@@ -14,12 +14,22 @@ Outputs (per image ``NAME``, paired with prompts by file name, never by listing 
                                parameters hash and model hashes, and the volume so far;
                                removed once the volume's outputs are written
 
+With ``--volume --propagate`` the text chain runs on a few seed slices (chosen by CLIP's
+image-text similarity, or ``--seed-slices``) and their masks propagate through the selected
+slices (SAM 2's video predictor; box to box for SAM 1 backends); the outputs are those of a
+volume (saliency and coarse mask only on the slices where the chain ran), and the prompts
+JSON and the manifest entry record the seeds with their similarity, the propagated slices,
+early stops, the SAM backend and the precision.
+
 Stopping and continuing: Ctrl-C or SIGTERM keeps every finished image, and a volume's
 finished slices, and writes ``manifest.json`` with status ``interrupted`` (exit 130; 143
 for SIGTERM). ``--resume`` continues: images whose outputs are complete and were made
 with the same parameters, prompt, input file and model weights are kept, the rest are
-redone, and a volume continues from its finished slices. A resume with other parameters
-is refused (``--overwrite`` redoes everything instead).
+redone, and a volume continues from its finished slices. A propagated volume stopped midway
+keeps its partial mask in ``OUT/partial`` but is redone from the start (SAM 2's memory of
+the slices is not saved); a finished one is kept. A resume with other parameters (the
+resolved SAM backend and precision among them: "auto" may resolve otherwise on another
+machine) is refused with the difference named (``--overwrite`` redoes everything instead).
 
 Validation comes before work: flags, ``--config``, ``--prompt-file``, ``--device``, the
 inputs (explicit files must be images; headers are read) and the output folder are
@@ -50,7 +60,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.config import PipelineConfig
+from ..core.config import PipelineConfig, SamConfig
 from ..core.errors import InputError
 from .common import (
     CLIError,
@@ -75,7 +85,7 @@ from .run_record import (
     partial_paths,
     read_json_or_none,
 )
-from .segment_volume import segment_volume
+from .segment_volume import propagate_volume, segment_volume
 
 __all__ = ["BODY_FRACTION", "CHECKPOINT_SECONDS", "MANIFEST_SECONDS", "add_parser",
            "collect_images", "config_from_args", "format_presets", "parse_slices",
@@ -120,7 +130,7 @@ def add_parser(sub) -> None:
     seg.add_argument("--volume", action="store_true",
                      help="process 3-D volumes slice by slice (axis 0 = Z, axial for NIfTI), "
                           "with a bar per slice (ETA) and finished slices saved as they go "
-                          "(OUT/partial).")
+                          "(OUT/partial); or by propagation from a few slices (--propagate).")
     seg.add_argument("--window", metavar="C,W",
                      help="intensity window centre,width for non-8-bit data (e.g. -600,1500 "
                           "for CT lungs); default: 0.5-99.5 percentiles.")
@@ -148,6 +158,37 @@ def add_parser(sub) -> None:
     g.add_argument("--body-fraction", type=float, metavar="F",
                    help=f"share of a slice's voxels that must be body for the slice to be "
                         f"segmented (default {BODY_FRACTION}). Implies --skip-empty-slices.")
+    g = seg.add_argument_group(
+        "propagation through a volume (with --volume --propagate)",
+        "The text chain runs on a few seed slices only and their masks propagate through the "
+        "volume. Seeds: the slices are ranked by CLIP's image-text similarity (one vision "
+        "pass per slice) and the chain runs on the best-ranked until --seeds of them found "
+        "something. The slices propagated through are those selected (--slices, minus the "
+        "slices outside the body with --skip-empty-slices); the others stay 0. A stopped "
+        "propagation keeps its partial mask in OUT/partial but is redone from the start by "
+        "--resume (a finished one is kept).")
+    g.add_argument("--propagate", action="store_true",
+                   help="segment each volume by propagation instead of slice by slice: SAM "
+                        "2's video predictor over the slices with a SAM 2.1 backend (sam2_*); "
+                        "with a SAM 1 backend (vit_b, vit_l, vit_h, medsam) the cheap path, "
+                        "each slice prompted with the box of the previous slice's mask. The "
+                        "saliency and coarse mask are non-zero only on the slices where the "
+                        "text chain ran.")
+    g.add_argument("--seeds", type=int, metavar="N",
+                   help="number of seed slices: the best-ranked slices are tried in order "
+                        "until N of them found something (default 1).")
+    g.add_argument("--seed-slices", metavar="Z1,Z2",
+                   help="run the text chain on these slices (indices of axis 0; negative "
+                        "count from the end) instead of ranking; those where it found "
+                        "something are the seeds.")
+    g.add_argument("--propagate-size", type=int, choices=(0, 512, 1024), metavar="0|512|1024",
+                   help="SAM 2 only: input size of the video predictor (default 0 = auto: "
+                        "the model's own 1024 on a GPU; on a CPU 512 for slices of at most "
+                        "512 pixels, else 1024).")
+    g.add_argument("--stop-after-empty", type=int, metavar="K",
+                   help="stop propagating in a direction after K consecutive empty slices "
+                        "(the object has ended); 0 runs every slice (default "
+                        f"{SamConfig().stop_after_empty}).")
     add_model_flags(seg)
     add_chain_flags(seg)
     seg.set_defaults(func=run_segment)
@@ -286,13 +327,16 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         sam = base.sam
         if a.keep_largest is not None:
             sam = dataclasses.replace(sam, keep_largest=keep)
-        sam = pick(sam, multimask_output=a.multimask)
+        sam = pick(sam, multimask_output=a.multimask,
+                   propagate_size=getattr(a, "propagate_size", None),
+                   stop_after_empty=getattr(a, "stop_after_empty", None))
         return dataclasses.replace(
             base, clip_model=a.clip_model or base.clip_model,
             sam_model=a.sam_model or base.sam_model,
             sam_checkpoint=a.sam_checkpoint or base.sam_checkpoint,
-            device=a.device or base.device, saliency=saliency, coarse=coarse,
-            prompts=prompts, sam=sam)
+            device=a.device or base.device,
+            precision=getattr(a, "precision", None) or base.precision, saliency=saliency,
+            coarse=coarse, prompts=prompts, sam=sam)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -456,6 +500,7 @@ def _plan(args: argparse.Namespace) -> Plan:
     """Every check that needs no model: flags, files, prompts, output folder, resume."""
     from ..core.io import Window, file_stem
 
+    propagate = _propagate_options(args)
     config = config_from_args(args)
     files = collect_images(args.images)
     stems: dict[str, Path] = {}
@@ -495,9 +540,11 @@ def _plan(args: argparse.Namespace) -> Plan:
                  slices_text=args.slices.strip() if args.slices else None, body=body,
                  resume=args.resume, overwrite=args.overwrite,
                  debug=getattr(args, "debug", False),
-                 preset=getattr(args, "preset", None), window_text=args.window)
-    check_existing(plan)
+                 preset=getattr(args, "preset", None), window_text=args.window,
+                 propagate=propagate)
     check_device(config.device)
+    plan.sam_model, plan.precision = _resolved_models(config)
+    check_existing(plan)
     for f in files:
         problem = _shape_probe(f)
         if problem is not None:
@@ -508,18 +555,101 @@ def _plan(args: argparse.Namespace) -> Plan:
             raise CLIError(first)
         raise CLIError(f"None of the {len(files)} inputs can be read as an image; nothing was "
                        f"computed (first: {first})")
+    if propagate is not None:
+        flat = [f for f in files if f not in plan.probe_errors and _known_2d(f)]
+        if flat and len(flat) == len(files) - len(plan.probe_errors):
+            what = (f"{flat[0].name} is a 2-D image" if len(flat) == 1 else
+                    f"none of the {len(flat)} inputs is a volume (e.g. {flat[0].name})")
+            raise CLIError(f"--propagate applies to 3-D volumes; {what}. Leave --propagate "
+                           "out for 2-D images.")
     return plan
+
+
+def _resolved_models(config: PipelineConfig) -> tuple[str, str]:
+    """The SAM backend and precision ``config`` gives on this machine ("auto" resolved)."""
+    from ..core.models import resolve_device, resolve_sam_model
+    from ..core.precision import resolve_precision
+
+    try:
+        device = resolve_device(config.device)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    try:
+        sam = resolve_sam_model(config.sam_model, device)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    try:
+        precision = resolve_precision(config.precision, device)
+    except ValueError as exc:
+        raise CLIError(f"--precision {config.precision}: {exc}") from exc
+    return sam, precision
+
+
+def _propagate_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--propagate`` and its flags checked: {"seeds": N or None, "seed_slices": [...] or
+    None}, or None without ``--propagate``."""
+    given = [flag for flag, value in (
+        ("--seeds", args.seeds), ("--seed-slices", args.seed_slices),
+        ("--propagate-size", args.propagate_size),
+        ("--stop-after-empty", args.stop_after_empty)) if value is not None]
+    if not args.propagate:
+        if given:
+            raise CLIError(f"{given[0]} applies to propagation; add --volume --propagate.")
+        return None
+    if not args.volume:
+        raise CLIError("--propagate applies to volumes; add --volume.")
+    if args.seeds is not None and args.seed_slices is not None:
+        raise CLIError("--seeds and --seed-slices: give one of them (--seed-slices names the "
+                       "seed slices itself).")
+    if args.seeds is not None and args.seeds < 1:
+        raise CLIError(f"--seeds {args.seeds}: give 1 or more seed slices.")
+    if args.stop_after_empty is not None and args.stop_after_empty < 0:
+        raise CLIError(f"--stop-after-empty {args.stop_after_empty}: give 0 (never stop "
+                       "early) or a number of slices.")
+    if args.seed_slices is not None:
+        return {"seeds": None, "seed_slices": parse_seed_slices(args.seed_slices)}
+    return {"seeds": args.seeds or 1, "seed_slices": None}
+
+
+def parse_seed_slices(text: str) -> list[int]:
+    """``--seed-slices`` text -> slice indices of axis 0 (``40,80``; negative values count
+    from the end), in the order given, each once."""
+    items = [t.strip() for t in text.split(",")]
+    if not items or not all(re.fullmatch(r"-?\d+", t) for t in items):
+        raise CLIError(f"--seed-slices {text!r}: write slice indices of axis 0 separated by "
+                       "commas (e.g. 40,80).")
+    return list(dict.fromkeys(int(t) for t in items))
+
+
+def _known_2d(path: Path) -> bool:
+    """True when the header alone says ``path`` is a 2-D image (PNG/JPEG/BMP, a flat
+    NIfTI); TIFF and DICOM are known only once read."""
+    from ..core.io import NIFTI_SUFFIXES
+
+    name = path.name.lower()
+    if name.endswith((".png", ".jpg", ".jpeg", ".bmp")):
+        return True
+    if name.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        try:
+            shape = tuple(nib.load(str(path)).header.get_data_shape())
+        except Exception:  # noqa: BLE001 - unreadable: the probe or the reader says why
+            return False
+        return len(shape) == 2 or (len(shape) >= 3 and all(n == 1 for n in shape[2:]))
+    return False
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def _prompts_json(result) -> dict[str, Any]:
+def _prompts_json(result, plan: Plan) -> dict[str, Any]:
     return {**result.prompts.to_dict(),
             "components": [dataclasses.asdict(c) for c in result.coarse.components],
             "threshold": result.coarse.threshold,
             "n_candidates": result.coarse.n_candidates,
-            "found": result.found, "message": result.message}
+            "found": result.found, "message": result.message,
+            "sam_model": plan.sam_model, "precision": plan.precision}
 
 
 _FATAL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS}
@@ -539,6 +669,11 @@ def run_segment(args: argparse.Namespace) -> int:
     plan = _plan(args)
     for f, problem in plan.probe_errors.items():
         print(f"{f.name}: error: {problem.removeprefix(f.name + ': ')}", file=sys.stderr)
+    if plan.config.sam_model in (None, "", "auto"):
+        from ..core.models import resolve_device
+
+        device = str(resolve_device(plan.config.device)).split(":")[0]
+        print(f"SAM: {plan.sam_model} (auto on {device})", file=sys.stderr)
     pipeline = ZeroShotPipeline(plan.config)
 
     def stage(name: str, fraction: float) -> None:
@@ -610,6 +745,7 @@ def _run_all(plan: Plan, pipeline, run: Run) -> int:
                     run.record(name, entry)
                     bar.update(1)
                     continue
+                stop = entry.pop("stop", None)  # a stop asked for as the image finished
                 if entry.pop("kept", False):
                     n_kept += 1
                 else:
@@ -620,6 +756,9 @@ def _run_all(plan: Plan, pipeline, run: Run) -> int:
                     print(f"{f.name}: {entry['message']}", file=sys.stderr)
                 run.record(name, entry)
                 bar.update(1)
+                if stop is not None:
+                    current = None
+                    raise stop
             current = None
         except KeyboardInterrupt as exc:
             bar.close()
@@ -631,7 +770,12 @@ def _run_all(plan: Plan, pipeline, run: Run) -> int:
             run.save("interrupted", force=True)
             kind = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
             note = ""
-            if current is not None and partial_paths(out, file_stem(current))["record"].exists():
+            record = None if current is None else read_json_or_none(
+                partial_paths(out, file_stem(current))["record"])
+            if isinstance(record, dict) and record.get("mode") == "propagate":
+                note = (f"; the partial mask of {current.name} is kept in {out / 'partial'} "
+                        "(a stopped propagation is redone from the start by --resume)")
+            elif isinstance(record, dict):
                 note = f"; the finished slices of {current.name} are kept in {out / 'partial'}"
             print(f"{kind}: {n_done} of {len(plan.files)} image(s) done{note}; manifest.json "
                   "written. Continue with the same command and --resume.", file=sys.stderr)
@@ -652,8 +796,11 @@ def _partial_note(plan: Plan, name: str) -> dict[str, Any]:
     record = read_json_or_none(partial_paths(plan.out, name)["record"])
     if not isinstance(record, dict):
         return {}
-    return {"partial": str(partial_paths(plan.out, name)["record"].relative_to(plan.out)),
+    note = {"partial": str(partial_paths(plan.out, name)["record"].relative_to(plan.out)),
             "slices_done": len(record.get("done", []))}
+    if record.get("mode") == "propagate":
+        note["resume"] = "redone from the start (a stopped propagation is not continued)"
+    return note
 
 
 def _failure(exc: BaseException, f: Path, debug: bool) -> tuple[str, bool]:
@@ -698,10 +845,15 @@ def _segment_one(plan: Plan, pipeline, run: Run, f: Path, bar) -> dict[str, Any]
     if image.is_volume and not plan.volume:
         raise InputError(f"{f.name} is a 3-D volume {image.data.shape}; pass --volume to "
                          "process it slice by slice.")
+    if plan.propagate is not None and not image.is_volume:
+        raise InputError(f"{f.name} is a 2-D image {image.data.shape[:2]}; --propagate "
+                         "applies to 3-D volumes.")
     common = {"image": str(f), "name": name, "prompt": texts, "status": "done",
               "parameters_sha256": params_sha, "input_sha256": input_sha,
               "models_sha256": run.models_sha256,
               "parameters": {"image": plan.image_parameters(f, input_sha)}}
+    if image.is_volume and plan.propagate is not None:
+        return {**common, **propagate_volume(plan, pipeline, run, f, image, common)}
     if image.is_volume:
         return {**common, **segment_volume(plan, pipeline, run, f, image, common,
                                            checkpoint_seconds=CHECKPOINT_SECONDS,
@@ -715,7 +867,7 @@ def _segment_one(plan: Plan, pipeline, run: Run, f: Path, bar) -> dict[str, Any]
     res = pipeline.segment(image.data, texts, window=win, progress=progress)
     write_float_tiff(paths["saliency"], res.saliency)
     write_mask_png(paths["coarse"], res.coarse.mask)
-    write_text(paths["prompts"], json.dumps(_prompts_json(res), indent=2))
+    write_text(paths["prompts"], json.dumps(_prompts_json(res, plan), indent=2))
     write_mask_png(paths["mask"], res.mask)
     return {**common, "found": res.found, "message": res.message,
             "outputs": {k: str(v.relative_to(plan.out)) for k, v in paths.items()}}

@@ -1,11 +1,22 @@
-"""``medclipsam segment --volume``: a volume segmented slice by slice, saved as it goes.
+"""``medclipsam segment --volume``: a volume segmented slice by slice, saved as it goes, or
+by propagation (``--propagate``).
 
-:func:`segment_volume` picks the slices to run (``--slices``, then the body test of
-:func:`napari_medclipsam.core.postprocess.body_slices` with ``--skip-empty-slices``), runs
-them with a bar per slice (or one line per slice with its ETA when stderr is no terminal) and
-writes the volume's outputs. :class:`VolumeState` holds the finished slices and saves them in
-``OUT/partial`` (throttled; always on an interrupt or error), so ``--resume`` continues from
-them; the partial files are removed once the outputs are written.
+:func:`select_slices` picks the slices to run (``--slices``, then the body test of
+:func:`napari_medclipsam.core.postprocess.body_slices` with ``--skip-empty-slices``).
+
+:func:`segment_volume` runs them with a bar per slice (or one line per slice with its ETA when
+stderr is no terminal) and writes the volume's outputs. :class:`VolumeState` holds the
+finished slices and saves them in ``OUT/partial`` (throttled; always on an interrupt or
+error), so ``--resume`` continues from them; the partial files are removed once the outputs
+are written.
+
+:func:`propagate_volume` runs the text chain on a few seed slices and propagates their masks
+through the selected slices (:meth:`ZeroShotPipeline.propagate_volume
+<napari_medclipsam.core.pipeline.ZeroShotPipeline.propagate_volume>`). Ctrl-C or SIGTERM stops
+it at the next slice and keeps the partial mask in ``OUT/partial`` (record ``mode``
+``propagate``); ``--resume`` redoes a stopped propagation from the start (SAM 2's memory of
+the slices seen is not saved, and a continued propagation would differ from an uninterrupted
+one) and keeps a finished one, as for any image.
 """
 
 from __future__ import annotations
@@ -19,9 +30,52 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import InputError
+from .common import stop_requests
 from .run_record import Plan, Run, output_paths, partial_paths, read_json_or_none
 
-__all__ = ["VolumeState", "segment_volume"]
+__all__ = ["VolumeState", "propagate_volume", "remove_partial", "segment_volume",
+           "select_slices"]
+
+_SEED_STAGE = re.compile(r"^seed slice z=(\d+): (.*)$")
+_PROPAGATING_STAGE = re.compile(r"^propagating: slice (\d+)/(\d+) \(z=(\d+)\)$")
+#: What ``--resume`` does with a propagated volume (said in the manifest and prompts JSON).
+PROPAGATION_RESUME = ("a stopped propagation is redone from the start by --resume; a "
+                      "finished one is kept")
+
+
+def remove_partial(out: Path, name: str) -> None:
+    """Remove a volume's partial files (and OUT/partial when it is left empty)."""
+    paths = partial_paths(out, name)
+    for path in paths.values():
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # other volumes' partial files are there
+        paths["record"].parent.rmdir()
+
+
+def select_slices(plan: Plan, f: Path, image) -> tuple[list[int], list[int], list[int],
+                                                       dict[str, Any] | None]:
+    """``(planned, skipped, to_run, body)``: the slices ``--slices`` selects, those of them
+    outside the body (``--skip-empty-slices``), the rest (the slices to run), and the body
+    test's threshold and fraction (None without it)."""
+    from ..core.postprocess import body_slices
+
+    n_slices = image.data.shape[0]
+    planned = list(range(n_slices))
+    if plan.slices is not None:
+        planned = list(range(*plan.slices.indices(n_slices)))
+        if not planned:
+            raise InputError(f"--slices {plan.slices_text} selects no slice of {f.name} "
+                             f"({n_slices} slices, 0..{n_slices - 1}).")
+    skipped: list[int] = []
+    body_info = None
+    if plan.body is not None:
+        kept, threshold, how = body_slices(image.data, plan.body["threshold"],
+                                           plan.body["fraction"])
+        skipped = [z for z in planned if z not in set(kept)]
+        body_info = {"threshold": threshold, "threshold_from": how,
+                     "fraction": plan.body["fraction"]}
+    to_run = [z for z in planned if z not in set(skipped)]
+    return planned, skipped, to_run, body_info
 
 
 class VolumeState:
@@ -105,10 +159,7 @@ class VolumeState:
         self.write_seconds = self.last_write - t0
 
     def remove(self) -> None:
-        for path in self.paths.values():
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # other volumes' partial files are there
-            self.paths["record"].parent.rmdir()
+        remove_partial(self.plan.out, self.name)
 
 
 def segment_volume(plan: Plan, pipeline, run: Run, f: Path, image, common: dict, *,
@@ -119,25 +170,10 @@ def segment_volume(plan: Plan, pipeline, run: Run, f: Path, image, common: dict,
     from tqdm import tqdm
 
     from ..core.io import auto_window, write_float_tiff, write_nifti_like, write_text
-    from ..core.postprocess import body_slices
 
     name = common["name"]
     n_slices = image.data.shape[0]
-    planned = list(range(n_slices))
-    if plan.slices is not None:
-        planned = list(range(*plan.slices.indices(n_slices)))
-        if not planned:
-            raise InputError(f"--slices {plan.slices_text} selects no slice of {f.name} "
-                             f"({n_slices} slices, 0..{n_slices - 1}).")
-    skipped: list[int] = []
-    body_info = None
-    if plan.body is not None:
-        kept, threshold, how = body_slices(image.data, plan.body["threshold"],
-                                           plan.body["fraction"])
-        skipped = [z for z in planned if z not in set(kept)]
-        body_info = {"threshold": threshold, "threshold_from": how,
-                     "fraction": plan.body["fraction"]}
-    to_run = [z for z in planned if z not in set(skipped)]
+    planned, skipped, to_run, body_info = select_slices(plan, f, image)
     window = plan.window or image.meta.get("window") or auto_window(image.data)
     record = {"image": str(f), "name": name, "shape": list(image.data.shape),
               "parameters_sha256": common["parameters_sha256"],
@@ -207,7 +243,8 @@ def segment_volume(plan: Plan, pipeline, run: Run, f: Path, image, common: dict,
     found = sorted(set(state.found) & set(planned))
     write_text(paths["prompts"], json.dumps(
         {"slices": {str(z): state.prompts[z] for z in found}, "found_slices": found,
-         "slices_run": to_run, "skipped_slices": skipped, "body": body_info}, indent=2))
+         "slices_run": to_run, "skipped_slices": skipped, "body": body_info,
+         "sam_model": plan.sam_model, "precision": plan.precision}, indent=2))
     state.remove()
     message = f"found on {len(found)} of {n_slices} slices"
     if skipped:
@@ -228,3 +265,289 @@ def _clock(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else \
         f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+# --------------------------------------------------------------------------- propagation
+
+
+def _seed_slices(plan: Plan, f: Path, n_slices: int, to_run: list[int],
+                 skipped: list[int]) -> list[int] | None:
+    """``--seed-slices`` resolved for this volume (negative indices from the end), or None
+    when the seeds are chosen by ranking."""
+    given = (plan.propagate or {}).get("seed_slices")
+    if given is None:
+        return None
+    chosen: list[int] = []
+    for z in given:
+        index = z + n_slices if z < 0 else z
+        if not 0 <= index < n_slices:
+            raise InputError(f"--seed-slices {z} is outside {f.name} ({n_slices} slices, "
+                             f"0..{n_slices - 1}).")
+        if index not in to_run:
+            why = ("outside the body (--skip-empty-slices)" if index in skipped else
+                   f"not selected by --slices {plan.slices_text}")
+            raise InputError(f"--seed-slices {z}: slice {index} of {f.name} is {why}, so it "
+                             "is not propagated through; choose a slice among those selected.")
+        chosen.append(index)
+    return list(dict.fromkeys(chosen))
+
+
+class _Propagation:
+    """What a propagation produced, in the volume's own slice indices: the sub-volume of the
+    selected slices (``to_run``) is what the pipeline sees, so its indices are mapped back."""
+
+    def __init__(self, shape: tuple[int, ...], to_run: list[int]):
+        import numpy as np
+
+        self.to_run = to_run
+        self.saliency = np.zeros(shape, dtype=np.float32)
+        self.coarse = np.zeros(shape, dtype=bool)
+        self.mask = np.zeros(shape, dtype=bool)
+        self.chain: list[int] = []  # slices the text chain ran on, in order
+        self.found: list[int] = []  # of them, those where it found something
+        self.prompts: dict[int, dict] = {}
+        self.ranking: list[tuple[int, float]] = []
+        self.seeds: list[int] = []
+        self.propagated: list[int] = []
+        self.stopped: dict[str, int] = {}
+        self.completed = False
+
+    def add_chain(self, z: int, one) -> None:
+        """A text-chain result on slice ``z`` (``--seed-slices``)."""
+        self.saliency[z], self.coarse[z] = one.saliency, one.coarse.mask
+        self.chain.append(z)
+        if one.found:
+            self.mask[z] = one.mask
+            self.found.append(z)
+            self.prompts[z] = one.prompts.to_dict()
+
+    def add_result(self, result) -> None:
+        """The pipeline's :class:`~napari_medclipsam.core.pipeline.VolumeResult` (finished,
+        or the partial one of a stop) over the sub-volume."""
+        back = self.to_run
+        own_chain = not self.chain  # the pipeline ran the chain itself (ranked seeds)
+        if own_chain:
+            self.saliency[back] = result.saliency
+            self.coarse[back] = result.coarse
+            self.chain = [back[i] for i in result.completed]
+            self.found = [back[i] for i in result.found_slices]
+            self.prompts = {back[i]: p.to_dict() for i, p in result.prompts.items()}
+            self.ranking = [(back[i], float(s)) for i, s in result.ranking]
+        prop = result.propagation
+        if prop is not None:
+            self.mask[back] = result.mask
+            self.seeds = [back[i] for i in prop.seeds]
+            self.propagated = [back[i] for i in prop.propagated]
+            self.stopped = {d: back[i] for d, i in prop.stopped.items()}
+            self.completed = bool(prop.completed)
+
+    @property
+    def done(self) -> list[int]:
+        """Slices whose mask is final: the seeds (or found chain slices) and the slices
+        propagation wrote."""
+        return sorted(set(self.seeds or self.found) | set(self.propagated))
+
+    def summary(self, plan: Plan, family: str, size: int | None) -> dict[str, Any]:
+        similarity = dict(self.ranking)
+        seeds = self.seeds or self.found
+        return {
+            "method": ("SAM 2 video predictor" if family == "sam2" else
+                       "box to box (SAM 1: the previous slice's mask box prompts the next)"),
+            "sam_model": plan.sam_model, "precision": plan.precision,
+            "propagate_size": size,
+            "stop_after_empty": plan.config.sam.stop_after_empty,
+            "seeds_from": ("--seed-slices" if (plan.propagate or {}).get("seed_slices")
+                           is not None else "ranking by CLIP image-text similarity"),
+            "seeds_wanted": (plan.propagate or {}).get("seeds"),
+            "seed_slices": [{"z": z, "similarity": similarity.get(z)} for z in seeds],
+            "chain_slices": list(self.chain),
+            "propagated_slices": list(self.propagated),
+            "stopped_early": dict(self.stopped),
+            "completed": self.completed,
+            "resume": PROPAGATION_RESUME,
+        }
+
+    def save_partial(self, plan: Plan, name: str, image, record: dict[str, Any],
+                     family: str) -> None:
+        """The stopped propagation's arrays, then its record, in OUT/partial."""
+        from ..core.io import write_float_tiff, write_nifti_like, write_text
+
+        paths = partial_paths(plan.out, name)
+        write_nifti_like(paths["mask"], self.mask, image)
+        write_nifti_like(paths["coarse"], self.coarse, image)
+        write_float_tiff(paths["saliency"], self.saliency)
+        write_text(paths["record"], json.dumps(
+            {**record, "done": self.done, "found_slices": sorted(self.found),
+             "prompts": {str(z): p for z, p in sorted(self.prompts.items())},
+             "propagation": self.summary(plan, family, None),
+             "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+
+
+def propagate_volume(plan: Plan, pipeline, run: Run, f: Path, image,
+                     common: dict) -> dict[str, Any]:
+    """Segment the volume ``image`` (read from ``f``) by propagation (``--propagate``) and
+    write its outputs; the manifest entry's volume fields (``common`` holds the rest).
+
+    The selected slices (:func:`select_slices`) form the volume propagated through; the
+    others stay 0. Seeds: ``--seed-slices`` (the text chain runs on each, those that found
+    something are the seeds), else the pipeline ranks the selected slices by CLIP's
+    image-text similarity and runs the chain on the best-ranked until ``--seeds`` found
+    something. A Ctrl-C or SIGTERM stops at the next slice (a second one at once), saves the
+    partial mask in ``OUT/partial`` and ends the run as interrupted.
+    """
+    from tqdm import tqdm
+
+    from ..core.errors import CancelledError
+    from ..core.io import auto_window, write_float_tiff, write_nifti_like, write_text
+
+    name = common["name"]
+    data = image.data
+    n_slices = data.shape[0]
+    planned, skipped, to_run, body_info = select_slices(plan, f, image)
+    seed_slices = _seed_slices(plan, f, n_slices, to_run, skipped)
+    window = plan.window or image.meta.get("window") or auto_window(data)
+    family = pipeline.sam.family
+    redone = plan.resume and partial_paths(plan.out, name)["record"].exists()
+    remove_partial(plan.out, name)  # never continued: see PROPAGATION_RESUME
+    if redone:
+        print(f"{f.name}: the stopped propagation is redone from the start.", file=sys.stderr)
+    record = {"image": str(f), "name": name, "shape": list(data.shape), "mode": "propagate",
+              "parameters_sha256": common["parameters_sha256"],
+              "parameters": {"run": plan.run_parameters, "image": common["parameters"]["image"]},
+              "models_sha256": run.models_sha256, "models": {
+                  "clip": run.models["clip"]["id"], "sam": run.models["sam"]["id"]},
+              "slices_planned": planned, "skipped_slices": skipped, "body": body_info}
+    state = _Propagation(data.shape, to_run)
+    texts = plan.prompts[f]
+
+    bar = tqdm(total=None, desc=f"{name} propagate", unit="slice", file=sys.stderr,
+               disable=None, leave=False, position=1, mininterval=0)
+    quiet = bar.disable
+    clock = {"start": time.monotonic(), "propagating": False}
+    seen: set[int] = set()
+
+    def progress(stage: str, fraction: float) -> None:
+        match = _PROPAGATING_STAGE.match(stage)
+        if match:
+            n, total, z = int(match[1]), int(match[2]), to_run[int(match[3])]
+            if not clock["propagating"]:
+                clock["propagating"] = True
+                bar.reset(total=total)
+                if not quiet:  # the bar's clock counts the first slice's time too
+                    elapsed = time.monotonic() - clock["start"]
+                    bar.start_t -= elapsed
+                    bar.last_print_t -= elapsed
+            bar.set_postfix_str(f"propagating z={z}", refresh=False)
+            bar.update(n - bar.n)
+            if quiet:
+                eta = (time.monotonic() - clock["start"]) / max(n, 1) * (total - n)
+                print(f"{f.name}: propagating: slice {n}/{total} (z={z}), ETA {_clock(eta)}",
+                      file=sys.stderr)
+            return
+        clock["start"] = time.monotonic()  # propagation's clock starts after the last seed
+        match = _SEED_STAGE.match(stage)
+        if match:
+            z = to_run[int(match[1])]
+            bar.set_postfix_str(f"seed z={z}: {match[2]}", refresh=True)
+            if quiet and z not in seen:
+                seen.add(z)
+                print(f"{f.name}: text chain on seed slice z={z}", file=sys.stderr)
+            return
+        bar.set_postfix_str(stage, refresh=True)
+        if quiet and stage == "ranking slices":
+            print(f"{f.name}: ranking {len(to_run)} slice(s) by CLIP image-text similarity",
+                  file=sys.stderr)
+
+    result = None
+    stop = None
+    try:
+        with stop_requests(f"{f.name}: stopping at the end of this step, keeping what is done "
+                           "(press Ctrl-C again to stop at once)...") as stop:
+            if to_run and seed_slices is not None:
+                index = {z: i for i, z in enumerate(to_run)}
+                seeds = {}
+                for z in seed_slices:
+                    if stop():
+                        raise CancelledError("Cancelled.")
+                    one = pipeline.segment(
+                        data[z], texts, window=window, should_stop=stop,
+                        progress=lambda stage, fraction, i=index[z]: progress(
+                            f"seed slice z={i}: {stage}", fraction))
+                    state.add_chain(z, one)
+                    if one.found and one.mask.any():
+                        seeds[index[z]] = one.mask
+                if not seeds:
+                    raise InputError(f"nothing found on the --seed-slices "
+                                     f"{','.join(map(str, seed_slices))} for {texts}, so "
+                                     "there is nothing to propagate; choose other slices or "
+                                     "another prompt.")
+                result = pipeline.propagate_volume(
+                    data[to_run], window=window, seeds=seeds, progress=progress,
+                    should_stop=stop)
+            elif to_run:
+                result = pipeline.propagate_volume(
+                    data[to_run], texts, window=window, n_seeds=plan.propagate["seeds"],
+                    progress=progress, should_stop=stop)
+    except CancelledError as exc:
+        partial = getattr(exc, "partial", None)
+        if partial is not None:
+            state.add_result(partial)
+        if state.done or state.chain:
+            state.save_partial(plan, name, image, record, family)
+        raise (stop.interrupt() if stop is not None else KeyboardInterrupt()) from None
+    except InputError as exc:  # nothing to propagate: a result to report, not work to keep
+        if str(exc).startswith("Nothing to propagate"):  # every seed's SAM mask is empty
+            raise InputError("SAM's mask is empty on the seed slice(s) where the text chain "
+                             "found something, so there is nothing to propagate; try another "
+                             "prompt, more --seeds, or --seed-slices.") from exc
+        raise
+    except BaseException:
+        if state.done or state.chain:  # keep what was done, whatever stopped the run
+            state.save_partial(plan, name, image, record, family)
+        raise
+    finally:
+        bar.close()
+    size = None
+    if result is not None:
+        state.add_result(result)
+        if family == "sam2":
+            size = int(pipeline.propagation_model(data.shape[1:]).model.image_size)
+    info = state.summary(plan, family, size)
+    paths = output_paths(plan.out, name, True)
+    write_float_tiff(paths["saliency"], state.saliency)
+    write_nifti_like(paths["coarse"], state.coarse, image)
+    write_nifti_like(paths["mask"], state.mask, image)
+    write_text(paths["prompts"], json.dumps(
+        {"mode": "propagate", "slices": {str(z): state.prompts[z] for z in sorted(state.found)},
+         "found_slices": sorted(state.found),
+         "ranking": [{"z": z, "similarity": s} for z, s in state.ranking],
+         **info, "slices_run": to_run, "skipped_slices": skipped, "body": body_info},
+        indent=2))
+    with_mask = int(state.mask.any(axis=(1, 2)).sum())
+    if not to_run:
+        message = (f"nothing segmented: all {len(planned)} selected slice(s) are outside the "
+                   f"body (threshold {body_info['threshold']:g}); lower --body-threshold or "
+                   "--body-fraction")
+    else:
+        seed_text = ", ".join(f"z={s['z']}" + (f" (similarity {s['similarity']:.3f})"
+                                               if s["similarity"] is not None else "")
+                              for s in info["seed_slices"])
+        message = (f"propagated from seed slice(s) {seed_text} through {len(to_run)} slice(s); "
+                   f"mask on {with_mask} of {n_slices} slices")
+        if state.stopped:
+            message += "; stopped early " + ", ".join(
+                f"{d} after z={z}" for d, z in sorted(state.stopped.items()))
+        if skipped:
+            message += f" ({len(skipped)} skipped outside the body)"
+    found = bool(state.found) and with_mask > 0
+    if found:  # which seeds were chosen, and how far propagation went
+        print(f"{f.name}: {message}", file=sys.stderr)
+    entry = {"found": found, "message": message,
+             "outputs": {k: str(v.relative_to(plan.out)) for k, v in paths.items()},
+             "volume": {"slices_total": n_slices, "slices_selected": plan.slices_text or "all",
+                        "slices_run": to_run, "skipped_slices": skipped, "body": body_info,
+                        "found_slices": sorted(state.found), "propagation": info,
+                        "redone_from_start": redone}}
+    if stop is not None and stop():  # asked to stop as the last slice finished: kept, then stop
+        entry["stop"] = stop.interrupt()
+    return entry
