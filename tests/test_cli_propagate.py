@@ -334,3 +334,39 @@ def test_signal_keeps_the_partial_mask_and_resume_redoes_it(model_flags, tmp_pat
     assert propagation["propagated_slices"] == [z for z in range(N_SLICES) if z != 2]
     mask, _ = _nifti(out / "masks" / "vol.nii.gz")
     assert np.array_equal(mask[record["done"]], partial[record["done"]])
+
+
+def test_stop_while_finding_seeds_keeps_the_seeds_found(model_flags, tmp_path, capsys,
+                                                        monkeypatch):
+    """Ctrl-C while the text chain runs on the second-ranked slice (--seeds 2): the first
+    seed's mask is the partial result; nothing was propagated."""
+    vol = _volume(tmp_path)
+    out = tmp_path / "out"
+    original = ZeroShotPipeline.propagate_volume
+    seen: list[str] = []
+
+    def propagate_volume(self, *a, progress=None, **k):
+        def report(stage, fraction):
+            progress(stage, fraction)
+            if stage.startswith("seed slice") and stage.endswith("saliency step 1/2"):
+                seen.append(stage)
+                if len(seen) == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        return original(self, *a, progress=report, **k)
+
+    monkeypatch.setattr(ZeroShotPipeline, "propagate_volume", propagate_volume)
+    rc = main(["segment", str(vol), "--prompt", "a disk", "--volume", "--propagate",
+               "--seeds", "2", "-o", str(out), *model_flags])
+    err = capsys.readouterr().err
+    assert rc == 130 and "Interrupted: 0 of 1 image(s) done; the partial mask" in err
+    record = json.loads((out / "partial" / "vol.json").read_text())
+    propagation = record["propagation"]
+    first = propagation["chain_slices"]
+    assert len(first) == 1 and record["found_slices"] == first and record["done"] == first
+    assert seen[0].startswith(f"seed slice z={first[0]}:")  # the best-ranked ran first
+    assert propagation["propagated_slices"] == [] and propagation["completed"] is False
+    partial, _ = _nifti(out / "partial" / "vol.mask.nii.gz")
+    assert partial[first[0]].any()
+    assert not partial[[z for z in range(N_SLICES) if z != first[0]]].any()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"

@@ -334,8 +334,9 @@ class _Propagation:
             self.prompts = {back[i]: p.to_dict() for i, p in result.prompts.items()}
             self.ranking = [(back[i], float(s)) for i, s in result.ranking]
         prop = result.propagation
+        if own_chain or prop is not None:  # the seeds' masks (a stop before propagating), or
+            self.mask[back] = result.mask  # the propagated mask (seeds included)
         if prop is not None:
-            self.mask[back] = result.mask
             self.seeds = [back[i] for i in prop.seeds]
             self.propagated = [back[i] for i in prop.propagated]
             self.stopped = {d: back[i] for d, i in prop.stopped.items()}
