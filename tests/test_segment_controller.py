@@ -266,13 +266,18 @@ def test_matching_presets(prompt, expected):
 
 
 def test_describe_settings_in_one_line():
+    from napari_medclipsam.core.models import default_sam_model
     from napari_medclipsam.core.presets import get_preset
 
-    line = describe_settings(get_preset("lung-xray").apply(), preset="both lungs (chest X-ray)",
+    config = get_preset("lung-xray").apply()
+    assert config.sam_model == "auto"  # presets let the device choose
+    line = describe_settings(config, preset="both lungs (chest X-ray)",
                              where="'chest', slice z=2 of 8")
     assert line == ("'chest', slice z=2 of 8 · saliency layer 7, beta 0.1, 10 steps · KMeans "
-                    "mask, best 2 · one box per region · SAM vit_h · preset: both lungs "
-                    "(chest X-ray)")
+                    f"mask, best 2 · one box per region · SAM {default_sam_model()} (auto) · "
+                    "preset: both lungs (chest X-ray)")
+    assert " · SAM vit_h (auto) · " in describe_settings(config, auto_sam="vit_h")
+    assert " · SAM vit_b · " in describe_settings(PipelineConfig(sam_model="vit_b"))
     assert describe_settings(PipelineConfig()).endswith("custom settings")
 
 

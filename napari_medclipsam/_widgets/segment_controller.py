@@ -9,10 +9,22 @@ method is testable with plain arrays:
 >>> run = ctl.run_all(image, ["breast tumor"])                           # worker thread
 >>> mask = ctl.refine(Prompts(boxes=np.array([[10, 10, 40, 40]])))      # a box edit
 >>> index, values = ctl.accept(label_map, mask)                          # into the label map
+>>> plan = ctl.plan_propagation(label_map, ["breast tumor"], source="scan")  # GUI thread
+>>> done = ctl.propagate(volume, plan)                                   # worker thread
+>>> index, values = ctl.write_propagation(label_map, done)               # into the label map
 
 Label map: every target (a prompt or preset) owns one label value (1, 2, ... in the order
 they were first run) and its name; :meth:`SegmentController.accept` writes a target's mask
 into the map without touching other targets' voxels unless asked to.
+
+Propagation through a (Z, Y, X) volume: :class:`SliceBook` remembers, per target and slice,
+what the tool last wrote into the label map (accepted masks, propagated masks), so a slice
+that differs from it now was corrected by hand. :meth:`SegmentController.plan_propagation`
+sorts the label map's slices into seeds (masks the user prompted, accepted or painted),
+locked slices (corrected by hand: used as seeds and never overwritten) and the tool's own
+earlier output (propagated again); :meth:`~SegmentController.propagate` runs
+:meth:`~napari_medclipsam.core.pipeline.ZeroShotPipeline.propagate_volume`;
+:meth:`~SegmentController.write_propagation` says what to write and notes it in the book.
 
 Also here, for the view to show: :class:`ProgressTracker` (the pipeline's stage names with
 the slice count and an ETA), :func:`gui_message` (the core's command-line wording turned
@@ -24,6 +36,7 @@ mask and the label map to NIfTI or PNG).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -45,8 +58,9 @@ ProgressFn = Callable[[str, float], None]
 StopFn = Callable[[], bool]
 SliceFn = Callable[[int, SegmentationResult], None]
 
-#: the model fields of a PipelineConfig: a change in one of them needs new models
-MODEL_FIELDS = ("clip_model", "sam_model", "sam_checkpoint", "device")
+#: the model fields of a PipelineConfig: a change in one of them needs new models (the
+#: precision too: the SAM session is built for one)
+MODEL_FIELDS = ("clip_model", "sam_model", "sam_checkpoint", "device", "precision")
 
 
 def target_name(prompt_lines: Sequence[str]) -> str:
@@ -116,6 +130,320 @@ class Run:
         return int(self.mask.shape[0]) if self.volume is not None else 0
 
 
+# --------------------------------------------------------------------------- propagation
+def mask_digest(mask: np.ndarray) -> bytes:
+    """A short fingerprint of a bool mask (its shape and bits): two masks with the same
+    digest are equal. The book keeps these, not the masks."""
+    mask = np.asarray(mask, dtype=bool)
+    head = np.asarray(mask.shape, dtype=np.int64).tobytes()
+    return hashlib.blake2b(head + np.packbits(mask).tobytes(), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class SliceWrite:
+    """One write of the tool into a slice of the label map, for one target.
+
+    Attributes
+    ----------
+    origin : {"seed", "propagated", "locked"}
+        ``seed``: an accepted mask or a seed of a propagation (a prompt's result, or the
+        slice the text chose); ``propagated``: propagation's output; ``locked``: a slice
+        corrected by hand that a propagation kept.
+    before, after : bytes
+        :func:`mask_digest` of the target's mask in that slice before and after the write.
+    write : int
+        Which write it was part of (one accept, one propagation: one napari undo step).
+    """
+
+    origin: str
+    before: bytes
+    after: bytes
+    write: int = 0
+
+
+#: what :meth:`SliceBook.classify` says of a slice
+SEED, LOCKED, FREE = "seed", "locked", "free"
+
+
+class SliceBook:
+    """What the tool last wrote into each slice of a (Z, Y, X) label map, per target value.
+
+    A slice whose mask differs from the tool's last write was painted or erased by hand.
+    Each slice keeps the stack of the tool's writes, so napari's undo of a whole write
+    (every slice it changed back as it was) is recognised as such, not as corrections.
+    """
+
+    def __init__(self) -> None:
+        self._writes: dict[int, dict[int, list[SliceWrite]]] = {}
+        self._count = 0
+
+    def new_write(self) -> int:
+        """An id for the slices of one write (one ``data_setitem``)."""
+        self._count += 1
+        return self._count
+
+    def note(self, value: int, z: int, origin: str, before: np.ndarray | bytes,
+             after: np.ndarray | bytes, write: int | None = None) -> None:
+        """Record that the tool changed target ``value``'s mask in slice ``z`` from
+        ``before`` to ``after`` (masks or their digests), as part of ``write`` (default: a
+        write of its own)."""
+        if origin not in (SEED, "propagated", LOCKED):
+            raise ValueError(f"Unknown origin {origin!r}.")
+        before = before if isinstance(before, bytes) else mask_digest(before)
+        after = after if isinstance(after, bytes) else mask_digest(after)
+        self._writes.setdefault(int(value), {}).setdefault(int(z), []).append(
+            SliceWrite(origin, before, after, self.new_write() if write is None else write))
+
+    def last(self, value: int, z: int) -> SliceWrite | None:
+        """The tool's last write into slice ``z`` for ``value`` (None: never written)."""
+        stack = self._writes.get(int(value), {}).get(int(z))
+        return stack[-1] if stack else None
+
+    def _drop_undone(self, stacks: dict[int, list[SliceWrite]],
+                     digests: dict[int, bytes]) -> None:
+        """Drop the writes napari undid: every slice a write changed is back at its state
+        before it (and that write is the last on each of them)."""
+        while True:
+            tops: dict[int, list[tuple[int, SliceWrite]]] = {}
+            for z, stack in stacks.items():
+                if stack:
+                    tops.setdefault(stack[-1].write, []).append((z, stack[-1]))
+            undone = set()
+            for write, entries in tops.items():
+                changed = [(z, w) for z, w in entries if w.before != w.after]
+                total = sum(1 for stack in stacks.values() for w in stack
+                            if w.write == write and w.before != w.after)
+                if changed and len(changed) == total and all(
+                        digests[z] == w.before for z, w in changed):
+                    undone.add(write)
+            if not undone:
+                return
+            for stack in stacks.values():
+                while stack and stack[-1].write in undone:
+                    stack.pop()
+
+    def classify(self, value: int, label_map: np.ndarray) -> dict[int, str]:
+        """Each slice of ``label_map`` (Z, Y, X) that matters for target ``value``:
+
+        - :data:`SEED`: holds the target and was never written by the tool (the user painted
+          it), or holds the tool's seed as written (a prompt's or an accepted mask);
+        - :data:`LOCKED`: differs from the tool's last write (painted or erased by hand; an
+          erased slice is locked empty), or was locked by an earlier propagation;
+        - :data:`FREE`: the tool's propagated output, unchanged: propagation may replace it.
+
+        Slices that hold nothing and were never written are left out. Writes undone in
+        napari (:meth:`_drop_undone`) are forgotten first.
+        """
+        label_map = np.asarray(label_map)
+        stacks = self._writes.get(int(value), {})
+        digests = {z: mask_digest(label_map[z] == value) for z in stacks
+                   if z < label_map.shape[0]}
+        self._drop_undone(stacks, digests)
+        kinds: dict[int, str] = {}
+        for z in range(label_map.shape[0]):
+            current = label_map[z] == value
+            stack = stacks.get(z, [])
+            if not stack:
+                if current.any():
+                    kinds[z] = SEED
+                continue
+            last = stack[-1]
+            if digests[z] != last.after or last.origin == LOCKED:
+                kinds[z] = LOCKED
+            elif last.origin == SEED:
+                if current.any():
+                    kinds[z] = SEED
+            else:
+                kinds[z] = FREE
+        return kinds
+
+
+@dataclass
+class PropagationPlan:
+    """What a Propagate through volume starts from (made in the GUI thread, from the label
+    map as it is when the button is pressed).
+
+    Attributes
+    ----------
+    target : Target
+    source : str
+        The image layer's name.
+    seeds : dict of int to np.ndarray
+        Slice -> (Y, X) bool: the user's masks (the current single-slice run's SAM mask,
+        slices accepted or painted in the label map).
+    locked : dict of int to np.ndarray
+        Slices corrected by hand: seeds that are never overwritten.
+    free : list of int
+        Slices holding the tool's earlier propagated output (replaced by this run).
+    snapshot : dict of int to bytes
+        :func:`mask_digest` of the target's mask in every slice of the label map: a slice
+        changed while propagation ran is not overwritten.
+    shape : tuple of int
+        The label map's (Z, Y, X).
+    """
+
+    target: Target
+    source: str
+    seeds: dict[int, np.ndarray]
+    locked: dict[int, np.ndarray]
+    free: list[int]
+    snapshot: dict[int, bytes]
+    shape: tuple[int, ...]
+
+    @property
+    def by_text(self) -> bool:
+        """True when no slice holds a mask: the text chooses the seed slices."""
+        return not any(m.any() for m in (*self.seeds.values(), *self.locked.values()))
+
+
+@dataclass
+class Propagation:
+    """A finished or cancelled propagation, ready to be written into the label map.
+
+    Attributes
+    ----------
+    plan : PropagationPlan
+    mask : np.ndarray
+        (Z, Y, X) bool: the seeds, locked slices and propagated slices (so far).
+    text_seeds : list of int
+        Seed slices the text found (``plan.by_text``), with their masks in ``mask``.
+    ranked : int
+        How many slices CLIP ranked to find them.
+    propagated : list of int
+        Slices propagation produced (so far), ascending.
+    stopped : dict
+        ``{"forward": z, "backward": z}`` where a direction stopped early (mask vanished).
+    completed : bool
+        False when cancelled.
+    seconds : float
+    """
+
+    plan: PropagationPlan
+    mask: np.ndarray
+    text_seeds: list[int] = field(default_factory=list)
+    ranked: int = 0
+    propagated: list[int] = field(default_factory=list)
+    stopped: dict[str, int] = field(default_factory=dict)
+    completed: bool = True
+    seconds: float = 0.0
+
+    @property
+    def seed_slices(self) -> list[int]:
+        """Every non-locked seed: the user's and the text's."""
+        return sorted({*self.plan.seeds, *self.text_seeds} - set(self.plan.locked))
+
+    @property
+    def total(self) -> int:
+        """Slices propagation had to run (all but the conditioning slices)."""
+        conditioning = {*self.seed_slices, *self.plan.locked}
+        return max(self.plan.shape[0] - len(conditioning), 0)
+
+    def summary(self, written: int | None = None, skipped: Sequence[int] = (),
+                layer: str = "label map") -> str:
+        """The status line: seeds, locked, propagated, where it stopped early, and (with
+        ``written``) the voxels changed in ``layer``."""
+        target = self.plan.target.name
+        if not self.completed:
+            head = (f"Cancelled after {len(self.propagated)} of {self.total} slices; the "
+                    f"slices propagated so far are kept")
+        else:
+            head = f"Propagated '{target}' in {_seconds(self.seconds)}"
+        seeds = self.seed_slices
+        how = (f", found by the text: CLIP ranked {self.ranked} slices by image-text "
+               "similarity, the chain ran on the best-ranked until one gave a mask"
+               if self.text_seeds else "")
+        parts = [f"{len(seeds)} seed slice{'s' * (len(seeds) != 1)} ({slice_list(seeds)}{how})"]
+        locked = sorted(self.plan.locked)
+        parts.append(f"{len(locked)} locked" + (f" ({slice_list(locked)}, corrected by "
+                                                "hand, kept)" if locked else ""))
+        parts.append(f"{len(self.propagated)} propagated")
+        line = f"{head}: " + ", ".join(parts) + "."
+        stops = [f"going {d} at z={z}" for d, z in sorted(self.stopped.items())]
+        if stops:
+            line += (" Stopped early " + " and ".join(stops) + " (the mask had vanished; the "
+                     "slices beyond stay empty).")
+        if skipped:
+            line += (f" Not overwritten: {slice_list(skipped)} (edited while it ran).")
+        if written is not None:
+            line += f" {written} voxel(s) changed in '{layer}'; Ctrl+Z there undoes it."
+        return line
+
+
+def slice_list(slices: Sequence[int]) -> str:
+    """``"z=3"``, ``"z=1, 4"``, ``"z=2-7, 9"``; empty: ``"none"``."""
+    zs = sorted({int(z) for z in slices})
+    if not zs:
+        return "none"
+    runs: list[list[int]] = [[zs[0], zs[0]]]
+    for z in zs[1:]:
+        if z == runs[-1][1] + 1:
+            runs[-1][1] = z
+        else:
+            runs.append([z, z])
+    return "z=" + ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _seconds(seconds: float) -> str:
+    return format_duration(seconds) if seconds >= 10 else f"{max(seconds, 0.1):.1f} s"
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What "auto" means on the device the widget will use.
+
+    Attributes
+    ----------
+    device : str
+        The device asked for (``"auto"``, ``"cpu"``, ``"cuda"``, ...) resolved when it
+        exists here.
+    sam_model : str
+        :func:`~napari_medclipsam.core.models.default_sam_model` of that device.
+    precision : str
+        ``"bf16"`` or ``"fp32"``: the precision ``auto`` runs at there.
+    available : bool
+        False when the device asked for is not on this machine (then the choices are
+        what it would get).
+    """
+
+    device: str
+    sam_model: str
+    precision: str
+    available: bool = True
+
+    @property
+    def where(self) -> str:
+        kind = self.device.split(":")[0]
+        name = {"cuda": "GPU", "mps": "Mac GPU (MPS)"}.get(kind, "CPU")
+        return f"this {name}" if self.available else f"a {name} (not found here)"
+
+    @property
+    def sam_label(self) -> str:
+        """``"auto: sam2_t on this CPU"``."""
+        return f"auto: {self.sam_model} on {self.where}"
+
+    @property
+    def precision_label(self) -> str:
+        """``"auto: bf16 on this CPU"``."""
+        return f"auto: {self.precision} on {self.where}"
+
+
+def auto_choice(device: str | None) -> AutoChoice:
+    """Resolve "auto" (SAM model and precision) for ``device`` (None or "auto": CUDA, then
+    MPS, then the CPU). Imports torch: call it off the GUI thread the first time."""
+    from napari_medclipsam.core.models import default_sam_model, resolve_device
+    from napari_medclipsam.core.precision import resolve_precision
+
+    asked = (device or "auto").strip() or "auto"
+    try:
+        resolved = resolve_device(None if asked == "auto" else asked)
+    except (ValueError, RuntimeError):
+        gpu = asked.startswith("cuda")
+        return AutoChoice(asked, "vit_h" if gpu else "sam2_t", "bf16" if gpu else "fp32",
+                          available=False)
+    return AutoChoice(str(resolved), default_sam_model(str(resolved)),
+                      resolve_precision("auto", str(resolved)))
+
+
 @dataclass
 class SegmentState:
     """Everything the widget shows, in one place."""
@@ -123,6 +451,8 @@ class SegmentState:
     targets: list[Target] = field(default_factory=list)
     run: Run | None = None
     refine_count: int = 0
+    book: SliceBook = field(default_factory=SliceBook)
+    propagation: Propagation | None = None
 
 
 class SegmentController:
@@ -158,16 +488,17 @@ class SegmentController:
         return self.pipeline
 
     # -- targets ----------------------------------------------------------------------
-    def target_for(self, prompt_lines: Sequence[str]) -> Target:
+    def target_for(self, prompt_lines: Sequence[str], register: bool = True) -> Target:
         """The target of these prompt lines: an existing one of that name, or a new one with
-        the next free label value."""
+        the next free label value (kept in the state unless ``register`` is False)."""
         name = target_name(prompt_lines)
         for target in self.state.targets:
             if target.name == name:
                 return target
         value = max((t.value for t in self.state.targets), default=0) + 1
         target = Target(name, value, tuple(line for line in prompt_lines if line.strip()))
-        self.state.targets.append(target)
+        if register:
+            self.state.targets.append(target)
         return target
 
     def label_table(self) -> dict[str, int]:
@@ -290,13 +621,205 @@ class SegmentController:
         if region.shape != mask.shape:
             raise InputError(f"The mask ({mask.shape}) does not fit the label map "
                              f"({label_map.shape}): pick the label map of this image.")
-        new = region.copy()
-        new[(region == target.value) & ~mask] = 0
-        writable = mask if overwrite else mask & ((region == 0) | (region == target.value))
-        new[writable] = target.value
+        new = _write_target(region, mask, target.value, overwrite)
+        if label_map.ndim == 3:  # the book: accepted slices are the user's (seeds)
+            write = self.state.book.new_write()
+            pairs = ([(offset[0], region, new)] if offset
+                     else [(z, region[z], new[z]) for z in range(len(new))])
+            for z, before, after in pairs:
+                was, now = before == target.value, after == target.value
+                if now.any() or (was != now).any():
+                    self.state.book.note(target.value, int(z), SEED, was, now, write)
         changed = np.nonzero(new != region)
         index = tuple(np.full(len(changed[0]), o, dtype=np.intp) for o in offset) + changed
         return index, new[changed]
+
+    # -- propagation through a volume --------------------------------------------------
+    def plan_propagation(self, label_map: np.ndarray, prompt_lines: Sequence[str] = (), *,
+                         source: str = "", run_mask: np.ndarray | None = None
+                         ) -> PropagationPlan:
+        """Sort the slices of a (Z, Y, X) ``label_map`` for a propagation of a target.
+
+        Call it in the GUI thread, with the label map as it is now. The target is the one of
+        ``prompt_lines`` (else the current run's). Its seeds are the slices of the label
+        map that hold its label and are the user's (painted, accepted, or a seed of an
+        earlier propagation), plus the current single-slice run of this target on
+        ``source``: its mask as the user left it (``run_mask``, default the run's mask).
+        Slices that differ from what the tool last wrote there (:class:`SliceBook`) are
+        locked. With no mask anywhere, :meth:`propagate` lets the text choose the seeds.
+
+        Raises
+        ------
+        InputError
+            For a 2-D label map, or no prompt and no run.
+        """
+        label_map = np.asarray(label_map)
+        if label_map.ndim != 3:
+            raise InputError("Propagate through volume needs a 3-D image (Z, Y, X); this "
+                             "image is 2-D.")
+        run = self.state.run
+        if any(line.strip() for line in prompt_lines):
+            target = self.target_for(prompt_lines, register=False)
+        elif run is not None:
+            target = run.target
+        else:
+            raise InputError("Type a prompt first (e.g. 'breast tumor'): it names the target "
+                             "and, with no mask drawn yet, finds the seed slice.")
+        seeds: dict[int, np.ndarray] = {}
+        locked: dict[int, np.ndarray] = {}
+        free: list[int] = []
+        for z, kind in self.state.book.classify(target.value, label_map).items():
+            mask = label_map[z] == target.value
+            if kind == SEED:
+                seeds[z] = mask
+            elif kind == LOCKED:
+                locked[z] = mask
+            else:
+                free.append(z)
+        if (run is not None and run.editable and run.target == target and run.source == source
+                and run.slice_index is not None and run.slice_index not in locked):
+            z = int(run.slice_index)
+            mask = np.asarray(run.mask if run_mask is None else run_mask) > 0
+            if mask.shape == label_map.shape[1:] and mask.any():
+                seeds[z] = mask
+                free = [f for f in free if f != z]
+        snapshot = {z: mask_digest(label_map[z] == target.value)
+                    for z in range(label_map.shape[0])}
+        return PropagationPlan(target, source, dict(sorted(seeds.items())),
+                               dict(sorted(locked.items())), free, snapshot,
+                               tuple(label_map.shape))
+
+    def propagate(self, volume: np.ndarray, plan: PropagationPlan, *,
+                  progress: ProgressFn | None = None,
+                  should_stop: StopFn | None = None) -> Propagation:
+        """Propagate the plan's seeds through ``volume`` (Z, Y, X) with the pipeline's SAM
+        (:meth:`~napari_medclipsam.core.pipeline.ZeroShotPipeline.propagate_volume`: SAM 2's
+        video predictor, or box to box for SAM). Safe in a worker thread: the state is not
+        touched. Without a mask in the plan, the target's prompt chooses the seed slices.
+
+        Models are checked and loaded first (``progress`` reports ``checking models``,
+        ``loading ...``), then ``ranking slices`` and ``seed slice z=Z: ...`` (text seeds
+        only), then ``propagating: slice n/N (z=Z)``. When ``should_stop`` stops it, the
+        :class:`CancelledError` raised carries the :class:`Propagation` so far as
+        ``partial`` (None when no slice was propagated yet).
+        """
+        if self.pipeline is None:
+            raise InputError("No models configured: choose the CLIP and SAM models first.")
+        volume = np.asarray(volume)
+        if volume.shape != plan.shape:
+            raise InputError(f"The image {volume.shape} does not fit the label map "
+                             f"{plan.shape}: pick the label map of this image.")
+        start = time.monotonic()
+        self.pipeline.prepare(progress)
+        by_text = plan.by_text
+        text: str | list[str] = list(plan.target.prompts)
+        if len(text) == 1:
+            text = text[0]
+        try:
+            vol = self.pipeline.propagate_volume(
+                volume, text=text if by_text else None,
+                seeds=None if by_text else plan.seeds,
+                locked=None if by_text else plan.locked,
+                progress=progress, should_stop=should_stop)
+        except CancelledError as exc:
+            partial: VolumeResult | None = getattr(exc, "partial", None)
+            done = None
+            if partial is not None and partial.propagation is not None:
+                done = self._propagation(plan, partial, start, by_text)
+            stopped = CancelledError(done.summary() if done is not None
+                                     else "Cancelled; nothing changed.")
+            stopped.partial = done
+            raise stopped from exc
+        return self._propagation(plan, vol, start, by_text)
+
+    @staticmethod
+    def _propagation(plan: PropagationPlan, vol: VolumeResult, start: float,
+                     by_text: bool) -> Propagation:
+        prop = vol.propagation
+        mask = np.array(vol.mask, dtype=bool)
+        for z, locked in plan.locked.items():
+            mask[z] = locked
+        return Propagation(
+            plan, mask, text_seeds=list(vol.found_slices) if by_text else [],
+            ranked=len(vol.ranking),
+            propagated=[z for z in prop.propagated if z not in plan.locked],
+            stopped=dict(prop.stopped), completed=bool(prop.completed),
+            seconds=time.monotonic() - start)
+
+    def write_propagation(self, label_map: np.ndarray, prop: Propagation, *,
+                          overwrite: bool = False
+                          ) -> tuple[tuple[np.ndarray, ...], np.ndarray, list[int]]:
+        """What to write so ``label_map`` holds a propagation: ``(index, values, skipped)``
+        for napari's undoable ``Labels.data_setitem`` (call it in the GUI thread, then
+        write). Notes every slice written in the book.
+
+        A finished propagation writes every slice but the locked ones (slices it did not
+        reach lose the tool's earlier output there); a cancelled one only its seeds and
+        the slices done. Other targets' voxels are kept unless ``overwrite``. A slice whose
+        target mask changed since the plan (painted while it ran) is not written: it is
+        listed in ``skipped``.
+        """
+        plan = prop.plan
+        label_map = np.asarray(label_map)
+        if tuple(label_map.shape) != plan.shape:
+            raise InputError(f"The label map changed shape ({plan.shape} -> "
+                             f"{label_map.shape}) while propagating; nothing written.")
+        target, value = plan.target, plan.target.value
+        if all(t.name != target.name for t in self.state.targets):
+            self.state.targets.append(target)
+        seeds = set(prop.seed_slices)
+        if prop.completed:
+            todo = [z for z in range(plan.shape[0]) if z not in plan.locked]
+        else:
+            todo = sorted((seeds | set(prop.propagated)) - set(plan.locked))
+        book = self.state.book
+        write = book.new_write()
+        skipped: list[int] = []
+        index: list[tuple[np.ndarray, ...]] = []
+        values: list[np.ndarray] = []
+        for z in todo:
+            region = label_map[z]
+            current = region == value
+            before = mask_digest(current)
+            if before != plan.snapshot.get(z):
+                skipped.append(z)
+                continue
+            new = _write_target(region, prop.mask[z], value, overwrite)
+            now = new == value
+            after = mask_digest(now)
+            origin = SEED if z in seeds else "propagated"
+            last = book.last(value, z)
+            if before != after or (now.any() and (last is None or last.origin != origin
+                                                   or last.after != after)):
+                book.note(value, z, origin, before, after, write)
+            changed = np.nonzero(new != region)
+            if len(changed[0]):
+                index.append((np.full(len(changed[0]), z, dtype=np.intp), *changed))
+                values.append(new[changed])
+        for z in plan.locked:
+            digest = mask_digest(label_map[z] == value)
+            last = book.last(value, z)
+            if last is None or last.origin != LOCKED or last.after != digest:
+                book.note(value, z, LOCKED, digest, digest, write)
+        self.state.propagation = prop
+        if not index:
+            empty = np.zeros(0, dtype=np.intp)
+            return (empty, empty, empty), np.zeros(0, label_map.dtype), skipped
+        merged = tuple(np.concatenate(axis) for axis in zip(*index, strict=True))
+        return merged, np.concatenate(values), skipped
+
+
+def _write_target(region: np.ndarray, mask: np.ndarray, value: int,
+                  overwrite: bool) -> np.ndarray:
+    """``region`` (a label map or one slice) with target ``value`` set to ``mask``: its
+    voxels outside the mask cleared, the mask's voxels set, except another target's unless
+    ``overwrite``."""
+    mask = np.asarray(mask, dtype=bool)
+    new = region.copy()
+    new[(region == value) & ~mask] = 0
+    writable = mask if overwrite else mask & ((region == 0) | (region == value))
+    new[writable] = value
+    return new
 
 
 def cancel_message(run: Run | None, total: int | None = None) -> str:
@@ -311,6 +834,8 @@ def cancel_message(run: Run | None, total: int | None = None) -> str:
 
 # --------------------------------------------------------------------------- progress
 SLICE_STAGE = re.compile(r"^slice (\d+)/(\d+) \(z=(\d+)\): (.*)$")
+#: core.propagate's report after each propagated slice
+PROPAGATE_STAGE = re.compile(r"^propagating: slice (\d+)/(\d+) \(z=(\d+)\)$")
 
 
 def format_duration(seconds: float) -> str:
@@ -361,18 +886,30 @@ class ProgressTracker:
     count and an ETA, and keeps every update of the run (``updates``).
 
     The ETA is measured from the first slice's start (loading the models does not count)
-    and extrapolates the run's fraction: ``elapsed * (1 - f) / f``.
+    and extrapolates the run's fraction: ``elapsed * (1 - f) / f``. Propagation reports
+    each slice once it is done (``"propagating: slice n/N (z=Z)"``); its ETA is the time per
+    slice since the first report times the slices left.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.updates: list[ProgressUpdate] = []
         self._slices_start: float | None = None
+        self._first_propagated: tuple[float, int] | None = None
 
     def update(self, stage: str, fraction: float) -> ProgressUpdate:
         fraction = float(min(max(fraction, 0.0), 1.0))
         match = SLICE_STAGE.match(stage)
-        if match is None:
+        propagated = PROPAGATE_STAGE.match(stage) if match is None else None
+        if propagated is not None:
+            done, count = int(propagated.group(1)), int(propagated.group(2))
+            now = self.clock()
+            if self._first_propagated is None:
+                self._first_propagated = (now, done)
+            since, first = self._first_propagated
+            eta = (now - since) / (done - first) * (count - done) if done > first else None
+            update = ProgressUpdate(stage, fraction, done, count, done, eta)
+        elif match is None:
             update = ProgressUpdate(stage, fraction)
         else:
             number, count = int(match.group(1)), int(match.group(2))
@@ -401,6 +938,7 @@ FIELD_LABELS: Mapping[str, str] = {
     "sam_model": "Models > SAM model",
     "sam_checkpoint": "Models > SAM checkpoint",
     "device": "Models > Device",
+    "precision": "Models > Precision",
     "layer": "Advanced > Saliency layer",
     "beta": "Advanced > Focus (beta)",
     "steps": "Advanced > Saliency steps",
@@ -427,9 +965,11 @@ _GUI_PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"(?<![\w-])--sam-checkpoint\b", FIELD_LABELS["sam_checkpoint"]),
         (r"(?<![\w-])--sam-model\b", FIELD_LABELS["sam_model"]),
         (r"(?<![\w-])--device\b", FIELD_LABELS["device"]),
+        (r"(?<![\w-])--precision\b", FIELD_LABELS["precision"]),
+        (r"\buse fp32 \(or auto\)", f"choose fp32 (or auto) in {FIELD_LABELS['precision']}"),
     ))
-_SETTING_MESSAGE = re.compile(r"^(layer|beta|steps|top_k|threshold|eta_c|method|mode|box_mode)"
-                              r" must\b")
+_SETTING_MESSAGE = re.compile(r"^(layer|beta|steps|top_k|threshold|eta_c|method|mode|box_mode"
+                              r"|precision) must\b")
 
 
 def gui_message(message: str) -> str:
@@ -530,11 +1070,15 @@ def matching_presets(prompt_lines: Sequence[str]) -> list[Preset]:
 
 
 def describe_settings(config: PipelineConfig, *, preset: str | None = None,
-                      where: str = "") -> str:
+                      where: str = "", auto_sam: str | None = None) -> str:
     """The settings in force, in one line: where it runs, saliency, coarse mask, prompts,
     SAM and whether they are a preset's, e.g. ``"'scan', slice z=2 of 8 · saliency layer 9,
-    beta 1, 10 steps · kmeans mask, best 1 · one box · SAM vit_h · preset: breast tumor
-    (ultrasound)"``."""
+    beta 1, 10 steps · kmeans mask, best 1 · one box · SAM sam2_t (auto) · preset: breast
+    tumor (ultrasound)"``.
+
+    A SAM model ``auto`` shows what it resolves to on ``config.device``: ``auto_sam`` when
+    the caller knows it (``""``: not known yet, shown as ``auto``), else resolved here
+    (:func:`~napari_medclipsam.core.models.resolve_sam_model`, which imports torch)."""
     sal, coarse, prompts = config.saliency, config.coarse, config.prompts
     method = {"otsu": "Otsu", "kmeans": "KMeans", "fixed": f"threshold {coarse.threshold:g}"}
     mask = f"{method.get(coarse.method, coarse.method)} mask"
@@ -545,8 +1089,15 @@ def describe_settings(config: PipelineConfig, *, preset: str | None = None,
     sam_prompt = {"boxes": boxes, "points": f"{prompts.n_positive} points",
                   "both": f"{boxes} + points"}.get(prompts.mode, prompts.mode)
     parts = [where] if where else []
+    sam = config.sam_model
+    if sam in ("", "auto"):
+        if auto_sam is None:
+            from napari_medclipsam.core.models import resolve_sam_model
+
+            auto_sam = resolve_sam_model("auto", config.device)
+        sam = f"{auto_sam} (auto)" if auto_sam else "auto"
     parts += [f"saliency layer {sal.layer}, beta {sal.beta:g}, {sal.steps} steps", mask,
-              sam_prompt, f"SAM {config.sam_model}",
+              sam_prompt, f"SAM {sam}",
               f"preset: {preset}" if preset else "custom settings"]
     return " · ".join(parts)
 

@@ -12,7 +12,10 @@ Editing the ``boxes`` or ``points`` layer re-runs only SAM's decoder from the ca
 embedding. All slices writes each slice into the layers as it finishes, so Cancel keeps the
 finished ones. **Accept into label map** writes the SAM mask into one ``label map`` Labels
 layer where each target has its own value and name, undoably; **Save mask...** writes the
-mask (and the label map) as NIfTI in the scan's geometry, or PNG.
+mask (and the label map) as NIfTI in the scan's geometry, or PNG. **Propagate through
+volume** (3-D images) carries the target's masks (the slice run, slices accepted or painted
+in the label map) through the volume with SAM 2's video predictor and writes the result into
+the label map, undoably; slices corrected by hand there are kept as they are.
 
 napari opens this class from the Plugins menu and passes the viewer as ``napari_viewer``.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,34 +75,39 @@ from napari_medclipsam._widgets.layer_prompts import (
 )
 from napari_medclipsam._widgets.segment_controller import (
     FIELD_LABELS,
+    AutoChoice,
     ProgressTracker,
     ProgressUpdate,
+    Propagation,
     Run,
     SegmentController,
     Target,
+    auto_choice,
     cancel_message,
     describe_settings,
     format_duration,
     gui_message,
     matching_presets,
     save_mask,
+    slice_list,
     target_name,
 )
 from napari_medclipsam.core.config import (
     DEFAULT_CLIP_MODEL,
+    PRECISIONS,
     CoarseMaskConfig,
     PipelineConfig,
     PromptConfig,
     SaliencyConfig,
 )
 from napari_medclipsam.core.errors import InputError
+from napari_medclipsam.core.models import SAM_MODELS
 from napari_medclipsam.core.postprocess import Prompts
 from napari_medclipsam.core.presets import Preset, list_presets
 
 if TYPE_CHECKING:
     import napari
 
-SAM_BACKBONES = ("vit_b", "vit_l", "vit_h", "medsam")
 CUSTOM = "(custom)"
 LABEL_MAP = "label map"
 SETTINGS = SettingsStore("segment_widget.json")
@@ -138,7 +147,21 @@ TIPS = {
                 "lung).",
     "clip": "The CLIP model: a Hugging Face id (hf-hub:..., downloaded once) or a folder on "
             "this computer (Browse...: the folder with open_clip_config.json and the weights).",
-    "sam": "SAM's size: vit_b (fast), vit_l, vit_h (the paper's), or MedSAM.",
+    "sam": "The SAM model. auto chooses by device: vit_h (the paper's) on a GPU, sam2_t "
+           "(SAM 2.1 tiny, a first mask in seconds) on a CPU. SAM: vit_b (fast), vit_l, "
+           "vit_h, medsam (MedSAM). SAM 2.1: sam2_t, sam2_s, sam2_b+, sam2_l (tiny to large); "
+           "Propagate through volume uses their video predictor (SAM models pass each "
+           "slice's box to the next).",
+    "precision": "Numeric precision of CLIP's saliency and SAM's image encoder. auto: bf16 "
+                 "where the device runs it natively (recent CPUs and GPUs; about 2x faster, "
+                 "masks agree with fp32), else fp32. fp32 is the exact path.",
+    "propagate": "Carry the target's mask through the whole volume (SAM 2: its video "
+                 "predictor; SAM: each slice's box prompts the next). Seeds: the slice run "
+                 "(its SAM mask as you left it) and the slices of this target in the label "
+                 "map; with none, the prompt finds the best slice. Slices you painted or "
+                 "erased in the label map after the tool wrote them are kept as they are. "
+                 "Writes into the label map (Ctrl+Z there undoes it); Cancel keeps the "
+                 "slices done.",
     "checkpoint": "A SAM checkpoint file (.pth) on this computer; empty: the official one is "
                   "downloaded once.",
     "device": "auto picks a GPU when there is one, else the CPU.",
@@ -234,6 +257,8 @@ class SegmentWidget(QWidget):
         self.progress_log: list[ProgressUpdate] = self._tracker.updates
         self.running = False
         self.last_status = ""
+        self.auto: AutoChoice | None = None  # what "auto" means on the chosen device
+        self._auto_worker = None
 
         self._build_ui()
         self._progress_signal.connect(self._on_progress)
@@ -248,6 +273,7 @@ class SegmentWidget(QWidget):
         self.viewer.dims.events.current_step.connect(self._update_settings_line)
         self._refresh_layers()
         self.load_settings()
+        self._resolve_auto()
         self._update_settings_line()
         self._update_suggestion()
 
@@ -269,6 +295,7 @@ class SegmentWidget(QWidget):
         self.image_combo = QComboBox()
         self.image_combo.setToolTip(TIPS["image"])
         self.image_combo.currentTextChanged.connect(self._update_settings_line)
+        self.image_combo.currentTextChanged.connect(self._update_propagate_button)
         form.addRow("Image layer", self.image_combo)
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([CUSTOM, *(p.title for p in list_presets())])
@@ -318,6 +345,10 @@ class SegmentWidget(QWidget):
         self.all_slices_check.setToolTip(TIPS["all_slices"])
         self.all_slices_check.toggled.connect(self._update_settings_line)
         layout.addWidget(self.all_slices_check)
+        self.propagate_button = QPushButton("Propagate through volume")
+        self.propagate_button.setToolTip(TIPS["propagate"])
+        self.propagate_button.clicked.connect(self.propagate)
+        layout.addWidget(self.propagate_button)
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 100)
         self.progress_bar.setFormat("ready")
@@ -369,11 +400,16 @@ class SegmentWidget(QWidget):
         self.clip_browse_button.clicked.connect(self._browse_clip)
         mform.addRow("CLIP model", _with_button(self.clip_edit, self.clip_browse_button))
         self.sam_combo = QComboBox()
-        self.sam_combo.addItems(SAM_BACKBONES)
-        self.sam_combo.setCurrentText("vit_h")
+        for name in SAM_MODELS:  # "auto" first; its text says what it resolves to
+            self.sam_combo.addItem("auto (by device)" if name == "auto" else name, name)
         self.sam_combo.setToolTip(TIPS["sam"])
-        self.sam_combo.currentTextChanged.connect(self._update_settings_line)
+        self.sam_combo.currentIndexChanged.connect(self._update_settings_line)
         mform.addRow("SAM model", self.sam_combo)
+        self.precision_combo = QComboBox()
+        for name in PRECISIONS:
+            self.precision_combo.addItem("auto (by device)" if name == "auto" else name, name)
+        self.precision_combo.setToolTip(TIPS["precision"])
+        mform.addRow("Precision", self.precision_combo)
         self.checkpoint_edit = QLineEdit()
         self.checkpoint_edit.setPlaceholderText("empty: download the official file once")
         self.checkpoint_edit.setToolTip(TIPS["checkpoint"])
@@ -386,7 +422,13 @@ class SegmentWidget(QWidget):
         self.device_combo.setEditable(True)
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.device_combo.setToolTip(TIPS["device"])
+        self.device_combo.currentTextChanged.connect(self._resolve_auto)
         mform.addRow("Device", self.device_combo)
+        self.auto_label = QLabel("auto: chosen by device (vit_h on a GPU, sam2_t on a CPU)")
+        self.auto_label.setWordWrap(True)
+        self.auto_label.setStyleSheet("color: gray; font-size: 11px;")
+        self.auto_label.setToolTip("What 'auto' means on the device chosen above.")
+        mform.addRow(self.auto_label)
         models.addWidget(mform_widget)
         layout.addWidget(models)
 
@@ -449,6 +491,16 @@ class SegmentWidget(QWidget):
         set_combo_items(self.image_combo, layer_names(
             self.viewer, "image", skip=lambda name: name.startswith("saliency [")))
         self._update_settings_line()
+        self._update_propagate_button()
+
+    def _update_propagate_button(self, *args) -> None:
+        """Propagate through volume is for (Z, Y, X) images, while nothing runs."""
+        layer = find_layer(self.viewer, self.image_combo.currentText())
+        volume = layer is not None and is_stack(layer)
+        self.propagate_button.setEnabled(volume and not self.running)
+        self.propagate_button.setToolTip(TIPS["propagate"] if volume or layer is None else
+                                         "For 3-D images (Z, Y, X): this image is 2-D.\n\n"
+                                         + TIPS["propagate"])
 
     @property
     def refine_count(self) -> int:
@@ -474,7 +526,8 @@ class SegmentWidget(QWidget):
             self.prompt_edit.setPlainText(preset.prompt_text)
         self.set_fields_from_config(self._preset_config)
         if not self.controller.injected:
-            self.sam_combo.setCurrentText(self._preset_config.sam_model)
+            set_combo_value(self.sam_combo, self._preset_config.sam_model)
+            set_combo_value(self.precision_combo, self._preset_config.precision)
         self.preset_combo.setToolTip(f"{preset.name}: {preset.description}\n{preset.summary()}")
         self._update_settings_line()
         self._update_suggestion()
@@ -534,7 +587,8 @@ class SegmentWidget(QWidget):
         preset = self._preset_in_force()
         if preset is None and self._preset_title is not None:
             preset = f"{self._preset_title}, edited"
-        return describe_settings(config, preset=preset, where=self._where())
+        return describe_settings(config, preset=preset, where=self._where(),
+                                 auto_sam=self.auto.sam_model if self.auto else "")
 
     def _where(self) -> str:
         layer = find_layer(self.viewer, self.image_combo.currentText())
@@ -568,11 +622,47 @@ class SegmentWidget(QWidget):
         instead of loading them from the model fields."""
         self.controller = SegmentController(pipeline)
         self.set_fields_from_config(pipeline.config)
-        for widget in (self.clip_edit, self.sam_combo, self.checkpoint_edit,
-                       self.device_combo, self.clip_browse_button,
+        set_combo_value(self.sam_combo, pipeline.config.sam_model)
+        set_combo_value(self.precision_combo, pipeline.config.precision)
+        for widget in (self.clip_edit, self.sam_combo, self.precision_combo,
+                       self.checkpoint_edit, self.device_combo, self.clip_browse_button,
                        self.checkpoint_browse_button):
             widget.setEnabled(False)
             widget.setToolTip("Set by the pipeline given to the widget (set_pipeline).")
+        self._update_settings_line()
+
+    def _resolve_auto(self, *args) -> None:
+        """Say what "auto" means on the chosen device ("auto: sam2_t on this CPU"). That
+        needs torch; its first import (seconds) runs in a worker, not in the GUI thread."""
+        device = self.device_combo.currentText().strip() or "auto"
+        if "torch" in sys.modules:
+            self._show_auto(auto_choice(device))
+            return
+        if self._auto_worker is not None:
+            return  # the running one re-checks the device when it ends
+        self._auto_worker = start_worker(auto_choice, device, on_done=self._on_auto_resolved)
+
+    def _on_auto_resolved(self, outcome: Outcome) -> None:
+        self._auto_worker = None
+        try:
+            if outcome.ok:
+                self._resolve_auto()  # torch is loaded now: for the device chosen now
+        except RuntimeError:  # the dock was closed meanwhile
+            pass
+
+    def _show_auto(self, choice: AutoChoice) -> None:
+        self.auto = choice
+        other = "sam2_t on a CPU" if choice.device.startswith("cuda") else "vit_h on a GPU"
+        self.sam_combo.setItemText(self.sam_combo.findData("auto"),
+                                   f"auto ({choice.sam_model})")
+        self.precision_combo.setItemText(self.precision_combo.findData("auto"),
+                                         f"auto ({choice.precision})")
+        self.auto_label.setText(f"{choice.sam_label}{f' ({other})' * choice.available}, "
+                                f"{choice.precision}")
+        if self.sam_combo.isEnabled():
+            self.sam_combo.setToolTip(f"{TIPS['sam']}\n\nHere: {choice.sam_label}.")
+            self.precision_combo.setToolTip(f"{TIPS['precision']}\n\nHere: "
+                                            f"{choice.precision_label}.")
         self._update_settings_line()
 
     def _browse_clip(self) -> None:
@@ -595,9 +685,10 @@ class SegmentWidget(QWidget):
         device = self.device_combo.currentText().strip()
         return {
             "clip_model": self.clip_edit.text().strip() or DEFAULT_CLIP_MODEL,
-            "sam_model": self.sam_combo.currentText(),
+            "sam_model": combo_value(self.sam_combo),
             "sam_checkpoint": self.checkpoint_edit.text().strip() or None,
             "device": None if device in ("", "auto") else device,
+            "precision": combo_value(self.precision_combo),
         }
 
     def build_config(self, base: PipelineConfig | None = None) -> PipelineConfig:
@@ -693,6 +784,7 @@ class SegmentWidget(QWidget):
             self._worker = None
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
+        self._update_propagate_button()
 
     def cancel(self) -> None:
         """Ask the running computation to stop at its next check."""
@@ -985,15 +1077,16 @@ class SegmentWidget(QWidget):
         self.refine_from_layers()
 
     # ----------------------------------------------------------------------- label map
-    def label_map_layer(self, create: bool = True):
-        """The ``label map`` Labels layer of the current run's image (created on demand,
-        aligned with it, with a ``name`` feature per label value)."""
-        run = self.controller.state.run
-        if run is None:
-            raise InputError("Nothing to accept yet: press Run all first.")
-        if run.source not in self.viewer.layers:
-            raise InputError(f"The image layer {run.source!r} is gone.")
-        source = self.viewer.layers[run.source]
+    def label_map_layer(self, create: bool = True, source=None):
+        """The ``label map`` Labels layer of ``source`` (default: the current run's image),
+        created on demand, aligned with it, with a ``name`` feature per label value."""
+        if source is None:
+            run = self.controller.state.run
+            if run is None:
+                raise InputError("Nothing to accept yet: press Run all first.")
+            if run.source not in self.viewer.layers:
+                raise InputError(f"The image layer {run.source!r} is gone.")
+            source = self.viewer.layers[run.source]
         spatial = source.data.shape[:-1] if source.rgb else source.data.shape
         if LABEL_MAP in self.viewer.layers:
             layer = self.viewer.layers[LABEL_MAP]
@@ -1041,6 +1134,105 @@ class SegmentWidget(QWidget):
         self._report(f"Accepted '{target.name}' as label {target.value} of '{LABEL_MAP}' "
                      f"({len(values)} voxel(s) changed; Ctrl+Z in that layer undoes it).")
 
+    # ----------------------------------------------------------------------- propagate
+    def propagate(self) -> None:
+        """Propagate through volume: the current target's masks through the chosen 3-D
+        image, in a worker thread (progress on the bar, Cancel keeps the slices done).
+
+        The target is the prompt's; its seeds are the slice run (the ``SAM mask`` layer as
+        the user left it) and its slices in the label map; slices corrected there by hand
+        are locked. With no mask anywhere, the prompt finds the seed slice. The result goes
+        into the label map in one undoable write."""
+        if self.running:
+            return
+        try:
+            name = self.image_combo.currentText()
+            layer = find_layer(self.viewer, name)
+            if layer is None:
+                raise InputError("Choose an image layer first (open one, or File > Open "
+                                 "Sample).")
+            if not is_stack(layer):
+                raise InputError(f"Propagate through volume needs a 3-D image (Z, Y, X); "
+                                 f"{name!r} has shape {tuple(np.shape(layer.data))}.")
+            spatial = tuple(layer.data.shape)
+            existing = self.label_map_layer(create=False, source=layer)
+            label_map = (np.asarray(existing.data) if existing is not None
+                         else np.zeros(spatial, np.int32))
+            plan = self.controller.plan_propagation(
+                label_map, self._prompt_lines(), source=layer.name,
+                run_mask=self._run_mask_as_left())
+            self.controller.configure(self.build_config(self._base_config()))
+            volume = np.asarray(layer.data)
+        except (InputError, ValueError) as exc:
+            self._report(gui_message(str(exc)), error=True)
+            return
+        self._stop.clear()
+        self._tracker = ProgressTracker()
+        self.progress_log = self._tracker.updates
+        self._live = None
+        self._set_running(True)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("starting %p%")
+        if plan.by_text:
+            start = "no mask yet: the prompt chooses the seed slice"
+        else:
+            start = (f"seeds {slice_list(list(plan.seeds)) if plan.seeds else 'none'}, "
+                     f"locked {slice_list(list(plan.locked)) if plan.locked else 'none'}")
+        self._report(f"Propagating '{plan.target.name}' through '{layer.name}' ({start})...")
+        self._worker = start_worker(
+            self.controller.propagate, volume, plan, progress=self._progress_signal.emit,
+            should_stop=self._stop.is_set, on_done=self._on_propagated,
+            on_finished=lambda: self._set_running(False))
+
+    def _run_mask_as_left(self) -> np.ndarray | None:
+        """The current single-slice run's ``SAM mask`` layer, painted corrections included."""
+        run = self._current_run()
+        if run is None:
+            return None
+        sam = find_layer(self.viewer, output_name("SAM mask", run.target.name))
+        if sam is None or np.ndim(sam.data) != 2:
+            return None
+        return np.asarray(sam.data) > 0
+
+    def _on_propagated(self, outcome: Outcome) -> None:
+        if outcome.cancelled:
+            done: Propagation | None = outcome.partial
+            self.progress_bar.setValue(0)
+            self.progress_bar.setFormat("cancelled")
+            if done is None:
+                self._report("Cancelled; nothing changed.")
+            else:
+                self._write_propagation(done)
+            return
+        if not outcome.ok:
+            self.progress_bar.setValue(0)
+            self.progress_bar.setFormat("stopped by an error (see below)")
+            self._report(gui_message(outcome.error), error=True)
+            return
+        if self._write_propagation(outcome.value):
+            self.progress_bar.setValue(100)
+            self.progress_bar.setFormat("done %p%")
+            self.save_settings()
+
+    def _write_propagation(self, done: Propagation) -> bool:
+        """Write a propagation into the label map (one undoable step) and say what it did."""
+        try:
+            source = find_layer(self.viewer, done.plan.source)
+            if source is None:
+                raise InputError(f"The image layer {done.plan.source!r} was removed while "
+                                 "propagating; nothing written.")
+            layer = self.label_map_layer(source=source)
+            index, values, skipped = self.controller.write_propagation(
+                layer.data, done, overwrite=self.overwrite_check.isChecked())
+        except InputError as exc:
+            self._report(str(exc), error=True)
+            return False
+        self._name_labels(layer)
+        if len(values):
+            layer.data_setitem(index, values)
+        self._report(done.summary(len(values), skipped, LABEL_MAP))
+        return True
+
     # ----------------------------------------------------------------------- runs and settings
     def run_state(self) -> dict[str, Any]:
         """What reproduces a run: prompt lines, every parameter and the models."""
@@ -1064,7 +1256,8 @@ class SegmentWidget(QWidget):
         self.all_slices_check.setChecked(bool(state.get("all_slices", False)))
         if not self.controller.injected:
             self.clip_edit.setText(config.clip_model)
-            self.sam_combo.setCurrentText(config.sam_model)
+            set_combo_value(self.sam_combo, config.sam_model)
+            set_combo_value(self.precision_combo, config.precision)
             self.checkpoint_edit.setText(config.sam_checkpoint or "")
             self.device_combo.setCurrentText(config.device or "auto")
         self._update_settings_line()
