@@ -454,9 +454,27 @@ def test_nothing_found_anywhere_or_no_text(tiny_sam2_pipeline):
     with pytest.raises(InputError, match=r"Candidate slice indices out of range 0..5: \[6, -1\]"):
         pipeline.propagate_volume(volume, "a disk", candidates=[2, 6, -1])
     pipeline.config = dataclasses.replace(pipeline.config, coarse=CoarseMaskConfig(eta_c=1.0))
-    with pytest.raises(InputError, match="Nothing found on any candidate slice") as info:
+    with pytest.raises(InputError, match=r"Nothing found on the 6 best-ranked slice") as info:
         pipeline.propagate_volume(volume, "a disk")
     assert "\n" not in str(info.value)
+
+
+def test_text_seed_search_tries_at_most_max_seed_tries_slices(tiny_sam2_pipeline, monkeypatch):
+    """Nothing found anywhere costs a few chain runs, not one per slice."""
+    from napari_medclipsam.core import pipeline as pipeline_module
+    from napari_medclipsam.core.config import CoarseMaskConfig
+
+    pipeline = tiny_sam2_pipeline
+    pipeline.config = dataclasses.replace(pipeline.config, coarse=CoarseMaskConfig(eta_c=1.0))
+    monkeypatch.setattr(pipeline_module, "MAX_SEED_TRIES", 2)
+    tried = []
+    original = type(pipeline).segment
+    monkeypatch.setattr(type(pipeline), "segment",
+                        lambda self, image, *a, **k: tried.append(1) or original(
+                            self, image, *a, **k))
+    with pytest.raises(InputError, match=r"Nothing found on the 2 best-ranked slice"):
+        pipeline.propagate_volume(volume_with_objects(), "a disk")
+    assert len(tried) == 2
 
 
 def test_cancel_during_propagation_returns_a_partial_volume(tiny_sam2_pipeline):

@@ -30,6 +30,8 @@ SliceFn = Callable[[int, "SegmentationResult"], None]
 
 CONSTANT_IMAGE = ("Nothing found: the image (after windowing) has one intensity everywhere, so "
                   "there is nothing to segment. Check the window or the slice.")
+#: Text-chosen seeds: the chain runs on at most this many best-ranked slices (or n_seeds).
+MAX_SEED_TRIES = 8
 NOTHING_FOUND = ("Nothing found: the saliency map has no component that passes the threshold "
                  "and confidence filter (eta_c). Try another prompt, a lower eta_c or another "
                  "threshold method.")
@@ -339,8 +341,8 @@ class ZeroShotPipeline:
 
     # -- 3-D by propagation ----------------------------------------------------------------
     def rank_slices(self, volume_rgb: np.ndarray, text: str | Sequence[str],
-                    candidates: Sequence[int] | None = None, batch: int = 16
-                    ) -> list[tuple[int, float]]:
+                    candidates: Sequence[int] | None = None, batch: int = 16,
+                    should_stop: StopFn | None = None) -> list[tuple[int, float]]:
         """Slices ordered by CLIP's cosine similarity between the slice and the text.
 
         One forward pass of the vision tower per slice (batched), no M2IB: about 0.1 s per
@@ -357,6 +359,7 @@ class ZeroShotPipeline:
         scores: list[tuple[int, float]] = []
         clip = self.clip
         for start in range(0, len(indices), batch):
+            _check_stop(should_stop)
             chunk = indices[start:start + batch]
             x = torch.cat([prepare_image(clip, volume_rgb[z]) for z in chunk])
             with torch.no_grad(), autocast(self.precision, str(clip.device)):
@@ -399,7 +402,8 @@ class ZeroShotPipeline:
         corrected by hand, kept as they are). Without any, the text chooses them: candidate
         slices (all, or ``candidates``, e.g. the body slices) are ranked by CLIP's
         image-text similarity (:meth:`rank_slices`), and the full chain (M2IB, coarse mask,
-        SAM) runs on the best-ranked slices until ``n_seeds`` of them found something.
+        SAM) runs on the best-ranked slices until ``n_seeds`` of them gave a non-empty SAM
+        mask, trying at most ``max(MAX_SEED_TRIES, n_seeds)`` slices.
         The masks then propagate through the volume in both directions
         (:func:`~napari_medclipsam.core.propagate.propagate_volume`: SAM 2's video
         predictor, or the previous slice's box for SAM backends).
@@ -431,8 +435,9 @@ class ZeroShotPipeline:
             report("ranking slices", 0.0)
             try:
                 _check_stop(should_stop)
-                result.ranking = self.rank_slices(rgb, text, candidates)
-                for z, _ in result.ranking:
+                result.ranking = self.rank_slices(rgb, text, candidates,
+                                                  should_stop=should_stop)
+                for z, _ in result.ranking[:max(MAX_SEED_TRIES, n_seeds)]:
                     _check_stop(should_stop)
                     one = self.segment(
                         volume[z], text, window=window, should_stop=should_stop,
@@ -440,7 +445,7 @@ class ZeroShotPipeline:
                             f"seed slice z={z}: {stage}", 0.2 * fraction))
                     result.saliency[z], result.coarse[z] = one.saliency, one.coarse.mask
                     result.completed.append(z)
-                    if one.found:
+                    if one.found and one.mask.any():  # SAM's mask, not only the coarse one
                         seeds[z] = result.mask[z] = one.mask
                         result.prompts[z] = one.prompts
                         result.found_slices.append(z)
@@ -450,8 +455,10 @@ class ZeroShotPipeline:
                 exc.partial = result
                 raise
             if not seeds:
-                raise InputError(f"Nothing found on any candidate slice for {text!r}; no "
-                                 "seed to propagate. " + NOTHING_FOUND.split(": ", 1)[1])
+                tried = len(result.completed)
+                raise InputError(f"Nothing found on the {tried} best-ranked slice(s) for "
+                                 f"{text!r}; no seed to propagate. "
+                                 + NOTHING_FOUND.split(": ", 1)[1])
         bundle = self.propagation_model(volume.shape[1:])
         session = self.session if bundle is self.sam else None
         base = 0.2 if result.found_slices else 0.0
