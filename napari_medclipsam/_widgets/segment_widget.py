@@ -762,13 +762,7 @@ class SegmentWidget(QWidget):
         except (InputError, ValueError) as exc:
             self._report(gui_message(str(exc)), error=True)
             return
-        self._stop.clear()
-        self._tracker = ProgressTracker()
-        self.progress_log = self._tracker.updates
-        self._live = LiveVolume(name, layer.name, tuple(image.shape)) if volume else None
-        self._set_running(True)
-        self.progress_bar.setValue(0)
-        self.progress_bar.setFormat("starting %p%")
+        self._begin_run(LiveVolume(name, layer.name, tuple(image.shape)) if volume else None)
         what = f"all {image.shape[0]} slices of " if volume else (
             f"slice z={z} of " if z is not None else "")
         self._report(f"Running '{name}' on {what}'{layer.name}'...")
@@ -777,6 +771,16 @@ class SegmentWidget(QWidget):
             volume=volume, progress=self._progress_signal.emit, should_stop=self._stop.is_set,
             on_slice=self._slice_signal.emit if volume else None,
             on_done=self._on_done, on_finished=lambda: self._set_running(False))
+
+    def _begin_run(self, live: LiveVolume | None) -> None:
+        """Reset the stop flag, progress tracker and bar, and show the run as started."""
+        self._stop.clear()
+        self._tracker = ProgressTracker()
+        self.progress_log = self._tracker.updates
+        self._live = live
+        self._set_running(True)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("starting %p%")
 
     def _set_running(self, running: bool) -> None:
         self.running = running
@@ -1166,13 +1170,7 @@ class SegmentWidget(QWidget):
         except (InputError, ValueError) as exc:
             self._report(gui_message(str(exc)), error=True)
             return
-        self._stop.clear()
-        self._tracker = ProgressTracker()
-        self.progress_log = self._tracker.updates
-        self._live = None
-        self._set_running(True)
-        self.progress_bar.setValue(0)
-        self.progress_bar.setFormat("starting %p%")
+        self._begin_run(None)
         if plan.by_text:
             start = "no mask yet: the prompt chooses the seed slice"
         else:

@@ -392,7 +392,42 @@ class _FastMaskDecoder:
 # --------------------------------------------------------------------------- session
 
 
-class SamSession:
+class _EmbeddingCache:
+    """What both sessions share: an LRU cache of image embeddings keyed by model and image
+    bytes, the current image, a lock, and the encoder call count."""
+
+    def __init__(self, sam: Any, model_id: str, cache_size: int, precision: str):
+        if int(cache_size) < 1:
+            raise ValueError(f"cache_size must be at least 1; got {cache_size}.")
+        self.sam = sam
+        self.model_id = str(model_id)
+        self.cache_size = int(cache_size)
+        self.precision = precision  # "bf16" or "fp32", resolved
+        self.encoder_calls = 0
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._current: str | None = None
+        self._lock = threading.RLock()
+
+    def key_for(self, image: np.ndarray) -> str:
+        """Cache key of an HxWx3 uint8 image: ``f"{model_id}:{blake2b(bytes, shape)}"``."""
+        return f"{self.model_id}:{image_digest(_check_image(image))}"
+
+    @property
+    def current_key(self) -> str | None:
+        """Key of the image set last (``None`` before any)."""
+        return self._current
+
+    def cached_keys(self) -> list[str]:
+        """Keys held, least recently used first."""
+        with self._lock:
+            return list(self._cache)
+
+    def is_cached(self, key: str) -> bool:
+        with self._lock:
+            return key in self._cache
+
+
+class SamSession(_EmbeddingCache):
     """Computes an image's SAM embedding once, caches it, answers any number of prompts.
 
     The image encoder (the slow part: about 20 s for ViT-B on two CPU cores) runs once per
@@ -432,17 +467,8 @@ class SamSession:
                  fast: bool | None = None, precision: str = "fp32"):
         from segment_anything import SamPredictor
 
-        if int(cache_size) < 1:
-            raise ValueError(f"cache_size must be at least 1; got {cache_size}.")
-        self.sam = sam
-        self.model_id = str(model_id)
-        self.cache_size = int(cache_size)
-        self.precision = precision  # of the image encoder ("bf16" or "fp32", resolved)
+        super().__init__(sam, model_id, cache_size, precision)
         self.predictor = SamPredictor(sam)
-        self.encoder_calls = 0
-        self._cache: OrderedDict[str, _Embedding] = OrderedDict()
-        self._current: str | None = None
-        self._lock = threading.RLock()
         self._fast: _FastMaskDecoder | None = None
         self._prepared: tuple[str, dict[str, Any]] | None = None  # one image's decoder cache
         if fast is None:
@@ -464,24 +490,6 @@ class SamSession:
             self._prepared = None
 
     # -- embeddings -----------------------------------------------------------------------
-    def key_for(self, image: np.ndarray) -> str:
-        """Cache key of an HxWx3 uint8 image: ``f"{model_id}:{blake2b(bytes, shape)}"``."""
-        return f"{self.model_id}:{image_digest(_check_image(image))}"
-
-    @property
-    def current_key(self) -> str | None:
-        """Key of the image set last (``None`` before any)."""
-        return self._current
-
-    def cached_keys(self) -> list[str]:
-        """Keys held, least recently used first."""
-        with self._lock:
-            return list(self._cache)
-
-    def is_cached(self, key: str) -> bool:
-        with self._lock:
-            return key in self._cache
-
     def set_image(self, image: np.ndarray) -> str:
         """Make ``image`` the current image, running the encoder only if it is not cached.
 
@@ -690,7 +698,7 @@ def _image_predictor(model: Any):
     return _AnySizePredictor(model)
 
 
-class Sam2Session:
+class Sam2Session(_EmbeddingCache):
     """:class:`SamSession`'s interface for SAM 2.1 models (``sam2`` package).
 
     One ``SAM2ImagePredictor`` per cached image holds that image's embedding (the image
@@ -719,38 +727,13 @@ class Sam2Session:
 
     def __init__(self, sam: Any, model_id: str, cache_size: int = 16,
                  precision: str = "fp32"):
-        if int(cache_size) < 1:
-            raise ValueError(f"cache_size must be at least 1; got {cache_size}.")
-        self.sam = sam
-        self.model_id = str(model_id)
-        self.cache_size = int(cache_size)
-        self.precision = precision
-        self.encoder_calls = 0
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        self._current: str | None = None
-        self._lock = threading.RLock()
+        super().__init__(sam, model_id, cache_size, precision)
 
     @property
     def predictor(self):
         """The current image's ``SAM2ImagePredictor`` (``None`` before any image)."""
         with self._lock:
             return None if self._current is None else self._cache.get(self._current)
-
-    def key_for(self, image: np.ndarray) -> str:
-        """Cache key of an HxWx3 uint8 image: ``f"{model_id}:{blake2b(bytes, shape)}"``."""
-        return f"{self.model_id}:{image_digest(_check_image(image))}"
-
-    @property
-    def current_key(self) -> str | None:
-        return self._current
-
-    def cached_keys(self) -> list[str]:
-        with self._lock:
-            return list(self._cache)
-
-    def is_cached(self, key: str) -> bool:
-        with self._lock:
-            return key in self._cache
 
     def set_image(self, image: np.ndarray) -> str:
         """Make ``image`` (HxWx3 uint8) current, encoding it only if not cached; its key."""
