@@ -300,7 +300,7 @@ def test_tiny_sam_runs_the_box_path():
     prompted."""
     from tiny_sam import build_tiny_sam
 
-    from napari_medclipsam.core.propagate import _box_of
+    from napari_medclipsam.core.postprocess import boxes_from_labels
     from napari_medclipsam.core.sam import SamSession
 
     sam = build_tiny_sam()
@@ -318,8 +318,8 @@ def test_tiny_sam_runs_the_box_path():
     reference = SamSession(sam, "reference")
     prompted = 0
     for z in result.propagated:
-        box = _box_of(result.mask[z + 1 if z < 3 else z - 1])
-        if box is None:
+        box = boxes_from_labels(result.mask[z + 1 if z < 3 else z - 1])
+        if len(box) == 0:
             assert not result.mask[z].any()
             continue
         prompted += 1
@@ -557,3 +557,28 @@ def test_propagate_size_loads_the_same_weights_at_another_size(tiny_sam2_pipelin
     own = pipeline.sam.model.state_dict()
     for key, value in bundle.model.state_dict().items():
         assert torch.equal(value, own[key]), key
+
+
+def test_seed_slices_run_the_chain_there_only(tiny_sam2_pipeline, monkeypatch):
+    """``seed_slices``: the chain runs on exactly those slices, in order, with no ranking;
+    each whose SAM mask is not empty is a seed; none found is one clear error."""
+    from napari_medclipsam.core.config import CoarseMaskConfig
+
+    pipeline = tiny_sam2_pipeline
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("slices were ranked although seed slices were given")
+
+    monkeypatch.setattr(pipeline, "rank_slices", forbidden)
+    volume = volume_with_objects()
+    result = pipeline.propagate_volume(volume, "a disk", seed_slices=[4, 1],
+                                       n_seeds=1)
+    assert result.ranking == [] and result.completed == [4, 1]
+    found = [z for z in (4, 1) if result.mask[z].any()]
+    assert result.found_slices == found and result.propagation.seeds == sorted(found)
+    assert found  # the bright rectangle is found on at least one of them
+    with pytest.raises(InputError, match=r"Seed slice indices out of range 0..5: \[6\]"):
+        pipeline.propagate_volume(volume, "a disk", seed_slices=[6])
+    pipeline.config = dataclasses.replace(pipeline.config, coarse=CoarseMaskConfig(eta_c=1.0))
+    with pytest.raises(InputError, match=r"Nothing found on the 2 given seed slice\(s\)"):
+        pipeline.propagate_volume(volume, "a disk", seed_slices=[4, 1])

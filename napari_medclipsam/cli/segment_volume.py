@@ -312,30 +312,19 @@ class _Propagation:
         self.stopped: dict[str, int] = {}
         self.completed = False
 
-    def add_chain(self, z: int, one) -> None:
-        """A text-chain result on slice ``z`` (``--seed-slices``)."""
-        self.saliency[z], self.coarse[z] = one.saliency, one.coarse.mask
-        self.chain.append(z)
-        if one.found:
-            self.mask[z] = one.mask
-            self.found.append(z)
-            self.prompts[z] = one.prompts.to_dict()
-
     def add_result(self, result) -> None:
         """The pipeline's :class:`~napari_medclipsam.core.pipeline.VolumeResult` (finished,
         or the partial one of a stop) over the sub-volume."""
         back = self.to_run
-        own_chain = not self.chain  # the pipeline ran the chain itself (ranked seeds)
-        if own_chain:
-            self.saliency[back] = result.saliency
-            self.coarse[back] = result.coarse
-            self.chain = [back[i] for i in result.completed]
-            self.found = [back[i] for i in result.found_slices]
-            self.prompts = {back[i]: p.to_dict() for i, p in result.prompts.items()}
-            self.ranking = [(back[i], float(s)) for i, s in result.ranking]
+        self.saliency[back] = result.saliency
+        self.coarse[back] = result.coarse
+        self.chain = [back[i] for i in result.completed]
+        self.found = [back[i] for i in result.found_slices]
+        self.prompts = {back[i]: p.to_dict() for i, p in result.prompts.items()}
+        self.ranking = [(back[i], float(s)) for i, s in result.ranking]
+        # the seeds' masks (a stop before propagating), or the propagated mask (seeds in it)
+        self.mask[back] = result.mask
         prop = result.propagation
-        if own_chain or prop is not None:  # the seeds' masks (a stop before propagating), or
-            self.mask[back] = result.mask  # the propagated mask (seeds included)
         if prop is not None:
             self.seeds = [back[i] for i in prop.seeds]
             self.propagated = [back[i] for i in prop.propagated]
@@ -464,30 +453,12 @@ def propagate_volume(plan: Plan, pipeline, run: Run, f: Path, image,
     try:
         with stop_requests(f"{f.name}: stopping at the end of this step, keeping what is done "
                            "(press Ctrl-C again to stop at once)...") as stop:
-            if to_run and seed_slices is not None:
+            if to_run:
                 index = {z: i for i, z in enumerate(to_run)}
-                seeds = {}
-                for z in seed_slices:
-                    if stop():
-                        raise CancelledError("Cancelled.")
-                    one = pipeline.segment(
-                        data[z], texts, window=window, should_stop=stop,
-                        progress=lambda stage, fraction, i=index[z]: progress(
-                            f"seed slice z={i}: {stage}", fraction))
-                    state.add_chain(z, one)
-                    if one.found and one.mask.any():
-                        seeds[index[z]] = one.mask
-                if not seeds:
-                    raise InputError(f"nothing found on the --seed-slices "
-                                     f"{','.join(map(str, seed_slices))} for {texts}, so "
-                                     "there is nothing to propagate; choose other slices or "
-                                     "another prompt.")
-                result = pipeline.propagate_volume(
-                    data[to_run], window=window, seeds=seeds, progress=progress,
-                    should_stop=stop)
-            elif to_run:
                 result = pipeline.propagate_volume(
                     data[to_run], texts, window=window, n_seeds=plan.propagate["seeds"],
+                    seed_slices=(None if seed_slices is None
+                                 else [index[z] for z in seed_slices]),
                     progress=progress, should_stop=stop)
     except CancelledError as exc:
         partial = getattr(exc, "partial", None)
@@ -496,11 +467,7 @@ def propagate_volume(plan: Plan, pipeline, run: Run, f: Path, image,
         if state.done or state.chain:
             state.save_partial(plan, name, image, record, family)
         raise (stop.interrupt() if stop is not None else KeyboardInterrupt()) from None
-    except InputError as exc:  # nothing to propagate: a result to report, not work to keep
-        if str(exc).startswith("Nothing to propagate"):  # every seed's SAM mask is empty
-            raise InputError("SAM's mask is empty on the seed slice(s) where the text chain "
-                             "found something, so there is nothing to propagate; try another "
-                             "prompt, more --seeds, or --seed-slices.") from exc
+    except InputError:  # nothing to propagate: a result to report, not work to keep
         raise
     except BaseException:
         if state.done or state.chain:  # keep what was done, whatever stopped the run

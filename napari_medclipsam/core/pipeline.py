@@ -394,6 +394,7 @@ class ZeroShotPipeline:
                          seeds: dict[int, np.ndarray] | None = None,
                          locked: dict[int, np.ndarray] | None = None,
                          candidates: Sequence[int] | None = None, n_seeds: int = 1,
+                         seed_slices: Sequence[int] | None = None,
                          progress: ProgressFn | None = None,
                          should_stop: StopFn | None = None) -> VolumeResult:
         """Segment a (Z, Y, X) volume by propagating masks from a few slices.
@@ -403,8 +404,9 @@ class ZeroShotPipeline:
         slices (all, or ``candidates``, e.g. the body slices) are ranked by CLIP's
         image-text similarity (:meth:`rank_slices`), and the full chain (M2IB, coarse mask,
         SAM) runs on the best-ranked slices until ``n_seeds`` of them gave a non-empty SAM
-        mask, trying at most ``max(MAX_SEED_TRIES, n_seeds)`` slices.
-        The masks then propagate through the volume in both directions
+        mask, trying at most ``max(MAX_SEED_TRIES, n_seeds)`` slices. With ``seed_slices``
+        the chain runs on exactly those slices instead (no ranking), and every one whose SAM
+        mask is not empty is a seed. The masks then propagate through the volume in both directions
         (:func:`~napari_medclipsam.core.propagate.propagate_volume`: SAM 2's video
         predictor, or the previous slice's box for SAM backends).
 
@@ -417,10 +419,11 @@ class ZeroShotPipeline:
         volume = np.asarray(volume)
         if volume.ndim != 3:
             raise InputError(f"Expected a (Z, Y, X) volume; got shape {volume.shape}.")
-        bad = [int(z) for z in (candidates or ()) if not 0 <= int(z) < len(volume)]
-        if bad:
-            raise InputError(f"Candidate slice indices out of range 0..{len(volume) - 1}: "
-                             f"{bad}.")
+        for what, given in (("Candidate", candidates), ("Seed", seed_slices)):
+            bad = [int(z) for z in (given or ()) if not 0 <= int(z) < len(volume)]
+            if bad:
+                raise InputError(f"{what} slice indices out of range 0..{len(volume) - 1}: "
+                                 f"{bad}.")
         window = window or auto_window(volume)
         report = progress or (lambda stage, fraction: None)
         rgb = np.stack([to_rgb_uint8(volume[z], window) for z in range(len(volume))])
@@ -432,12 +435,17 @@ class ZeroShotPipeline:
             if text is None or not as_text(text):
                 raise InputError("Propagation needs a mask on at least one slice, or a text "
                                  "prompt to find one.")
-            report("ranking slices", 0.0)
             try:
                 _check_stop(should_stop)
-                result.ranking = self.rank_slices(rgb, text, candidates,
-                                                  should_stop=should_stop)
-                for z, _ in result.ranking[:max(MAX_SEED_TRIES, n_seeds)]:
+                if seed_slices is not None:
+                    tries, wanted = [int(z) for z in seed_slices], len(seed_slices)
+                else:
+                    report("ranking slices", 0.0)
+                    result.ranking = self.rank_slices(rgb, text, candidates,
+                                                      should_stop=should_stop)
+                    tries = [z for z, _ in result.ranking[:max(MAX_SEED_TRIES, n_seeds)]]
+                    wanted = n_seeds
+                for z in tries:
                     _check_stop(should_stop)
                     one = self.segment(
                         volume[z], text, window=window, should_stop=should_stop,
@@ -449,14 +457,15 @@ class ZeroShotPipeline:
                         seeds[z] = result.mask[z] = one.mask
                         result.prompts[z] = one.prompts
                         result.found_slices.append(z)
-                        if len(seeds) >= n_seeds:
+                        if len(seeds) >= wanted:
                             break
             except CancelledError as exc:  # the seed slices found so far, nothing propagated
                 exc.partial = result
                 raise
             if not seeds:
                 tried = len(result.completed)
-                raise InputError(f"Nothing found on the {tried} best-ranked slice(s) for "
+                which = "given seed" if seed_slices is not None else "best-ranked"
+                raise InputError(f"Nothing found on the {tried} {which} slice(s) for "
                                  f"{text!r}; no seed to propagate. "
                                  + NOTHING_FOUND.split(": ", 1)[1])
         bundle = self.propagation_model(volume.shape[1:])

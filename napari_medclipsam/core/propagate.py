@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CancelledError, InputError
+from .postprocess import boxes_from_labels
 from .precision import autocast
 
 ProgressFn = Callable[[str, float], None]
@@ -217,6 +218,15 @@ def propagate_volume(bundle: Any, volume_rgb: np.ndarray, seeds: Mapping[int, np
                               progress, should_stop, stop_after_empty)
 
 
+def _seeded_result(volume_rgb: np.ndarray, conditioning: Mapping[int, np.ndarray]
+                   ) -> PropagationResult:
+    """The result before any slice is propagated: the seed and locked masks in place."""
+    mask = np.zeros(volume_rgb.shape[:3], dtype=bool)
+    for z, m in conditioning.items():
+        mask[z] = m
+    return PropagationResult(mask, sorted(conditioning))
+
+
 def _report(progress: ProgressFn | None, done: int, total: int, z: int) -> None:
     if progress is not None:
         progress(f"propagating: slice {done}/{total} (z={z})", done / max(total, 1))
@@ -239,10 +249,8 @@ def _propagate_sam2(model: Any, volume_rgb: np.ndarray, conditioning: dict[int, 
     import torch
 
     n = len(volume_rgb)
-    mask = np.zeros(volume_rgb.shape[:3], dtype=bool)
-    for z, m in conditioning.items():
-        mask[z] = m
-    result = PropagationResult(mask, sorted(conditioning))
+    result = _seeded_result(volume_rgb, conditioning)
+    mask = result.mask
     first = min(conditioning)
     total = n - len(conditioning)
     done = 0
@@ -292,13 +300,6 @@ def _quiet(frames):
     yield from frames
 
 
-def _box_of(mask: np.ndarray) -> np.ndarray | None:
-    rows, cols = np.nonzero(mask)
-    if len(rows) == 0:
-        return None
-    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
-
-
 def propagate_by_boxes(session: Any, volume_rgb: np.ndarray,
                        conditioning: Mapping[int, np.ndarray], locked: Iterable[int] = (),
                        progress: ProgressFn | None = None, should_stop: StopFn | None = None,
@@ -310,11 +311,9 @@ def propagate_by_boxes(session: Any, volume_rgb: np.ndarray,
     """
     locked = set(locked)
     n = len(volume_rgb)
-    mask = np.zeros(volume_rgb.shape[:3], dtype=bool)
-    for z, m in conditioning.items():
-        mask[z] = m
-    result = PropagationResult(mask, sorted(conditioning))
-    order = sorted(conditioning)
+    result = _seeded_result(volume_rgb, conditioning)
+    mask = result.mask
+    order = result.seeds
     # (start seed, step, stop before) runs covering every non-seed slice once
     runs: list[tuple[int, int, int, str]] = []
     runs.append((order[0], -1, -1, "backward"))
@@ -329,8 +328,8 @@ def propagate_by_boxes(session: Any, volume_rgb: np.ndarray,
         for z in range(start + step, stop, step):
             if should_stop is not None and should_stop():
                 raise _cancelled(result)
-            box = _box_of(previous)
-            if box is None:
+            box = boxes_from_labels(previous)  # (1, 4), or (0, 4) when the mask is empty
+            if len(box) == 0:
                 slice_mask = np.zeros(mask.shape[1:], dtype=bool)
             else:
                 session.set_image(volume_rgb[z])

@@ -18,6 +18,7 @@ about 1e-6 relative); ``fast=False`` reproduces ``SamPredictor.predict`` bit for
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -426,6 +427,18 @@ class _EmbeddingCache:
         with self._lock:
             return key in self._cache
 
+    def _entry(self, image_key: str | None) -> Any:
+        """What the cache holds for ``image_key`` (the current image's key when predict got
+        none); the errors :meth:`SamSession.predict` documents otherwise."""
+        if image_key is None:
+            raise RuntimeError("No image set: call set_image(image) before predict().")
+        entry = self._cache.get(image_key)
+        if entry is None:
+            raise KeyError(f"Image key {image_key!r} is not in the embedding cache (never set, "
+                           f"or dropped after {self.cache_size} newer images); call "
+                           "set_image(image) again.")
+        return entry
+
 
 class SamSession(_EmbeddingCache):
     """Computes an image's SAM embedding once, caches it, answers any number of prompts.
@@ -635,16 +648,6 @@ class SamSession(_EmbeddingCache):
                 result = logits if return_logits else logits > self.sam.mask_threshold
                 return result.cpu().numpy()
 
-    def _entry(self, image_key: str | None) -> _Embedding:
-        if image_key is None:
-            raise RuntimeError("No image set: call set_image(image) before predict().")
-        entry = self._cache.get(image_key)
-        if entry is None:
-            raise KeyError(f"Image key {image_key!r} is not in the embedding cache (never set, "
-                           f"or dropped after {self.cache_size} newer images); call "
-                           "set_image(image) again.")
-        return entry
-
     def _decode(self, key: str, entry: _Embedding, coords, labels, boxes,
                 multimask_output: bool):
         """HxW logits (maximum over the batch) of a batch of B prompt groups.
@@ -686,6 +689,13 @@ def _image_predictor(model: Any):
     follow the model's ``image_size`` here (512 for propagation on a CPU, 256 for the tests'
     tiny models).
     """
+    return _any_size_predictor_class()(model)
+
+
+@functools.cache
+def _any_size_predictor_class() -> type:
+    """``SAM2ImagePredictor`` with backbone feature sizes from the model's input size
+    (defined once, on first use, so importing this module does not import sam2)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     class _AnySizePredictor(SAM2ImagePredictor):
@@ -695,7 +705,7 @@ def _image_predictor(model: Any):
             self._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8),
                                    (size // 16, size // 16)]
 
-    return _AnySizePredictor(model)
+    return _AnySizePredictor
 
 
 class Sam2Session(_EmbeddingCache):
@@ -775,14 +785,7 @@ class Sam2Session(_EmbeddingCache):
         if len(boxes) == 0 and len(points) == 0:
             raise InputError(NO_PROMPTS)
         with self._lock:
-            key = self._current if image_key is None else image_key
-            if key is None:
-                raise RuntimeError("No image set: call set_image(image) before predict().")
-            predictor = self._cache.get(key)
-            if predictor is None:
-                raise KeyError(f"Image key {key!r} is not in the embedding cache (never set, "
-                               f"or dropped after {self.cache_size} newer images); call "
-                               "set_image(image) again.")
+            predictor = self._entry(self._current if image_key is None else image_key)
             logits = None
             with torch.inference_mode(), autocast(self.precision, str(self.sam.device)):
                 for batch in _prompt_batches(boxes, points, owner):
