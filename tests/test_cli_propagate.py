@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli_volume import BODY, N_SLICES, write_body_volume
 
 from napari_medclipsam.cli import build_parser, main
 from napari_medclipsam.core.models import SAM_MODELS
 from napari_medclipsam.core.pipeline import ZeroShotPipeline
 
 MODEL_STEPS = 2  # M2IB steps of the tiny models (conftest's model_flags)
-N_SLICES = 8
-BODY = (2, 3, 4, 5, 6)  # slices holding "tissue"; 0, 1 and 7 are air
 #: A non-identity affine (axes swapped, a shear, an offset) the outputs must keep.
 AFFINE = np.array([[0.0, -0.8, 0.0, 10.0],
                    [0.7, 0.0, 0.1, -5.0],
@@ -41,19 +40,8 @@ def sam2_checkpoint(tmp_path_factory):
 
 
 def _volume(tmp_path: Path) -> Path:
-    """An int16 NIfTI (8 x 32 x 40 in (Z, Y, X)): air around a body with a bright disk,
-    saved with :data:`AFFINE`."""
-    import nibabel as nib
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:32, :40]
-    vol = np.full((N_SLICES, 32, 40), -1000.0) + 5 * rng.standard_normal((N_SLICES, 32, 40))
-    for z in BODY:
-        vol[z][(yy - 16) ** 2 / 14 ** 2 + (xx - 20) ** 2 / 18 ** 2 < 1] = 40
-        vol[z][(yy - 16) ** 2 + (xx - 20) ** 2 < (3 + z) ** 2] = 300
-    path = tmp_path / "vol.nii.gz"
-    nib.save(nib.Nifti1Image(vol.astype(np.int16).transpose(2, 1, 0), AFFINE), str(path))
-    return path
+    """test_cli_volume's body volume, saved with :data:`AFFINE`."""
+    return write_body_volume(tmp_path, AFFINE)
 
 
 def _nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -30,8 +30,9 @@ BODY = (2, 3, 4, 5, 6)  # slices holding "tissue"; 0, 1 and 7 are air
 MODEL_STEPS = 2  # M2IB steps of the tiny models (conftest's model_flags)
 
 
-def _volume(tmp_path: Path) -> Path:
-    """An int16 NIfTI (8 x 32 x 40 in (Z, Y, X)): air around a body with a bright disk."""
+def write_body_volume(tmp_path: Path, affine: np.ndarray | None = None) -> Path:
+    """An int16 NIfTI (8 x 32 x 40 in (Z, Y, X)): air around a body (slices :data:`BODY`)
+    with a bright disk; ``affine`` default 0.8 x 0.8 x 2.5 mm spacing."""
     import nibabel as nib
 
     rng = np.random.default_rng(0)
@@ -41,8 +42,9 @@ def _volume(tmp_path: Path) -> Path:
         vol[z][(yy - 16) ** 2 / 14 ** 2 + (xx - 20) ** 2 / 18 ** 2 < 1] = 40
         vol[z][(yy - 16) ** 2 + (xx - 20) ** 2 < (3 + z) ** 2] = 300
     path = tmp_path / "vol.nii.gz"
-    nib.save(nib.Nifti1Image(vol.astype(np.int16).transpose(2, 1, 0),
-                             np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
+    if affine is None:
+        affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(vol.astype(np.int16).transpose(2, 1, 0), affine), str(path))
     return path
 
 
@@ -88,7 +90,7 @@ def _run(monkeypatch, args, interrupt_at=None) -> tuple[int, _Counter]:
 
 def test_interrupted_volume_resumes_without_redoing_slices(model_flags, tmp_path, capsys,
                                                            monkeypatch):
-    vol = _volume(tmp_path)
+    vol = write_body_volume(tmp_path)
     base = ["segment", str(vol), "--prompt", "a disk", "--volume", *model_flags]
     full = tmp_path / "full"
     rc, counter = _run(monkeypatch, [*base, "-o", str(full)])
@@ -152,7 +154,7 @@ def test_interrupted_volume_resumes_without_redoing_slices(model_flags, tmp_path
 ])
 def test_resume_with_other_parameters_is_refused(model_flags, tmp_path, capsys, monkeypatch,
                                                  change, expected):
-    vol = _volume(tmp_path)
+    vol = write_body_volume(tmp_path)
     out = tmp_path / "out"
     base = ["segment", str(vol), "--volume", "-o", str(out), *model_flags]
     rc, _ = _run(monkeypatch, [*base, "--prompt", "a disk"], interrupt_at=3)
@@ -177,7 +179,7 @@ def test_resume_with_other_model_weights_is_refused(model_flags, tmp_path, capsy
                                                     monkeypatch):
     from tiny_sam import save_tiny_sam_checkpoint
 
-    vol = _volume(tmp_path)
+    vol = write_body_volume(tmp_path)
     out = tmp_path / "out"
     args = ["segment", str(vol), "--prompt", "a disk", "--volume", "-o", str(out), *model_flags]
     assert _run(monkeypatch, args, interrupt_at=2)[0] == 130
@@ -192,7 +194,7 @@ def test_resume_with_other_model_weights_is_refused(model_flags, tmp_path, capsy
 
 
 def test_slice_range_and_body_skipping(model_flags, tmp_path, capsys, monkeypatch):
-    vol = _volume(tmp_path)
+    vol = write_body_volume(tmp_path)
     base = ["segment", str(vol), "--prompt", "a disk", "--volume", *model_flags]
     out = tmp_path / "range"
     rc, counter = _run(monkeypatch, [*base, "-o", str(out), "--slices", "2:-3"])
@@ -232,7 +234,7 @@ def test_slice_range_and_body_skipping(model_flags, tmp_path, capsys, monkeypatc
     (["--body-fraction", "2"], "--body-fraction 2: give a share between 0 and 1"),
 ])
 def test_bad_volume_options(model_flags, tmp_path, capsys, flags, expected):
-    vol = _volume(tmp_path)
+    vol = write_body_volume(tmp_path)
     out = tmp_path / "out"
     rc = main(["segment", str(vol), "--prompt", "a disk", "--volume", "-o", str(out), *flags,
                *model_flags])
@@ -247,7 +249,7 @@ def test_bad_volume_options(model_flags, tmp_path, capsys, flags, expected):
 
 def test_progress_names_the_slice_and_gives_an_eta(model_flags, tmp_path, capsys,
                                                    monkeypatch):
-    vol = _volume(tmp_path)
+    vol = write_body_volume(tmp_path)
     rc = main(["segment", str(vol), "--prompt", "a disk", "--volume", "-o",
                str(tmp_path / "out"), "--slices", "0:3", *model_flags])
     err = capsys.readouterr().err
@@ -276,7 +278,7 @@ def test_checkpoint_interval_limits_writes(model_flags, tmp_path, monkeypatch):
 
     monkeypatch.setattr(VolumeState, "save", save)
     monkeypatch.setattr(segment, "CHECKPOINT_SECONDS", 3600.0)
-    vol = _volume(tmp_path)
+    vol = write_body_volume(tmp_path)
     out = tmp_path / "out"
     rc, _ = _run(monkeypatch, ["segment", str(vol), "--prompt", "a disk", "--volume", "-o",
                                str(out), *model_flags], interrupt_at=6)
@@ -297,7 +299,7 @@ def test_checkpoint_interval_limits_writes(model_flags, tmp_path, monkeypatch):
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_signal_keeps_finished_slices_and_resume_finishes(model_flags, tmp_path, sig,
                                                           monkeypatch):
-    vol = _volume(tmp_path)
+    vol = write_body_volume(tmp_path)
     out = tmp_path / "out"
     runner = write_cli_runner(tmp_path, delay=0.4)
     args = [sys.executable, str(runner), "segment", str(vol), "--prompt", "a disk",

@@ -237,39 +237,41 @@ def test_image_key_and_lru_eviction(sam, encoder_counter):
     assert len(encoder_counter) == 5
 
 
-@pytest.mark.parametrize(
-    ("image", "match"),
-    [
-        (np.zeros((20, 30, 3), np.float32), "uint8"),
-        (np.zeros((20, 30, 2), np.uint8), r"HxWx3"),
-        (np.zeros((20, 30), np.uint8), r"HxWx3"),
-        (np.zeros((4, 20, 30, 3), np.uint8), r"HxWx3"),
-    ],
-)
+#: Images a session refuses, with the words of its error (shared with test_sam2).
+BAD_IMAGES = [
+    (np.zeros((20, 30, 3), np.float32), "uint8"),
+    (np.zeros((20, 30, 2), np.uint8), r"HxWx3"),
+    (np.zeros((20, 30), np.uint8), r"HxWx3"),
+    (np.zeros((4, 20, 30, 3), np.uint8), r"HxWx3"),
+]
+
+
+@pytest.mark.parametrize(("image", "match"), BAD_IMAGES)
 def test_bad_images(sam, image, match):
     with pytest.raises(ValueError, match=match):
         SamSession(sam, "tiny").set_image(image)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({}, "No prompts"),
-        ({"boxes": np.zeros((0, 4))}, "No prompts"),
-        ({"boxes": [[1, 2, 3]]}, r"boxes must have shape \(N, 4\)"),
-        ({"boxes": np.zeros((2, 2, 4))}, r"boxes must have shape \(N, 4\)"),
-        ({"boxes": [[30, 5, 10, 20]]}, "x0 <= x1"),
-        ({"boxes": [[0, 0, np.nan, 10]]}, "NaN"),
-        ({"points": [[1, 2, 3]], "point_labels": [1]}, r"points must have shape \(M, 2\)"),
-        ({"points": [[1, 2]]}, "point_labels are required"),
-        ({"points": [[1, 2]], "point_labels": [1, 0]}, r"point_labels must have shape \(1,\)"),
-        ({"points": [[1, 2]], "point_labels": [2]}, "1 .positive. or 0"),
-        ({"boxes": [BOX_A], "points": [[1, 2]], "point_labels": [1], "point_box": [1]},
-         "box index"),
-        ({"boxes": [BOX_A], "points": [[1, 2]], "point_labels": [1], "point_box": [0.5]},
-         "integers"),
-    ],
-)
+#: Prompts a session refuses, with the words of its error (shared with test_sam2).
+BAD_PROMPTS = [
+    ({}, "No prompts"),
+    ({"boxes": np.zeros((0, 4))}, "No prompts"),
+    ({"boxes": [[1, 2, 3]]}, r"boxes must have shape \(N, 4\)"),
+    ({"boxes": np.zeros((2, 2, 4))}, r"boxes must have shape \(N, 4\)"),
+    ({"boxes": [[30, 5, 10, 20]]}, "x0 <= x1"),
+    ({"boxes": [[0, 0, np.nan, 10]]}, "NaN"),
+    ({"points": [[1, 2, 3]], "point_labels": [1]}, r"points must have shape \(M, 2\)"),
+    ({"points": [[1, 2]]}, "point_labels are required"),
+    ({"points": [[1, 2]], "point_labels": [1, 0]}, r"point_labels must have shape \(1,\)"),
+    ({"points": [[1, 2]], "point_labels": [2]}, "1 .positive. or 0"),
+    ({"boxes": [BOX_A], "points": [[1, 2]], "point_labels": [1], "point_box": [1]},
+     "box index"),
+    ({"boxes": [BOX_A], "points": [[1, 2]], "point_labels": [1], "point_box": [0.5]},
+     "integers"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), BAD_PROMPTS)
 def test_bad_prompts(sam, kwargs, match):
     session = SamSession(sam, "tiny")
     session.set_image(random_image(6))

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sam2")
 
 from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
+from test_sam import BAD_IMAGES, BAD_PROMPTS  # noqa: E402
 from tiny_sam2 import build_tiny_sam2  # noqa: E402
 
 from napari_medclipsam.core.errors import InputError  # noqa: E402
@@ -198,37 +199,13 @@ def test_image_key_and_lru_eviction(model, encoder_counter):
     assert len(encoder_counter) == 5
 
 
-@pytest.mark.parametrize(
-    ("image", "match"),
-    [
-        (np.zeros((20, 30, 3), np.float32), "uint8"),
-        (np.zeros((20, 30, 2), np.uint8), r"HxWx3"),
-        (np.zeros((20, 30), np.uint8), r"HxWx3"),
-        (np.zeros((4, 20, 30, 3), np.uint8), r"HxWx3"),
-    ],
-)
+@pytest.mark.parametrize(("image", "match"), BAD_IMAGES)
 def test_bad_images(model, image, match):
     with pytest.raises(InputError, match=match):
         Sam2Session(model, "tiny").set_image(image)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({}, "No prompts"),
-        ({"boxes": np.zeros((0, 4))}, "No prompts"),
-        ({"boxes": [[1, 2, 3]]}, r"boxes must have shape \(N, 4\)"),
-        ({"boxes": np.zeros((2, 2, 4))}, r"boxes must have shape \(N, 4\)"),
-        ({"boxes": [[30, 5, 10, 20]]}, "x0 <= x1"),
-        ({"boxes": [[0, 0, np.nan, 10]]}, "NaN"),
-        ({"points": [[1, 2, 3]], "point_labels": [1]}, r"points must have shape \(M, 2\)"),
-        ({"points": [[1, 2]]}, "point_labels are required"),
-        ({"points": [[1, 2]], "point_labels": [1, 0]}, r"point_labels must have shape \(1,\)"),
-        ({"points": [[1, 2]], "point_labels": [2]}, "1 .positive. or 0"),
-        ({"boxes": [BOX_A], "points": [[1, 2]], "point_labels": [1], "point_box": [1]},
-         "box index"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "match"), BAD_PROMPTS)
 def test_bad_prompts(model, kwargs, match):
     session = Sam2Session(model, "tiny")
     session.set_image(random_image(7))
