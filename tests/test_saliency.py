@@ -51,11 +51,14 @@ def test_fast_path_equals_reference_implementation(tiny_clip, layer):
     assert fast.std() > 0.01
 
 
+@pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("readout", ["last_forward", "final"])
-def test_fast_path_equals_reference_for_both_readouts(tiny_clip, readout):
+def test_fast_path_equals_reference_for_both_readouts(tiny_clip, readout, steps):
+    """The fast path skips the last step's suffix pass under ``last_forward`` (its update
+    is never read): still the reference's map, one step included."""
     from napari_medclipsam.core.saliency import m2ib_saliency, m2ib_saliency_reference
 
-    cfg = SaliencyConfig(layer=1, steps=3, batch_size=2, beta=1.0, seed=4, readout=readout)
+    cfg = SaliencyConfig(layer=1, steps=steps, batch_size=2, beta=1.0, seed=4, readout=readout)
     image = _image(7)
     fast = m2ib_saliency(tiny_clip, image, ["breast tumor", "a mass"], cfg)
     ref = m2ib_saliency_reference(tiny_clip, image, ["breast tumor", "a mass"], cfg)
