@@ -75,10 +75,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("multimask", [False, True])
-def test_logits_match_sam2_image_predictor(model, multimask):
+def test_logits_match_sam2_image_predictor(model, multimask, fast):
+    """Both decoders (our rearranged one, the default on a CPU, and sam2's own) give
+    ``SAM2ImagePredictor.predict``'s logits to 1e-5."""
     image = random_image(0)
-    session = Sam2Session(model, "tiny")
+    session = Sam2Session(model, "tiny", fast=fast)
+    assert session.fast is fast
+    assert Sam2Session(model, "tiny").fast  # the default on the CPU
     session.set_image(image)
     predictor = reference(model, image)
     masks = []
@@ -95,6 +100,46 @@ def test_logits_match_sam2_image_predictor(model, multimask):
     # The prompts reach the decoder: different prompts, different masks.
     assert not np.array_equal(masks[0], masks[1])
     assert not np.array_equal(masks[1], masks[4])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.01])
+def test_fast_decoder_follows_the_stability_fallback(model, monkeypatch, threshold):
+    """For a single mask sam2 falls back to the best multimask output when the single mask's
+    stability score is below the threshold: always (1.01), never (0.0). The fast decoder
+    follows both branches, batched groups included, and they give different masks."""
+    image = random_image(10)
+    predictor = reference(model, image)
+    results = {}
+    for thresh in (0.0, 1.01):
+        monkeypatch.setattr(model.sam_mask_decoder, "dynamic_multimask_stability_thresh", thresh)
+        session = Sam2Session(model, "tiny")
+        session.set_image(image)
+        for theirs, ours in CASES:
+            expected = best_logits(predictor, multimask_output=False, **theirs)
+            got = session.predict(return_logits=True, **ours)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+            results.setdefault(thresh, []).append(got)
+        both = session.predict(boxes=[BOX_A, BOX_B], return_logits=True)
+        expected = np.maximum(best_logits(predictor, multimask_output=False, box=np.array(BOX_A)),
+                              best_logits(predictor, multimask_output=False, box=np.array(BOX_B)))
+        np.testing.assert_allclose(both, expected, rtol=0, atol=1e-5)
+    pairs = zip(results[0.0], results[1.01], strict=True)
+    assert any(np.abs(a - b).max() > 1e-3 for a, b in pairs)
+
+
+def test_fast_decoder_only_for_sam2_own_decoder(model, monkeypatch):
+    from sam2.modeling.sam.mask_decoder import MaskDecoder
+
+    class CustomDecoder(MaskDecoder):  # e.g. a fork that changes predict_masks
+        pass
+
+    monkeypatch.setattr(model.sam_mask_decoder, "__class__", CustomDecoder)
+    session = Sam2Session(model, "tiny")
+    assert not session.fast  # falls back to sam2's predictor
+    session.set_image(random_image(11))
+    assert session.predict(boxes=[BOX_A]).shape == (50, 80)
+    with pytest.raises(ValueError, match="fast=False"):
+        Sam2Session(model, "tiny", fast=True)
 
 
 def test_union_of_boxes_is_the_max_of_single_box_logits(model):

@@ -9,11 +9,13 @@ pixels; points are XY, i.e. (column, row), in image pixels; masks come back HxW 
 input image's size. torch and segment-anything are imported inside the methods, so importing
 this module stays cheap.
 
-Speed (full-size ViT-B, 2 CPU threads, 512x512 image; ``benchmarks/bench_sam.py``): the encoder
-takes about 20 s once per image; a re-prompt from the cache about 25 ms with the rearranged
-decoder (:class:`_FastMaskDecoder`, the default on the CPU) against about 60 ms through
-``Sam.mask_decoder`` itself. Both give the same masks up to float rounding (logits agree to
-about 1e-6 relative); ``fast=False`` reproduces ``SamPredictor.predict`` bit for bit.
+Speed (2 CPU threads, 512x512 image; ``benchmarks/bench_sam.py``, ``bench_fast_path.py``):
+the encoder runs once per image (ViT-B about 9 s in fp32, SAM 2.1 tiny about 1 s in bf16); a
+re-prompt from the cache takes about 23 ms (ViT-B) and 17 ms (SAM 2.1 tiny) with the
+rearranged decoder (:class:`_FastMaskDecoder`, the default on the CPU) against about 60 and
+35 ms through the packages' own decoders. Both give the same masks up to float rounding
+(logits agree to about 1e-6 relative); ``fast=False`` reproduces ``SamPredictor.predict`` (and
+``SAM2ImagePredictor.predict``) exactly.
 """
 
 from __future__ import annotations
@@ -163,13 +165,15 @@ def _recombine(x):
 
 
 class _FastMaskDecoder:
-    """SAM's mask decoder rearranged for prompting a cached embedding on a CPU.
+    """SAM's (or SAM 2's) mask decoder rearranged for prompting a cached embedding on a CPU.
 
-    Computes what ``Sam.mask_decoder`` computes (``MaskDecoder.predict_masks`` with
-    ``TwoWayTransformer``), with the same weights, up to float rounding (about 1e-6 relative):
+    Computes what segment-anything's ``MaskDecoder.predict_masks`` (with
+    ``TwoWayTransformer``) or sam2's computes, with the same weights, up to float rounding
+    (about 1e-6 relative):
 
     * what does not depend on the prompt is computed once per image (the image tokens plus
-      ``no_mask_embed``, and the first block's projections of them, see :meth:`prepare`);
+      ``no_mask_embed``, the first block's projections of them, SAM 2's high-resolution
+      features in the order the upscaling needs them, see :meth:`prepare`);
     * attention between the few prompt tokens (T, about 7) and the image tokens (N = 4096) is
       reassociated so no (N, C) projection of the image tokens is formed:
       ``softmax(q (W_k x + b_k)) (W_v x + b_v) = (softmax((q W_k) x) x) W_v^T + b_v`` and
@@ -179,43 +183,89 @@ class _FastMaskDecoder:
       products over chunks of image tokens, so the large intermediate tensors stay in cache,
       and only each group's selected mask is formed from them.
 
-    Only used for decoders built exactly from segment-anything's classes (:meth:`supports`);
-    others go through ``Sam.mask_decoder`` unchanged.
+    SAM 2's differences are followed: the object-score token before the IoU token, the
+    high-resolution features added inside the upscaling, and, for a single mask, the
+    fallback to the best of the three multimask outputs when the single mask's stability
+    score is low (``dynamic_multimask_via_stability``).
+
+    Only used for decoders built exactly from the packages' own classes (:meth:`of`); others
+    go through the model's decoder unchanged.
     """
 
     chunk = 512  # image tokens per upscaling step
 
-    def __init__(self, sam: Any):
-        self.sam = sam
-        self.decoder = sam.mask_decoder
-        self.transformer = sam.mask_decoder.transformer
+    def __init__(self, decoder: Any, prompt_encoder: Any):
+        self.decoder = decoder
+        self.prompt_encoder = prompt_encoder
+        self.transformer = decoder.transformer
         self._key_pe = None
 
+    @classmethod
+    def of(cls, model: Any) -> _FastMaskDecoder | None:
+        """The fast decoder for a segment-anything ``Sam`` or a sam2 ``SAM2Base``, or None
+        when the decoder is not the packages' own, unmodified in structure."""
+        if hasattr(model, "sam_mask_decoder"):
+            decoder, prompt_encoder = model.sam_mask_decoder, model.sam_prompt_encoder
+            supported = cls._sam2_classes(decoder, prompt_encoder)
+        else:
+            decoder = getattr(model, "mask_decoder", None)
+            prompt_encoder = getattr(model, "prompt_encoder", None)
+            supported = cls._sam1_classes(decoder, prompt_encoder)
+        if supported and cls._same_structure(decoder, *supported):
+            return cls(decoder, prompt_encoder)
+        return None
+
     @staticmethod
-    def supports(sam: Any) -> bool:
-        """Whether ``sam``'s decoder is segment-anything's, unmodified in structure."""
+    def supports(model: Any) -> bool:
+        """Whether ``model``'s decoder is segment-anything's or sam2's, unmodified."""
+        return _FastMaskDecoder.of(model) is not None
+
+    @staticmethod
+    def _sam1_classes(decoder, prompt_encoder):
         from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
         from segment_anything.modeling.common import LayerNorm2d
         from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
+
+        if type(decoder) is not MaskDecoder or type(prompt_encoder) is not PromptEncoder:
+            return None
+        return TwoWayTransformer, TwoWayAttentionBlock, Attention, LayerNorm2d
+
+    @staticmethod
+    def _sam2_classes(decoder, prompt_encoder):
+        from sam2.modeling.sam.mask_decoder import MaskDecoder
+        from sam2.modeling.sam.prompt_encoder import PromptEncoder
+        from sam2.modeling.sam.transformer import (
+            Attention,
+            TwoWayAttentionBlock,
+            TwoWayTransformer,
+        )
+        from sam2.modeling.sam2_utils import LayerNorm2d
+
+        if type(decoder) is not MaskDecoder or type(prompt_encoder) is not PromptEncoder:
+            return None
+        return TwoWayTransformer, TwoWayAttentionBlock, Attention, LayerNorm2d
+
+    @staticmethod
+    def _same_structure(decoder, transformer_cls, block_cls, attention_cls, norm_cls) -> bool:
         from torch import nn
 
-        decoder = getattr(sam, "mask_decoder", None)
-        if type(decoder) is not MaskDecoder or type(sam.prompt_encoder) is not PromptEncoder:
-            return False
         transformer = decoder.transformer
-        if type(transformer) is not TwoWayTransformer or len(transformer.layers) == 0:
+        if type(transformer) is not transformer_cls or len(transformer.layers) == 0:
             return False
-        if not all(type(layer) is TwoWayAttentionBlock for layer in transformer.layers):
+        if not all(type(layer) is block_cls for layer in transformer.layers):
             return False
         attentions = [transformer.final_attn_token_to_image]
         for layer in transformer.layers:
             attentions += [layer.self_attn, layer.cross_attn_token_to_image,
                            layer.cross_attn_image_to_token]
-        if not all(type(attn) is Attention for attn in attentions):
+        if not all(type(attn) is attention_cls for attn in attentions):
+            return False
+        if any(getattr(attn, "kv_in_dim", attn.embedding_dim) != attn.embedding_dim
+               for attn in attentions):
             return False
         upscaling = decoder.output_upscaling
         if not (isinstance(upscaling, nn.Sequential) and len(upscaling) == 5
-                and type(upscaling[1]) is LayerNorm2d):
+                and type(upscaling[1]) is norm_cls):
             return False
         for conv in (upscaling[0], upscaling[3]):
             if not (type(conv) is nn.ConvTranspose2d and conv.kernel_size == (2, 2)
@@ -228,29 +278,43 @@ class _FastMaskDecoder:
     def key_pe(self):
         """(1, N, C) positional encoding of the image tokens (the same for every image)."""
         if self._key_pe is None:
-            pe = self.sam.prompt_encoder.get_dense_pe()
+            pe = self.prompt_encoder.get_dense_pe()
             self._key_pe = pe.flatten(2).transpose(1, 2).contiguous()
         return self._key_pe
 
-    def prepare(self, features) -> dict[str, Any]:
+    def prepare(self, features, high_res=None) -> dict[str, Any]:
         """Per-image tensors: (1, C, h, w) embedding -> image tokens and first-block projections.
 
-        About 14 MiB for SAM's 64x64x256 embedding.
+        ``high_res``: SAM 2's two high-resolution feature maps, (1, C/8, 4h, 4w) and
+        (1, C/4, 2h, 2w) (after the decoder's ``conv_s0``/``conv_s1``, as
+        ``SAM2ImagePredictor`` caches them); used when the decoder has
+        ``use_high_res_features``. About 14 MiB for a 64x64x256 embedding.
         """
-        prompt_encoder = self.sam.prompt_encoder
         _, c, h, w = features.shape
-        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # no mask prompt
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # no mask prompt
         keys = (features + dense).flatten(2).transpose(1, 2).contiguous()  # (1, N, C)
         keys_pe = keys + self.key_pe()
         first = self.transformer.layers[0]
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-        return {
+        prepared = {
             "size": (h, w),
             "keys": keys,
             "t2i_k": _heads(t2i.k_proj(keys_pe), t2i.num_heads).contiguous(),  # (1, nh, N, d)
             "t2i_v": _heads(t2i.v_proj(keys), t2i.num_heads).contiguous(),
             "i2t_q": _heads(i2t.q_proj(keys_pe), i2t.num_heads).contiguous(),
         }
+        if getattr(self.decoder, "use_high_res_features", False):
+            s0, s1 = high_res
+            c1, c2 = s1.shape[1], s0.shape[1]
+            # In the row order of the upscaling below: (i, j, a, c) for the first map,
+            # (i, j, a, c, a2, c2) for the second (pixel (2i + a, 2j + c), and
+            # (4i + 2a + a2, 4j + 2c + c2)).
+            prepared["high_res_1"] = (s1[0].reshape(c1, h, 2, w, 2).permute(1, 3, 2, 4, 0)
+                                      .reshape(4 * h * w, c1).contiguous())
+            prepared["high_res_0"] = (s0[0].reshape(c2, h, 2, 2, w, 2, 2)
+                                      .permute(1, 4, 2, 5, 3, 6, 0)
+                                      .reshape(16 * h * w, c2).contiguous())
+        return prepared
 
     # -- attention between prompt tokens (queries) and image tokens (keys) ----------------
     @staticmethod
@@ -330,7 +394,8 @@ class _FastMaskDecoder:
             (B, P, C) sparse prompt embeddings (``PromptEncoder`` output, no mask prompt).
         multimask_output : bool
             Choose, per group, the best of the three multimask outputs by predicted IoU
-            (as when picking from ``MaskDecoder(multimask_output=True)``); else the single one.
+            (as when picking from the decoder's ``multimask_output=True``); else the single
+            one (for SAM 2 with the stability fallback its decoder applies).
 
         Returns
         -------
@@ -340,54 +405,82 @@ class _FastMaskDecoder:
             (B,) predicted IoU of the chosen masks.
         """
         import torch
-        import torch.nn.functional as F
 
         decoder, transformer = self.decoder, self.transformer
         b = sparse.shape[0]
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
+        s = 1 if getattr(decoder, "pred_obj_scores", False) else 0  # SAM 2's object token
+        output_tokens = torch.cat(
+            ([decoder.obj_score_token.weight] if s else [])
+            + [decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
         queries, keys = tokens, prepared["keys"]
         for i, layer in enumerate(transformer.layers):
             queries, keys = self._block(layer, queries, keys, tokens,
                                         cached=prepared if i == 0 else None)
-        n_out = 1 + decoder.num_mask_tokens  # the other tokens' outputs are not used
+        n_out = s + 1 + decoder.num_mask_tokens  # the other tokens' outputs are not used
         attn_out = self._token_to_image(transformer.final_attn_token_to_image,
                                         queries[:, :n_out] + tokens[:, :n_out],
                                         keys + self.key_pe(), keys)
         hs = transformer.norm_final_attn(queries[:, :n_out] + attn_out)
 
-        iou = decoder.iou_prediction_head(hs[:, 0])  # (B, num_mask_tokens)
-        if multimask_output:
-            chosen = iou[:, 1:].argmax(dim=1) + 1
-        else:
-            chosen = torch.zeros(b, dtype=torch.long, device=iou.device)
+        iou = decoder.iou_prediction_head(hs[:, s])  # (B, num_mask_tokens)
         rows = torch.arange(b, device=iou.device)
-        hyper = torch.stack([mlp(hs[:, 1 + i])
+        best_multi = iou[:, 1:].argmax(dim=1) + 1
+        if multimask_output:
+            candidates = best_multi[:, None]
+        elif getattr(decoder, "dynamic_multimask_via_stability", False) and not decoder.training:
+            candidates = torch.stack([torch.zeros_like(best_multi), best_multi], 1)
+        else:
+            candidates = torch.zeros(b, 1, dtype=torch.long, device=iou.device)
+        hyper = torch.stack([mlp(hs[:, s + 1 + i])
                              for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-        hyper = hyper[rows, chosen]  # (B, C2)
+        hyper = hyper[rows[:, None], candidates].transpose(1, 2)  # (B, C2, K)
+        logits = self._upscaled_logits(prepared, keys, hyper)  # (B, K, 4h, 4w)
+        chosen = candidates[:, 0]
+        if candidates.shape[1] == 2:  # sam2's _dynamic_multimask_via_stability
+            single = logits[:, 0].flatten(1)
+            delta = decoder.dynamic_multimask_stability_delta
+            area_i = (single > delta).sum(-1).float()
+            area_u = (single > -delta).sum(-1).float()
+            stability = torch.where(area_u > 0, area_i / area_u, 1.0)
+            unstable = stability < decoder.dynamic_multimask_stability_thresh
+            chosen = torch.where(unstable, best_multi, chosen)
+            logits = logits[rows, unstable.long()][:, None]
+        return logits, iou[rows, chosen]
+
+    def _upscaled_logits(self, prepared, keys, hyper):
+        """(B, K, 4h, 4w) logits: ``output_upscaling`` of the image tokens (with SAM 2's
+        high-resolution features added) times each group's K hypernetwork outputs."""
+        import torch
+        import torch.nn.functional as F
 
         # output_upscaling = ConvT(2, 2) -> LayerNorm2d -> act -> ConvT(2, 2) -> act, as
         # matrix products on token rows: row (n, a, c) is pixel (2i + a, 2j + c) of token
         # n = i*w + j; weight (Cin, Cout, 2, 2) -> (Cin, [a, c, Cout]).
-        conv1, norm, act1, conv2, act2 = decoder.output_upscaling
+        conv1, norm, act1, conv2, act2 = self.decoder.output_upscaling
         c, c1, c2 = conv1.in_channels, conv1.out_channels, conv2.out_channels
         w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
         w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
         b1, b2 = conv1.bias.repeat(4), conv2.bias.repeat(4)
+        high_1, high_0 = prepared.get("high_res_1"), prepared.get("high_res_0")
         h, w = prepared["size"]
         n = h * w
-        logits = torch.empty(b, 16 * n, dtype=keys.dtype, device=keys.device)
+        b, _, k = hyper.shape
+        logits = torch.empty(b, 16 * n, k, dtype=keys.dtype, device=keys.device)
         for g in range(b):
             for start in range(0, n, self.chunk):
                 stop = min(start + self.chunk, n)
                 x = torch.addmm(b1, keys[g, start:stop], w1).view(-1, c1)
+                if high_1 is not None:
+                    x = x + high_1[4 * start:4 * stop]
                 x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-                x = act2(torch.addmm(b2, x, w2).view(-1, c2))
-                torch.mv(x, hyper[g], out=logits[g, 16 * start:16 * stop])
+                x = torch.addmm(b2, x, w2).view(-1, c2)
+                if high_0 is not None:
+                    x = x + high_0[16 * start:16 * stop]
+                torch.mm(act2(x), hyper[g], out=logits[g, 16 * start:16 * stop])
         # rows (i, j, a, c, a2, c2) -> pixel (4i + 2a + a2, 4j + 2c + c2)
-        low_res = (logits.view(b, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
-                   .reshape(b, 1, 4 * h, 4 * w))
-        return low_res, iou[rows, chosen]
+        return (logits.view(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
+                .reshape(b, k, 4 * h, 4 * w))
 
 
 # --------------------------------------------------------------------------- session
@@ -397,7 +490,8 @@ class _EmbeddingCache:
     """What both sessions share: an LRU cache of image embeddings keyed by model and image
     bytes, the current image, a lock, and the encoder call count."""
 
-    def __init__(self, sam: Any, model_id: str, cache_size: int, precision: str):
+    def __init__(self, sam: Any, model_id: str, cache_size: int, precision: str,
+                 fast: bool | None = None):
         if int(cache_size) < 1:
             raise ValueError(f"cache_size must be at least 1; got {cache_size}.")
         self.sam = sam
@@ -408,6 +502,32 @@ class _EmbeddingCache:
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._current: str | None = None
         self._lock = threading.RLock()
+        self._fast: _FastMaskDecoder | None = None
+        self._prepared: tuple[str, dict[str, Any]] | None = None  # one image's decoder cache
+        if fast is None:
+            fast = sam.device.type == "cpu" and _FastMaskDecoder.supports(sam)
+        self.fast = fast
+
+    @property
+    def fast(self) -> bool:
+        """Whether prompts are decoded by :class:`_FastMaskDecoder` (settable)."""
+        return self._fast is not None
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        with self._lock:
+            decoder = _FastMaskDecoder.of(self.sam) if value else None
+            if value and decoder is None:
+                raise ValueError("fast=True needs segment-anything's or sam2's own mask decoder "
+                                 "and two-way transformer; use fast=False for this model.")
+            self._fast = decoder
+            self._prepared = None
+
+    def _prepared_for(self, key: str, features, high_res=None) -> dict[str, Any]:
+        """The fast decoder's per-image tensors for ``key`` (kept for the last image)."""
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = (key, self._fast.prepare(features, high_res))
+        return self._prepared[1]
 
     def key_for(self, image: np.ndarray) -> str:
         """Cache key of an HxWx3 uint8 image: ``f"{model_id}:{blake2b(bytes, shape)}"``."""
@@ -462,6 +582,8 @@ class SamSession(_EmbeddingCache):
         float rounding, 2-3x faster on a CPU). Default: on when the model is on the CPU and
         its decoder is segment-anything's; ``False`` calls ``Sam.mask_decoder`` itself,
         giving exactly ``SamPredictor.predict``'s masks.
+    precision : {"fp32", "bf16"}
+        Of the image encoder; the embedding is cached and decoded in float32.
 
     Attributes
     ----------
@@ -480,27 +602,8 @@ class SamSession(_EmbeddingCache):
                  fast: bool | None = None, precision: str = "fp32"):
         from segment_anything import SamPredictor
 
-        super().__init__(sam, model_id, cache_size, precision)
         self.predictor = SamPredictor(sam)
-        self._fast: _FastMaskDecoder | None = None
-        self._prepared: tuple[str, dict[str, Any]] | None = None  # one image's decoder cache
-        if fast is None:
-            fast = sam.device.type == "cpu" and _FastMaskDecoder.supports(sam)
-        self.fast = fast
-
-    @property
-    def fast(self) -> bool:
-        """Whether prompts are decoded by :class:`_FastMaskDecoder` (settable)."""
-        return self._fast is not None
-
-    @fast.setter
-    def fast(self, value: bool) -> None:
-        with self._lock:
-            if value and not _FastMaskDecoder.supports(self.sam):
-                raise ValueError("fast=True needs segment-anything's own MaskDecoder and "
-                                 "TwoWayTransformer; use fast=False for this model.")
-            self._fast = _FastMaskDecoder(self.sam) if value else None
-            self._prepared = None
+        super().__init__(sam, model_id, cache_size, precision, fast)
 
     # -- embeddings -----------------------------------------------------------------------
     def set_image(self, image: np.ndarray) -> str:
@@ -661,9 +764,8 @@ class SamSession(_EmbeddingCache):
         sparse, dense = sam.prompt_encoder(
             points=None if coords is None else (coords, labels), boxes=boxes, masks=None)
         if self._fast is not None:
-            if self._prepared is None or self._prepared[0] != key:
-                self._prepared = (key, self._fast.prepare(entry.features))
-            low_res, _ = self._fast(self._prepared[1], sparse, multimask_output)
+            low_res, _ = self._fast(self._prepared_for(key, entry.features), sparse,
+                                    multimask_output)
         else:
             low_res, iou = sam.mask_decoder(
                 image_embeddings=entry.features,
@@ -726,18 +828,20 @@ class Sam2Session(_EmbeddingCache):
     cache_size : int
         How many images' embeddings to keep (hiera: about 6 MiB each at 1024x1024).
     precision : {"fp32", "bf16"}
-        Of the image encoder and the mask decoder (resolved,
-        :func:`~napari_medclipsam.core.precision.resolve_precision`). The cached features are
-        float32 either way. bf16 decoding takes a re-prompt from about 35 to 26 ms on two CPU
-        cores (hiera tiny, 512x512) with masks agreeing to Dice 0.998 with fp32 decoding
-        (``benchmarks/RESULTS.md``); fp32 reproduces ``SAM2ImagePredictor.predict`` exactly.
+        Of the image encoder (resolved,
+        :func:`~napari_medclipsam.core.precision.resolve_precision`), and of sam2's own
+        decoder when ``fast=False``. The cached features are float32 either way.
+    fast : bool, optional
+        Decode with :class:`_FastMaskDecoder` in float32 (sam2's decoder rearranged: the same
+        logits up to float rounding; a re-prompt of one box in about 17 ms on two CPU cores
+        against 35 ms in fp32 and 26 ms in bf16 through ``SAM2ImagePredictor.predict``,
+        ``benchmarks/RESULTS.md``). Default: on when the model is on the CPU and its decoder
+        is sam2's own; ``False`` calls ``SAM2ImagePredictor.predict``.
     """
 
-    fast = False  # the decoder is sam2's own
-
     def __init__(self, sam: Any, model_id: str, cache_size: int = 16,
-                 precision: str = "fp32"):
-        super().__init__(sam, model_id, cache_size, precision)
+                 precision: str = "fp32", fast: bool | None = None):
+        super().__init__(sam, model_id, cache_size, precision, fast)
 
     @property
     def predictor(self):
@@ -772,6 +876,7 @@ class Sam2Session(_EmbeddingCache):
         with self._lock:
             self._cache.clear()
             self._current = None
+            self._prepared = None
 
     def predict(self, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
                 point_labels: np.ndarray | None = None, point_box: np.ndarray | None = None,
@@ -785,7 +890,13 @@ class Sam2Session(_EmbeddingCache):
         if len(boxes) == 0 and len(points) == 0:
             raise InputError(NO_PROMPTS)
         with self._lock:
-            predictor = self._entry(self._current if image_key is None else image_key)
+            key = self._current if image_key is None else image_key
+            predictor = self._entry(key)
+            if self._fast is not None:
+                with torch.inference_mode():
+                    logits = self._predict_fast(key, predictor, boxes, points, labels, owner,
+                                                multimask_output)
+                return logits if return_logits else logits > predictor.mask_threshold
             logits = None
             with torch.inference_mode(), autocast(self.precision, str(self.sam.device)):
                 for batch in _prompt_batches(boxes, points, owner):
@@ -807,6 +918,48 @@ class Sam2Session(_EmbeddingCache):
                     logits = group if logits is None else np.maximum(logits, group)
         logits = logits.astype(np.float32, copy=False)
         return logits if return_logits else logits > predictor.mask_threshold
+
+    def _predict_fast(self, key, predictor, boxes, points, labels, owner,
+                      multimask_output: bool) -> np.ndarray:
+        """HxW float32 logits (maximum over groups) through :class:`_FastMaskDecoder`: the
+        prompts are mapped and embedded as ``SAM2ImagePredictor.predict`` does (box corners
+        as points labelled 2 and 3 before the points, coordinates scaled by the original
+        size then the model's input size), then decoded in float32."""
+        import torch
+        import torch.nn.functional as F
+
+        model = self.sam
+        device = model.device
+        h, w = predictor._orig_hw[-1]
+        features = predictor._features
+        prepared = self._prepared_for(key, features["image_embed"],
+                                      features["high_res_feats"])
+
+        def model_frame(xy: np.ndarray):
+            xy = torch.as_tensor(xy, dtype=torch.float, device=device).clone()
+            xy[..., 0] = xy[..., 0] / w
+            xy[..., 1] = xy[..., 1] / h
+            return xy * model.image_size
+
+        logits = None
+        for batch in _prompt_batches(boxes, points, owner):
+            coords, labs = [], []
+            if batch[0][0] is not None:
+                box = np.stack([b for b, _ in batch]).reshape(-1, 2, 2)
+                coords.append(model_frame(box))
+                labs.append(torch.tensor([[2, 3]], dtype=torch.int,
+                                         device=device).repeat(len(batch), 1))
+            if len(batch[0][1]):
+                idx = np.stack([members for _, members in batch])  # (B, M)
+                coords.append(model_frame(points[idx]))
+                labs.append(torch.as_tensor(labels[idx], dtype=torch.int, device=device))
+            sparse, _ = model.sam_prompt_encoder(
+                points=(torch.cat(coords, 1), torch.cat(labs, 1)), boxes=None, masks=None)
+            low_res, _ = self._fast(prepared, sparse, multimask_output)
+            group = F.interpolate(low_res, (h, w), mode="bilinear", align_corners=False)
+            group = group.amax(dim=0)[0] if len(group) > 1 else group[0, 0]
+            logits = group if logits is None else torch.maximum(logits, group)
+        return logits.cpu().numpy().astype(np.float32, copy=False)
 
 
 def make_session(bundle: Any, precision: str = "fp32", cache_size: int = 16):
