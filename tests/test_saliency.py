@@ -170,6 +170,50 @@ def test_progress_and_cancel(tiny_clip):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_vit_split_gives_the_image_embedding(tiny_clip, monkeypatch, pool):
+    """prefix + suffix at every split point = the model's own encode_image, with the last
+    block computed for the class token alone (pool "token", BiomedCLIP's) and in full
+    otherwise (mean pooling reads every token)."""
+    from napari_medclipsam.core.saliency import (
+        _reads_class_token,
+        prepare_image,
+        vit_prefix,
+        vit_suffix,
+    )
+
+    trunk = tiny_clip.model.visual.trunk
+    monkeypatch.setattr(trunk, "global_pool", pool)
+    assert _reads_class_token(trunk, trunk.blocks[-1]) is (pool == "token")
+    x = prepare_image(tiny_clip, _image(12)).expand(3, -1, -1, -1)
+    with torch.no_grad():
+        expected = tiny_clip.model.encode_image(x)
+        for layer in range(len(trunk.blocks)):
+            got = vit_suffix(tiny_clip, vit_prefix(tiny_clip, x, layer), layer)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert expected.abs().max() > 1e-3  # not a trivially zero embedding
+
+
+def test_explicit_attention_only_during_the_optimisation_and_restored(tiny_clip):
+    """On a CPU the blocks after the bottleneck use timm's explicit attention while M2IB
+    optimises (same maths: the map equals the reference's, which keeps the fused kernel,
+    see above); every flag is as before afterwards, also after a cancel."""
+    from napari_medclipsam.core.saliency import m2ib_saliency
+
+    blocks = tiny_clip.model.visual.trunk.blocks
+    before = [block.attn.fused_attn for block in blocks]
+    assert all(before)  # timm's default where SDPA exists: a real switch to observe
+    during = []
+    m2ib_saliency(tiny_clip, _image(6), "tumor", SaliencyConfig(layer=1, steps=3),
+                  progress=lambda i, n: during.append([b.attn.fused_attn for b in blocks]))
+    assert during[0] == [True, True, False, False]
+    assert [block.attn.fused_attn for block in blocks] == before
+    with pytest.raises(CancelledError):
+        m2ib_saliency(tiny_clip, _image(6), "tumor", SaliencyConfig(layer=1, steps=5),
+                      progress=lambda i, n: None, should_stop=lambda: bool(during.pop()))
+    assert [block.attn.fused_attn for block in blocks] == before
+
+
 def test_bad_inputs_are_named(tiny_clip):
     from napari_medclipsam.core.saliency import m2ib_saliency
 

@@ -41,6 +41,7 @@ code averages raw features).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -151,13 +152,58 @@ def vit_prefix(clip: ClipBundle, x: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def vit_suffix(clip: ClipBundle, z: torch.Tensor, layer: int) -> torch.Tensor:
-    """Image embedding [B, D] from the tokens after block ``layer``."""
+    """Image embedding [B, D] from the tokens after block ``layer``.
+
+    When the embedding is read from the class token alone (timm's ``global_pool="token"``),
+    the last block computes only what that token needs (:func:`_class_token_block`): the
+    same embedding for a fraction of the last block's work.
+    """
     visual, trunk, blocks = _vit_parts(clip)
-    for block in blocks[layer + 1:]:
+    suffix = list(blocks[layer + 1:])
+    for block in suffix[:-1]:
         z = block(z)
+    if suffix:
+        last = suffix[-1]
+        z = _class_token_block(last, z) if _reads_class_token(trunk, last) else last(z)
     z = trunk.norm(z)
     z = trunk.forward_head(z)
     return visual.head(z)
+
+
+def _reads_class_token(trunk, block) -> bool:
+    """Whether the trunk's output is its class token alone and ``block`` is timm's plain
+    ViT block (so :func:`_class_token_block` computes exactly what it does)."""
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block
+
+    return (type(block) is Block and type(block.attn) is Attention
+            and getattr(trunk, "attn_pool", None) is None
+            and getattr(trunk, "global_pool", None) == "token"
+            and int(getattr(trunk, "num_prefix_tokens", 0)) >= 1)
+
+
+def _class_token_block(block, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Block`` on tokens x [B, N, C] (eval mode), returning only the class token's
+    output [B, 1, C]: keys and values of every token, the query, attention output and MLP
+    for the class token alone (about a sixth of the block's multiply-adds)."""
+    import torch.nn.functional as F
+
+    attn = block.attn
+    b, n, c = x.shape
+    y = block.norm1(x)
+    weight, bias = attn.qkv.weight, attn.qkv.bias  # rows: q, k, v, each C
+    q = F.linear(y[:, :1], weight[:c], None if bias is None else bias[:c])
+    kv = F.linear(y, weight[c:], None if bias is None else bias[c:])
+    q = q.reshape(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k, v = kv.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(b, 1, c))))
+    cls = x[:, :1] + block.drop_path1(block.ls1(out))
+    return cls + block.drop_path2(block.ls2(block.mlp(block.norm2(cls))))
 
 
 def _grid(trunk) -> tuple[int, int]:
@@ -269,6 +315,36 @@ def m2ib_saliency(
         t = text_embedding if text_embedding is not None else encode_text(clip, text)
         t = t.to(z.device).float()
     gen, gen_device = _noise_generator(clip.device, cfg.seed)
+    with _explicit_attention(blocks[cfg.layer + 1:], clip.device):
+        last_forward = _optimise(clip, z, t, cfg, gen, gen_device, progress, should_stop)
+    return _saliency_map(clip, last_forward, image.shape[:2])
+
+
+@contextlib.contextmanager
+def _explicit_attention(blocks, device: str):
+    """On a CPU, timm's attention as explicit matrix products instead of SDPA's flash kernel
+    in ``blocks`` (the same maths): under bf16 autocast the flash kernel's CPU backward is
+    slow, and the explicit form takes M2IB at layer 9 from 2.0 to 1.6 s on two cores (fp32:
+    no difference; ``benchmarks/RESULTS.md``). Other attention modules are left alone."""
+    attns = [block.attn for block in blocks
+             if isinstance(getattr(getattr(block, "attn", None), "fused_attn", None), bool)]
+    if not str(device).startswith("cpu") or not attns:
+        yield
+        return
+    saved = [attn.fused_attn for attn in attns]
+    for attn in attns:
+        attn.fused_attn = False
+    try:
+        yield
+    finally:
+        for attn, flag in zip(attns, saved, strict=True):
+            attn.fused_attn = flag
+
+
+def _optimise(clip, z, t, cfg, gen, gen_device, progress, should_stop):
+    """M2IB's Adam loop on the bottleneck's logits; the capacity the readout asks for."""
+    import torch
+
     alpha = torch.full_like(z, float(cfg.init_alpha), requires_grad=True)
     optimizer = torch.optim.Adam([alpha], lr=cfg.lr)
     batch_shape = (cfg.batch_size, *z.shape[1:])
@@ -302,7 +378,7 @@ def m2ib_saliency(
     if cfg.readout == "final":
         with torch.no_grad():
             last_forward = _capacity(z, alpha)
-    return _saliency_map(clip, last_forward, image.shape[:2])
+    return last_forward
 
 
 # --------------------------------------------------------------------------- reference
