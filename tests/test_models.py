@@ -279,8 +279,8 @@ def test_default_sam_model_per_device(monkeypatch):
 
 def test_sam_registry_names_and_families():
     assert models.SAM_MODELS == ("auto", "vit_h", "vit_l", "vit_b", "medsam", "sam2_t",
-                                 "sam2_s", "sam2_b+", "sam2_l")
-    assert [models.sam_family(n) for n in models.SAM_MODELS[1:]] == ["sam"] * 4 + ["sam2"] * 4
+                                 "sam2_s", "sam2_b+", "sam2_l", "medsam2")
+    assert [models.sam_family(n) for n in models.SAM_MODELS[1:]] == ["sam"] * 4 + ["sam2"] * 5
     assert models.SamBundle(None, "sam2_l", "cpu", None, None).family == "sam2"
     assert models.SamBundle(None, "medsam", "cpu", None, None).family == "sam"
     for spec in models.SAM2_CHECKPOINTS.values():
@@ -294,7 +294,26 @@ def test_sam_registry_names_and_families():
         load_sam("sam2_x", None, "cpu")
 
 
-@pytest.mark.parametrize("name", ["sam2_b+", "sam2_l"])
+def test_medsam2_is_sam2_tiny_at_512_and_takes_its_weights(tmp_path):
+    """MedSAM2 is built from the tiny config at 512x512 inputs; a file holding SAM 2.1 tiny's
+    keys (as MedSAM2_latest.pt, a fine-tuned tiny, does) loads strictly into it."""
+    import torch
+    from tiny_sam2 import TINY_SAM2_OVERRIDES, build_tiny_sam2
+
+    model = models.build_sam2_model("medsam2", TINY_SAM2_OVERRIDES[1:])
+    assert model.image_size == 512
+    tiny = models.build_sam2_model("sam2_t", TINY_SAM2_OVERRIDES[1:])
+    assert tiny.image_size == 1024  # the override is medsam2's own, not the tests'
+    assert models.build_sam2_model("medsam2", TINY_SAM2_OVERRIDES).image_size == 256
+    path = tmp_path / "MedSAM2_latest.pt"
+    torch.save({"model": build_tiny_sam2(3).state_dict(), "epoch": 7}, path)
+    builder = lambda: models.build_sam2_model("medsam2", TINY_SAM2_OVERRIDES)  # noqa: E731
+    bundle = load_sam("medsam2", str(path), "cpu", builder=builder)
+    assert bundle.family == "sam2" and bundle.name == "medsam2"
+    assert bundle.model_id.startswith("medsam2@")
+
+
+@pytest.mark.parametrize("name", ["sam2_b+", "sam2_l", "medsam2"])
 def test_unpinned_sam2_checkpoint_is_checked_against_its_first_download(tmp_path, monkeypatch,
                                                                         name):
     import pooch

@@ -149,7 +149,8 @@ TIPS = {
             "this computer (Browse...: the folder with open_clip_config.json and the weights).",
     "sam": "The SAM model. auto chooses by device: vit_h (the paper's) on a GPU, sam2_t "
            "(SAM 2.1 tiny, a first mask in seconds) on a CPU. SAM: vit_b (fast), vit_l, "
-           "vit_h, medsam (MedSAM). SAM 2.1: sam2_t, sam2_s, sam2_b+, sam2_l (tiny to large); "
+           "vit_h, medsam (MedSAM). SAM 2.1: sam2_t, sam2_s, sam2_b+, sam2_l (tiny to large), "
+           "medsam2 (MedSAM2, a medical SAM 2.1 tiny); "
            "Propagate through volume uses their video predictor (SAM models pass each "
            "slice's box to the next).",
     "precision": "Numeric precision of CLIP's saliency and SAM's image encoder. auto: bf16 "

@@ -59,7 +59,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="SAM backend (default auto: auto = vit_h on a CUDA GPU, sam2_t (SAM "
                         "2.1 tiny) on a CPU; the choice is printed at the start). vit_b, "
                         "vit_l, vit_h: SAM; medsam: MedSAM (ViT-B); sam2_t, sam2_s, sam2_b+, "
-                        "sam2_l: SAM 2.1 hiera tiny, small, base-plus, large.")
+                        "sam2_l: SAM 2.1 hiera tiny, small, base-plus, large; medsam2: "
+                        "MedSAM2 (SAM 2.1 tiny fine-tuned on medical images, 512x512).")
     g.add_argument("--sam-checkpoint", default=None, metavar="PATH",
                    help="local weights of the --sam-model backend: a SAM/MedSAM .pth or a SAM "
                         "2.1 .pt (e.g. sam2.1_hiera_tiny.pt for sam2_t); default: download the "

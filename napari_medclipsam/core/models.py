@@ -16,7 +16,8 @@ e.g. ``~/.cache/napari-medclipsam``). Offline, point the loaders at local files:
 * SAM: ``sam_checkpoint=PATH`` to an official SAM or MedSAM ``.pth`` file.
 * SAM 2.1 (``sam2_t``, ``sam2_s``, ``sam2_b+``, ``sam2_l``): ``sam_checkpoint=PATH`` to the
   official ``sam2.1_hiera_*.pt`` file; the architecture comes from the ``sam2`` package's own
-  Hydra configs (``configs/sam2.1/sam2.1_hiera_*.yaml``).
+  Hydra configs (``configs/sam2.1/sam2.1_hiera_*.yaml``). ``medsam2``: MedSAM2's
+  ``MedSAM2_latest.pt``, SAM 2.1 hiera tiny at 512x512 inputs.
 
 ``sam_model="auto"`` chooses by device (:func:`default_sam_model`): SAM 2.1 hiera tiny on a
 CPU or MPS (a first mask in seconds), SAM ViT-H on a CUDA GPU (the paper's model).
@@ -78,7 +79,7 @@ _SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 #: config of each. SHA-256 of tiny and small as published by other projects that pin them;
 #: base-plus and large have none recorded here (the first download's SHA-256 is written
 #: beside it and checked on every later use; see :func:`download_sam_checkpoint`).
-SAM2_CHECKPOINTS: dict[str, dict[str, str | None]] = {
+SAM2_CHECKPOINTS: dict[str, dict[str, Any]] = {
     "sam2_t": {
         "config": "configs/sam2.1/sam2.1_hiera_t.yaml",
         "url": _SAM2_URL + "sam2.1_hiera_tiny.pt",
@@ -102,6 +103,17 @@ SAM2_CHECKPOINTS: dict[str, dict[str, str | None]] = {
         "url": _SAM2_URL + "sam2.1_hiera_large.pt",
         "hash": None,
         "fname": "sam2.1_hiera_large.pt",
+    },
+    # MedSAM2 (Ma et al. 2025, bowang-lab): SAM 2.1 hiera tiny fine-tuned on 3-D medical
+    # images and videos at 512x512 inputs (their config sam2.1_hiera_t512.yaml is the tiny
+    # config at image_size 512). Its weights load strictly into the same builder, or the load
+    # says which keys differ; no published hash: trust on first use, as above.
+    "medsam2": {
+        "config": "configs/sam2.1/sam2.1_hiera_t.yaml",
+        "overrides": ("++model.image_size=512",),
+        "url": "https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt",
+        "hash": None,
+        "fname": "MedSAM2_latest.pt",
     },
 }
 SAM1_MODELS = tuple(SAM_CHECKPOINTS)
@@ -727,9 +739,10 @@ def build_sam2_model(name: str = "sam2_t", overrides: tuple[str, ...] | list[str
                          f"{', '.join(SAM2_MODELS)}.")
     from sam2.build_sam import build_sam2_video_predictor
 
+    spec = SAM2_CHECKPOINTS[name]
     extra = ["++model._target_=napari_medclipsam.core.propagate.VolumePredictor",
-             *overrides]
-    return build_sam2_video_predictor(str(SAM2_CHECKPOINTS[name]["config"]), ckpt_path=None,
+             *spec.get("overrides", ()), *overrides]
+    return build_sam2_video_predictor(str(spec["config"]), ckpt_path=None,
                                       device="cpu", hydra_overrides_extra=extra)
 
 
