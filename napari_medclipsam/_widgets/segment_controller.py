@@ -939,6 +939,7 @@ FIELD_LABELS: Mapping[str, str] = {
     "sam_checkpoint": "Models > SAM checkpoint",
     "device": "Models > Device",
     "precision": "Models > Precision",
+    "saliency_method": "Advanced > Saliency method",
     "layer": "Advanced > Saliency layer",
     "beta": "Advanced > Focus (beta)",
     "steps": "Advanced > Saliency steps",
@@ -1080,7 +1081,8 @@ def describe_settings(config: PipelineConfig, *, preset: str | None = None,
     the caller knows it (``""``: not known yet, shown as ``auto``), else resolved here
     (:func:`~napari_medclipsam.core.models.resolve_sam_model`, which imports torch)."""
     sal, coarse, prompts = config.saliency, config.coarse, config.prompts
-    method = {"otsu": "Otsu", "kmeans": "KMeans", "fixed": f"threshold {coarse.threshold:g}"}
+    method = {"otsu": "Otsu", "kmeans": "KMeans", "fixed": f"threshold {coarse.threshold:g}",
+              "crf": "DenseCRF"}
     mask = f"{method.get(coarse.method, coarse.method)} mask"
     if coarse.eta_c > 0:
         mask += f", confidence > {coarse.eta_c:g}"
@@ -1096,7 +1098,11 @@ def describe_settings(config: PipelineConfig, *, preset: str | None = None,
 
             auto_sam = resolve_sam_model("auto", config.device)
         sam = f"{auto_sam} (auto)" if auto_sam else "auto"
-    parts += [f"saliency layer {sal.layer}, beta {sal.beta:g}, {sal.steps} steps", mask,
+    if sal.method == "m2ib":
+        saliency = f"saliency layer {sal.layer}, beta {sal.beta:g}, {sal.steps} steps"
+    else:
+        saliency = {"gscorecam": "gScoreCAM", "gradcam": "GradCAM"}[sal.method] + " saliency"
+    parts += [saliency, mask,
               sam_prompt, f"SAM {sam}",
               f"preset: {preset}" if preset else "custom settings"]
     return " · ".join(parts)

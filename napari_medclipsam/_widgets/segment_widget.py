@@ -118,7 +118,9 @@ STEP_KINDS = ("saliency", "coarse mask")
 
 # (value, what the menu shows) of the choice fields
 THRESHOLD_CHOICES = (("otsu", "Otsu (paper)"), ("kmeans", "KMeans (authors' code)"),
-                     ("fixed", "fixed 0.3"))
+                     ("fixed", "fixed 0.3"), ("crf", "DenseCRF (MedCLIP-SAM)"))
+SALIENCY_CHOICES = (("m2ib", "M2IB (MedCLIP-SAMv2)"), ("gscorecam", "gScoreCAM (MedCLIP-SAM)"),
+                    ("gradcam", "GradCAM"))
 PROMPT_CHOICES = (("boxes", "boxes"), ("points", "points"), ("both", "boxes + points"))
 BOX_CHOICES = (("single", "one box for all"), ("per_component", "one box per region"))
 
@@ -127,6 +129,10 @@ TIPS = {
              "slice with 'All slices'.",
     "prompt": "What to find, in plain words (e.g. 'breast tumor'). Several lines are "
               "averaged into one prompt (an ensemble).",
+    "saliency_method": "How the text's saliency map is computed: M2IB (MedCLIP-SAMv2, the "
+                       "default), gScoreCAM (its predecessor MedCLIP-SAM; slower: it scores "
+                       "300 masked copies of the image) or GradCAM (fastest, coarsest). "
+                       "Layer, focus and steps apply to M2IB only.",
     "layer": "Which block of CLIP's image encoder (0 = first) the text is compared at. Earlier "
              "blocks see finer detail, later ones more meaning. Presets: 9 for breast and "
              "brain, 7 for lungs.",
@@ -136,7 +142,8 @@ TIPS = {
     "steps": "Optimisation steps of the saliency map (the paper uses 10): more is slower and "
              "steadier.",
     "method": "How the saliency map becomes a rough mask: Otsu's automatic threshold (the "
-              "paper), two KMeans clusters (the authors' code) or a fixed threshold of 0.3.",
+              "paper), two KMeans clusters (the authors' code), a fixed threshold of 0.3, "
+              "or DenseCRF (MedCLIP-SAM: the map refined along the image's edges).",
     "eta_c": "Minimum confidence (the paper's eta_c): a region of the rough mask whose average "
              "saliency is not above this (0 to 1) is dropped. 0 keeps every region.",
     "top_k": "How many regions of the rough mask go to SAM: 1 for one structure, 2 for paired "
@@ -437,6 +444,7 @@ class SegmentWidget(QWidget):
         aform_widget = QWidget()
         aform = QFormLayout(aform_widget)
         label = {key: text.split(" > ", 1)[1] for key, text in FIELD_LABELS.items()}
+        self.saliency_combo = _choice_combo(SALIENCY_CHOICES)
         self.layer_spin = QSpinBox()
         self.layer_spin.setRange(0, 47)
         self.beta_spin = QDoubleSpinBox()
@@ -455,7 +463,8 @@ class SegmentWidget(QWidget):
         self.topk_spin.setSpecialValueText("all")
         self.mode_combo = _choice_combo(PROMPT_CHOICES)
         self.box_mode_combo = _choice_combo(BOX_CHOICES)
-        for key, widget in (("layer", self.layer_spin), ("beta", self.beta_spin),
+        for key, widget in (("saliency_method", self.saliency_combo),
+                            ("layer", self.layer_spin), ("beta", self.beta_spin),
                             ("steps", self.steps_spin), ("method", self.method_combo),
                             ("eta_c", self.eta_spin), ("top_k", self.topk_spin),
                             ("mode", self.mode_combo), ("box_mode", self.box_mode_combo)):
@@ -608,6 +617,7 @@ class SegmentWidget(QWidget):
 
     def set_fields_from_config(self, config: PipelineConfig) -> None:
         """Show a config's stage parameters in the advanced fields."""
+        set_combo_value(self.saliency_combo, config.saliency.method)
         self.layer_spin.setValue(config.saliency.layer)
         self.beta_spin.setValue(config.saliency.beta)
         self.steps_spin.setValue(config.saliency.steps)
@@ -699,6 +709,7 @@ class SegmentWidget(QWidget):
         return dataclasses.replace(
             base, **self._model_config(),
             saliency=dataclasses.replace(base.saliency or SaliencyConfig(),
+                                         method=combo_value(self.saliency_combo),
                                          layer=self.layer_spin.value(),
                                          beta=self.beta_spin.value(),
                                          steps=self.steps_spin.value()),

@@ -21,11 +21,13 @@ from typing import Any
 
 from ..core.config import (
     BOX_MODES,
+    CAM_MODULES,
     DEFAULT_CLIP_MODEL,
     PRECISIONS,
     PROMPT_MODES,
     RANK_BY,
     READOUTS,
+    SALIENCY_METHODS,
     THRESHOLD_METHODS,
     CoarseMaskConfig,
     PromptConfig,
@@ -76,7 +78,22 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def add_chain_flags(p: argparse.ArgumentParser) -> None:
     """Saliency, coarse-mask, prompt and SAM parameters; every default is None (not given)."""
     s, c, q, m = SaliencyConfig(), CoarseMaskConfig(), PromptConfig(), SamConfig()
-    g = p.add_argument_group("saliency (M2IB)")
+    g = p.add_argument_group("saliency")
+    g.add_argument("--saliency", choices=SALIENCY_METHODS,
+                   help=f"m2ib: M2IB (MedCLIP-SAMv2, default {s.method}); gscorecam: "
+                        "gScoreCAM (MedCLIP-SAM); gradcam: GradCAM (the baseline). The CAMs "
+                        "read the last ViT block (--cam-layer).")
+    g.add_argument("--cam-layer", type=int,
+                   help=f"gScoreCAM/GradCAM: ViT block whose norm2 output is read (default "
+                        f"{s.cam_layer}: the last).")
+    g.add_argument("--cam-module", choices=CAM_MODULES,
+                   help=f"gScoreCAM/GradCAM: the block's LayerNorm read (default "
+                        f"{s.cam_module}; norm2 as MedCLIP-SAM's code, where the last block's "
+                        "gradient is zero).")
+    g.add_argument("--cam-channels", type=int,
+                   help=f"gScoreCAM: channels kept by mean gradient (default {s.cam_channels}).")
+    g.add_argument("--cam-batch", type=int,
+                   help=f"gScoreCAM: masked images per CLIP batch (default {s.cam_batch}).")
     g.add_argument("--layer", type=int, help=f"ViT block of the bottleneck (default {s.layer}; "
                                              "9 for breast/brain in the paper's scripts).")
     g.add_argument("--beta", type=float, help=f"compression weight (default {s.beta}).")
@@ -93,7 +110,9 @@ def add_chain_flags(p: argparse.ArgumentParser) -> None:
                         f"(default {s.readout}).")
     g = p.add_argument_group("coarse mask")
     g.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
-                   help=f"default {c.method} (the paper); kmeans as the authors' scripts.")
+                   help=f"default {c.method} (the paper); kmeans as the authors' scripts; crf: "
+                        "MedCLIP-SAM's DenseCRF of the map with the image (needs "
+                        "pydensecrf2: pip install 'napari-medclipsam[crf]').")
     g.add_argument("--threshold", type=float, help=f"for --threshold-method fixed "
                                                    f"(default {c.threshold}).")
     g.add_argument("--eta-c", type=float, help=f"keep components with confidence > eta_c "

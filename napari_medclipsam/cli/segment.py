@@ -313,7 +313,12 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     try:
         saliency = pick(base.saliency, layer=a.layer, beta=a.beta, steps=a.steps, lr=a.lr,
                         batch_size=a.batch_size, seed=a.seed,
-                        readout=getattr(a, "readout", None))
+                        readout=getattr(a, "readout", None),
+                        method=getattr(a, "saliency", None),
+                        cam_layer=getattr(a, "cam_layer", None),
+                        cam_module=getattr(a, "cam_module", None),
+                        cam_channels=getattr(a, "cam_channels", None),
+                        cam_batch=getattr(a, "cam_batch", None))
         top_k = None if a.top_k == 0 else a.top_k
         coarse = pick(base.coarse, method=a.threshold_method, threshold=a.threshold,
                       eta_c=a.eta_c, rank_by=a.rank_by, min_area=a.min_area,

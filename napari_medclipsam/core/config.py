@@ -20,11 +20,13 @@ DEFAULT_CLIP_MODEL = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch1
 DEFAULT_SAM_MODEL = "auto"
 PRECISIONS = ("auto", "bf16", "fp32")
 
-THRESHOLD_METHODS = ("otsu", "kmeans", "fixed")
+THRESHOLD_METHODS = ("otsu", "kmeans", "fixed", "crf")
 RANK_BY = ("confidence", "area")
 PROMPT_MODES = ("boxes", "points", "both")
 BOX_MODES = ("single", "per_component")
 READOUTS = ("last_forward", "final")
+SALIENCY_METHODS = ("m2ib", "gscorecam", "gradcam")
+CAM_MODULES = ("norm1", "norm2")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -34,10 +36,15 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class SaliencyConfig:
-    """M2IB saliency parameters (Wang et al. 2024, as used by MedCLIP-SAMv2).
+    """Saliency parameters: M2IB (Wang et al. 2024, as used by MedCLIP-SAMv2), or the
+    class-activation maps of MedCLIP-SAM (gScoreCAM) and its baseline (GradCAM).
 
     Attributes
     ----------
+    method : {"m2ib", "gscorecam", "gradcam"}
+        ``m2ib`` (MedCLIP-SAMv2, the default) uses ``layer`` to ``readout``;
+        ``gscorecam`` and ``gradcam`` (:mod:`napari_medclipsam.core.cam`) use the
+        ``cam_*`` fields.
     layer : int
         0-based index of the ViT block after which the bottleneck is inserted
         (``model.visual.trunk.blocks[layer]``). The authors' scripts use 7 by
@@ -63,6 +70,17 @@ class SaliencyConfig:
         readout of earlier versions of this tool, whose saved runs lack this field; the
         paper does not say which). With the same seed, ``"last_forward"`` after ``k``
         steps equals ``"final"`` after ``k - 1``.
+    cam_layer : int
+        gScoreCAM/GradCAM: the block whose output of ``cam_module`` is read (negative counts
+        from the end; -1: the last block, as MedCLIP-SAM's ``blocks[11]`` on BiomedCLIP).
+    cam_module : {"norm1", "norm2"}
+        Which LayerNorm of that block: ``norm1`` (default; the last point where the patch
+        tokens reach the class token) or ``norm2`` (MedCLIP-SAM's code, where the gradient is
+        zero in the last block of a class-token ViT; see :mod:`napari_medclipsam.core.cam`).
+    cam_channels : int
+        gScoreCAM: channels kept by mean gradient (MedCLIP-SAM: 300).
+    cam_batch : int
+        gScoreCAM: masked images scored by CLIP per batch (MedCLIP-SAM: 128).
     """
 
     layer: int = 7
@@ -73,9 +91,20 @@ class SaliencyConfig:
     seed: int = 0
     init_alpha: float = 5.0
     readout: str = "last_forward"
+    method: str = "m2ib"
+    cam_layer: int = -1
+    cam_module: str = "norm1"
+    cam_channels: int = 300
+    cam_batch: int = 128
 
     def __post_init__(self) -> None:
         _check_choice("readout", self.readout, READOUTS)
+        _check_choice("saliency method", self.method, SALIENCY_METHODS)
+        _check_choice("cam_module", self.cam_module, CAM_MODULES)
+        if self.cam_channels < 1:
+            raise ValueError(f"cam_channels must be at least 1; got {self.cam_channels}.")
+        if self.cam_batch < 1:
+            raise ValueError(f"cam_batch must be at least 1; got {self.cam_batch}.")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1; got {self.steps}.")
         if self.batch_size < 1:
@@ -92,9 +121,10 @@ class CoarseMaskConfig:
 
     Attributes
     ----------
-    method : {"otsu", "kmeans", "fixed"}
+    method : {"otsu", "kmeans", "fixed", "crf"}
         ``otsu`` (the paper), ``kmeans`` with k=2 on the map resized to
-        ``kmeans_size`` (the authors' scripts) or a ``fixed`` threshold.
+        ``kmeans_size`` (the authors' scripts), a ``fixed`` threshold, or ``crf``:
+        MedCLIP-SAM's DenseCRF of the map with the image (needs ``pydensecrf2``).
     threshold : float
         The threshold used by ``fixed`` (the scripts' alternative is 0.3).
     eta_c : float

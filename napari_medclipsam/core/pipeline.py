@@ -176,13 +176,27 @@ class ZeroShotPipeline:
                  should_stop: StopFn | None = None) -> np.ndarray:
         """HxW float32 saliency in [0, 1] of ``text`` on an HxWx3 uint8 image."""
         from .precision import autocast
-        from .saliency import m2ib_saliency
 
+        if self.config.saliency.method == "m2ib":
+            from .saliency import m2ib_saliency as method
+        else:
+            from .cam import cam_saliency as method
         embedding = self.text_embedding(text)
         with autocast(self.precision, str(self.clip.device)):
-            return m2ib_saliency(self.clip, image_rgb, text, self.config.saliency,
-                                 progress=progress, should_stop=should_stop,
-                                 text_embedding=embedding)
+            return method(self.clip, image_rgb, text, self.config.saliency, progress=progress,
+                          should_stop=should_stop, text_embedding=embedding)
+
+    def saliency_steps(self) -> int:
+        """How many progress steps the saliency method reports: M2IB's optimisation steps;
+        GradCAM's one gradient pass; gScoreCAM's gradient pass and scoring batches."""
+        cfg = self.config.saliency
+        if cfg.method == "m2ib":
+            return cfg.steps
+        if cfg.method == "gradcam":
+            return 1
+        width = getattr(getattr(self.clip.model.visual, "trunk", None), "embed_dim", None)
+        channels = min(cfg.cam_channels, int(width)) if width else cfg.cam_channels
+        return 1 + -(-channels // cfg.cam_batch)
 
     def keep_largest(self) -> int | None:
         n = self.config.sam.keep_largest
@@ -249,7 +263,6 @@ class ZeroShotPipeline:
         rgb = to_rgb_uint8(image, window)
         report = progress or (lambda stage, fraction: None)
         _check_stop(should_stop)
-        steps = self.config.saliency.steps
         if rgb.min() == rgb.max():  # nothing to see: no model could find anything honestly
             report("done", 1.0)
             empty = np.zeros(rgb.shape[:2], dtype=bool)
@@ -260,13 +273,14 @@ class ZeroShotPipeline:
         if self._clip is None:
             report("loading CLIP", 0.0)
             _ = self.clip
+        steps = self.saliency_steps()
         report(f"saliency step 0/{steps}", 0.0)
         saliency = self.saliency(
             rgb, text, should_stop=should_stop,
             progress=lambda i, n: report(f"saliency step {i}/{n}", 0.7 * i / n))
         _check_stop(should_stop)
         report("coarse mask", 0.72)
-        coarse = coarse_mask(saliency, self.config.coarse)
+        coarse = coarse_mask(saliency, self.config.coarse, image=rgb)
         prompts = make_prompts(coarse.labels, self.config.prompts)
         if coarse.empty or prompts.empty:
             report("done", 1.0)

@@ -282,7 +282,8 @@ def _check_saliency(saliency: Any) -> np.ndarray:
     return array
 
 
-def threshold_saliency(saliency: np.ndarray, config: CoarseMaskConfig) -> tuple[np.ndarray, float]:
+def threshold_saliency(saliency: np.ndarray, config: CoarseMaskConfig,
+                       image: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Binarise a saliency map.
 
     Parameters
@@ -298,7 +299,12 @@ def threshold_saliency(saliency: np.ndarray, config: CoarseMaskConfig) -> tuple[
           :class:`sklearn.cluster.KMeans` (k=2, ``n_init=10``, ``random_state=0``) clusters
           its values, and the threshold is the midpoint of the two centres, which is the
           boundary between the clusters, applied at full resolution;
-        - ``"fixed"``: ``config.threshold``.
+        - ``"fixed"``: ``config.threshold``;
+        - ``"crf"`` (MedCLIP-SAM): a fully connected CRF on the map with the image
+          (:func:`crf_foreground`); the threshold returned is 0.5 on the CRF's foreground
+          probability.
+    image : np.ndarray, optional
+        HxWx3 uint8 RGB at the map's size; needed by ``"crf"`` only.
 
     Returns
     -------
@@ -318,11 +324,16 @@ def threshold_saliency(saliency: np.ndarray, config: CoarseMaskConfig) -> tuple[
     InputError
         (a ``ValueError``) if the map is not 2-D, is empty or holds NaN/inf.
     """
-    return _threshold(_check_saliency(saliency), config)
+    return _threshold(_check_saliency(saliency), config, image)
 
 
-def _threshold(sal: np.ndarray, config: CoarseMaskConfig) -> tuple[np.ndarray, float]:
+def _threshold(sal: np.ndarray, config: CoarseMaskConfig,
+               image: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     lo, hi = float(sal.min()), float(sal.max())
+    if config.method == "crf":
+        if hi == lo:
+            return np.zeros(sal.shape, dtype=bool), 0.5
+        return crf_foreground(sal, image) > 0.5, 0.5
     if config.method == "fixed":
         t = float(config.threshold)
     elif hi == lo:
@@ -353,10 +364,61 @@ def _kmeans_threshold(sal: np.ndarray, size: int) -> float:
     return (low + high) / 2.0
 
 
+#: MedCLIP-SAM's DenseCRF settings (its code): unary temperature tau, smoothness kernel
+#: (sxy 3, compat 3), appearance kernel (sxy 60, srgb 5, compat 5), one mean-field iteration.
+CRF_SETTINGS = {"tau": 1.05, "gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 60,
+                "bilateral_srgb": 5, "bilateral_compat": 5, "iterations": 1}
+CRF_MISSING = ("The 'crf' threshold method needs the pydensecrf2 package: "
+               "pip install 'napari-medclipsam[crf]' (it compiles a small C++ extension), "
+               "or choose otsu, kmeans or fixed.")
+
+
+def crf_foreground(saliency: np.ndarray, image: np.ndarray | None) -> np.ndarray:
+    """Foreground probability (HxW float32) of a fully connected CRF (Kraehenbuehl and
+    Koltun 2011, ``pydensecrf2``) on a saliency map in [0, 1] with the image, as MedCLIP-SAM.
+
+    Unaries as MedCLIP-SAM's code: ``-log(p + 1e-8) / (tau * sigmoid(p))`` for the
+    foreground and the same of ``1 - p`` for the background; pairwise potentials and one
+    iteration per :data:`CRF_SETTINGS`. Their code reads the map from an 8-bit PNG; here the
+    float map is used as it is.
+
+    Raises
+    ------
+    InputError
+        No image, or an image that is not HxWx3 uint8 at the map's size; pydensecrf2 missing.
+    """
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError:
+        raise InputError(CRF_MISSING) from None
+    sal = np.clip(_check_saliency(saliency).astype(np.float64), 0.0, 1.0)
+    if image is None:
+        raise InputError("The 'crf' threshold method needs the image beside the saliency map.")
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.shape != (*sal.shape, 3):
+        raise InputError(f"The CRF needs the {sal.shape[0]}x{sal.shape[1]}x3 uint8 image of "
+                         f"the map; got {image.dtype} {image.shape}.")
+    c = CRF_SETTINGS
+    h, w = sal.shape
+
+    def energy(p):
+        return -np.log(p + 1e-8) / (c["tau"] / (1.0 + np.exp(-p)))
+
+    crf = dcrf.DenseCRF2D(w, h, 2)
+    crf.setUnaryEnergy(np.ascontiguousarray(
+        np.stack([energy(1.0 - sal), energy(sal)]).reshape(2, -1).astype(np.float32)))
+    crf.addPairwiseGaussian(sxy=c["gaussian_sxy"], compat=c["gaussian_compat"])
+    crf.addPairwiseBilateral(sxy=c["bilateral_sxy"], srgb=c["bilateral_srgb"],
+                             rgbim=np.ascontiguousarray(image), compat=c["bilateral_compat"])
+    q = np.asarray(crf.inference(c["iterations"]), dtype=np.float32)
+    return q[1].reshape(h, w)
+
+
 # --------------------------------------------------------------------------- components
 
 
-def coarse_mask(saliency: np.ndarray, config: CoarseMaskConfig) -> CoarseResult:
+def coarse_mask(saliency: np.ndarray, config: CoarseMaskConfig,
+                image: np.ndarray | None = None) -> CoarseResult:
     """Saliency map -> coarse mask of the best connected components (paper eqs. 18-19).
 
     Steps: :func:`threshold_saliency`; connected components with 8-connectivity
@@ -371,6 +433,8 @@ def coarse_mask(saliency: np.ndarray, config: CoarseMaskConfig) -> CoarseResult:
     saliency : np.ndarray
         HxW float saliency map, finite (float32 in [0, 1] from the pipeline).
     config : CoarseMaskConfig
+    image : np.ndarray, optional
+        HxWx3 uint8 RGB at the map's size; needed by ``method="crf"`` only.
 
     Returns
     -------
@@ -381,7 +445,7 @@ def coarse_mask(saliency: np.ndarray, config: CoarseMaskConfig) -> CoarseResult:
     from skimage.measure import label as label_components
 
     sal = _check_saliency(saliency)
-    foreground, t = _threshold(sal, config)
+    foreground, t = _threshold(sal, config, image)
     cc = label_components(foreground, connectivity=2)
     n = int(cc.max())
     flat = cc.ravel()

@@ -237,16 +237,26 @@ def _saliency_map(clip: ClipBundle, capacity: torch.Tensor, out_shape: tuple[int
                   ) -> np.ndarray:
     """capacity [1, N, C] -> HxW float32 in [0, 1]."""
     import torch
-    import torch.nn.functional as F
 
     _, trunk, _ = _vit_parts(clip)
     prefix = int(getattr(trunk, "num_prefix_tokens", 1))
-    gh, gw = _grid(trunk)
     with torch.no_grad():
         per_token = torch.nansum(capacity[0].float(), dim=-1)[prefix:]
-        grid = per_token.reshape(1, 1, gh, gw)
+        return grid_to_map(clip, per_token.reshape(_grid(trunk)), out_shape)
+
+
+def grid_to_map(clip: ClipBundle, grid: torch.Tensor, out_shape: tuple[int, int]
+                ) -> np.ndarray:
+    """A (gh, gw) map on the patch grid -> HxW float32 in [0, 1]: bilinear to the model's
+    input size, min-max normalised there (all zeros if flat), then resized to ``out_shape``.
+    Every saliency method ends here."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
         size = clip.image_size
-        up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
+        up = F.interpolate(grid.float()[None, None], size=(size, size), mode="bilinear",
+                           align_corners=False)
         up = up - up.min()
         peak = up.max()
         up = up / peak if peak > 0 else torch.zeros_like(up)
