@@ -32,14 +32,22 @@ The text embedding and the input preparation are M2IB's (``encode_text``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import SaliencyConfig
 from .errors import CancelledError, InputError
-from .saliency import _grid, _vit_parts, encode_text, grid_to_map, prepare_image
+from .saliency import (
+    ProgressFn,
+    StopFn,
+    _grid,
+    _vit_parts,
+    encode_text,
+    grid_to_map,
+    prepare_image,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -49,8 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["CAM_METHODS", "cam_saliency"]
 
 CAM_METHODS = ("gscorecam", "gradcam")
-ProgressFn = Callable[[int, int], None]
-StopFn = Callable[[], bool]
 
 
 def _target_module(clip: ClipBundle, layer: int, module: str):
