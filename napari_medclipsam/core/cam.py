@@ -42,11 +42,11 @@ from .errors import CancelledError, InputError
 from .saliency import (
     ProgressFn,
     StopFn,
-    _grid,
-    _vit_parts,
     encode_text,
     grid_to_map,
+    patch_grid,
     prepare_image,
+    vit_parts,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,7 +60,7 @@ CAM_METHODS = ("gscorecam", "gradcam")
 
 
 def _target_module(clip: ClipBundle, layer: int, module: str):
-    _, _, blocks = _vit_parts(clip)
+    _, _, blocks = vit_parts(clip)
     depth = len(blocks)
     index = layer if layer >= 0 else depth + layer
     if not 0 <= index < depth:
@@ -88,9 +88,9 @@ def _activations_and_gradients(clip: ClipBundle, x, text, target):
     gradient with respect to them."""
     import torch
 
-    _, trunk, _ = _vit_parts(clip)
+    _, trunk, _ = vit_parts(clip)
     prefix = int(getattr(trunk, "num_prefix_tokens", 1))
-    gh, gw = _grid(trunk)
+    gh, gw = patch_grid(trunk)
     captured = {}
 
     def hook(_module, _inputs, output):

@@ -122,7 +122,7 @@ def encode_text(clip: ClipBundle, text: str | Sequence[str]) -> torch.Tensor:
 # --------------------------------------------------------------------------- ViT split
 
 
-def _vit_parts(clip: ClipBundle):
+def vit_parts(clip: ClipBundle):
     visual = clip.model.visual
     trunk = getattr(visual, "trunk", None)
     blocks = getattr(trunk, "blocks", None)
@@ -141,7 +141,7 @@ def _check_layer(layer: int, depth: int) -> None:
 
 def vit_prefix(clip: ClipBundle, x: torch.Tensor, layer: int) -> torch.Tensor:
     """Tokens after ViT block ``layer`` (0-based): [B, N, C]."""
-    _, trunk, blocks = _vit_parts(clip)
+    _, trunk, blocks = vit_parts(clip)
     x = trunk.patch_embed(x)
     x = trunk._pos_embed(x)
     x = trunk.patch_drop(x)
@@ -158,7 +158,7 @@ def vit_suffix(clip: ClipBundle, z: torch.Tensor, layer: int) -> torch.Tensor:
     the last block computes only what that token needs (:func:`_class_token_block`): the
     same embedding for a fraction of the last block's work.
     """
-    visual, trunk, blocks = _vit_parts(clip)
+    visual, trunk, blocks = vit_parts(clip)
     suffix = list(blocks[layer + 1:])
     for block in suffix[:-1]:
         z = block(z)
@@ -206,7 +206,7 @@ def _class_token_block(block, x: torch.Tensor) -> torch.Tensor:
     return cls + block.drop_path2(block.ls2(block.mlp(block.norm2(cls))))
 
 
-def _grid(trunk) -> tuple[int, int]:
+def patch_grid(trunk) -> tuple[int, int]:
     grid = getattr(trunk.patch_embed, "grid_size", None)
     if grid is None:
         raise InputError("Cannot tell the ViT's patch grid (patch_embed.grid_size).")
@@ -238,11 +238,11 @@ def _saliency_map(clip: ClipBundle, capacity: torch.Tensor, out_shape: tuple[int
     """capacity [1, N, C] -> HxW float32 in [0, 1]."""
     import torch
 
-    _, trunk, _ = _vit_parts(clip)
+    _, trunk, _ = vit_parts(clip)
     prefix = int(getattr(trunk, "num_prefix_tokens", 1))
     with torch.no_grad():
         per_token = torch.nansum(capacity[0].float(), dim=-1)[prefix:]
-        return grid_to_map(clip, per_token.reshape(_grid(trunk)), out_shape)
+        return grid_to_map(clip, per_token.reshape(patch_grid(trunk)), out_shape)
 
 
 def grid_to_map(clip: ClipBundle, grid: torch.Tensor, out_shape: tuple[int, int]
@@ -317,7 +317,7 @@ def m2ib_saliency(
     import torch
 
     cfg = config or SaliencyConfig()
-    _, _, blocks = _vit_parts(clip)
+    _, _, blocks = vit_parts(clip)
     _check_layer(cfg.layer, len(blocks))
     x = prepare_image(clip, image)
     with torch.no_grad():
@@ -413,7 +413,7 @@ def m2ib_saliency_reference(
 
     cfg = config or SaliencyConfig()
     model = clip.model
-    _, trunk, blocks = _vit_parts(clip)
+    _, trunk, blocks = vit_parts(clip)
     _check_layer(cfg.layer, len(blocks))
     prompts = as_prompts(text)
     x = prepare_image(clip, image).expand(cfg.batch_size, -1, -1, -1)
