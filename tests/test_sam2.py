@@ -13,14 +13,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sam2")
 
 from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
-from test_sam import BAD_IMAGES, BAD_PROMPTS  # noqa: E402
+from test_sam import BAD_IMAGES, BAD_PROMPTS, BOX_A, BOX_B, random_image  # noqa: E402
 from tiny_sam2 import build_tiny_sam2  # noqa: E402
 
 from napari_medclipsam.core.errors import InputError  # noqa: E402
 from napari_medclipsam.core.sam import Sam2Session  # noqa: E402
 
-BOX_A = [5.0, 5.0, 30.0, 30.0]
-BOX_B = [40.0, 10.0, 75.0, 45.0]
 POINTS = [[12.0, 20.0], [60.0, 30.0]]
 
 
@@ -36,10 +34,6 @@ def encoder_counter(model):
     handle = model.image_encoder.register_forward_hook(lambda module, args, out: calls.append(1))
     yield calls
     handle.remove()
-
-
-def random_image(seed: int, shape=(50, 80, 3)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
 def reference(model, image):
