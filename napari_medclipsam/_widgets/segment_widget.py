@@ -761,6 +761,17 @@ class SegmentWidget(QWidget):
         self.last_status = message
         report(self.status_label, message, error)
 
+    def _stop_bar(self, text: str) -> None:
+        """Reset the progress bar after a run that did not finish, saying why."""
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat(text)
+
+    def _report_failure(self, error: BaseException) -> None:
+        """A run stopped by an error: the bar says so, the message (in the dock's words)
+        goes below."""
+        self._stop_bar("stopped by an error (see below)")
+        self._report(gui_message(error), error=True)
+
     def run_all(self) -> None:
         """Start the whole chain on the chosen layer: the slice on screen, or every slice of
         a 3-D stack when "All slices" is checked."""
@@ -823,14 +834,11 @@ class SegmentWidget(QWidget):
             source = find_layer(self.viewer, run.source) if run is not None else None
             if run is not None and source is not None:
                 self._show_volume(run, source)
-            self.progress_bar.setValue(0)
-            self.progress_bar.setFormat("cancelled")
+            self._stop_bar("cancelled")
             self._report(cancel_message(run, live.shape[0] if live is not None else None))
             return
         if not outcome.ok:
-            self.progress_bar.setValue(0)
-            self.progress_bar.setFormat("stopped by an error (see below)")
-            self._report(gui_message(outcome.error), error=True)
+            self._report_failure(outcome.error)
             return
         run = outcome.value
         source = find_layer(self.viewer, run.source)
@@ -1207,17 +1215,14 @@ class SegmentWidget(QWidget):
     def _on_propagated(self, outcome: Outcome) -> None:
         if outcome.cancelled:
             done: Propagation | None = outcome.partial
-            self.progress_bar.setValue(0)
-            self.progress_bar.setFormat("cancelled")
+            self._stop_bar("cancelled")
             if done is None:
                 self._report("Cancelled; nothing changed.")
             else:
                 self._write_propagation(done)
             return
         if not outcome.ok:
-            self.progress_bar.setValue(0)
-            self.progress_bar.setFormat("stopped by an error (see below)")
-            self._report(gui_message(outcome.error), error=True)
+            self._report_failure(outcome.error)
             return
         if self._write_propagation(outcome.value):
             self.progress_bar.setValue(100)
