@@ -4,6 +4,7 @@ threshold method: correctness on the toy shapes CLIP, the method's mechanics, an
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import numpy as np
@@ -244,8 +245,7 @@ def test_old_records_load_with_m2ib():
 # --------------------------------------------------------------------------- the dock
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("qtpy") is None,
-                    reason="needs Qt (qtpy)")
+@pytest.mark.skipif(importlib.util.find_spec("qtpy") is None, reason="needs Qt (qtpy)")
 def test_dock_runs_gscorecam_with_densecrf(make_napari_viewer, tiny_pipeline, qtbot,
                                            monkeypatch, tmp_path):
     """Plugins > Text-prompt segmentation: choose gScoreCAM and DenseCRF in Advanced, Run
