@@ -118,9 +118,9 @@ STEP_KINDS = ("saliency", "coarse mask")
 
 # (value, what the menu shows) of the choice fields
 THRESHOLD_CHOICES = (("otsu", "Otsu (paper)"), ("kmeans", "KMeans (authors' code)"),
-                     ("fixed", "fixed 0.3"), ("crf", "DenseCRF (MedCLIP-SAM)"))
-SALIENCY_CHOICES = (("m2ib", "M2IB (MedCLIP-SAMv2)"), ("gscorecam", "gScoreCAM (MedCLIP-SAM)"),
-                    ("gradcam", "GradCAM"))
+                     ("fixed", "fixed 0.3"), ("crf", "DenseCRF"))
+# Short names: the field is narrow; the tooltip says which paper each comes from.
+SALIENCY_CHOICES = (("m2ib", "M2IB"), ("gscorecam", "gScoreCAM"), ("gradcam", "GradCAM"))
 PROMPT_CHOICES = (("boxes", "boxes"), ("points", "points"), ("both", "boxes + points"))
 BOX_CHOICES = (("single", "one box for all"), ("per_component", "one box per region"))
 
