@@ -23,20 +23,24 @@ from ..core.config import (
     BOX_MODES,
     CAM_MODULES,
     DEFAULT_CLIP_MODEL,
+    METHODS,
     PRECISIONS,
     PROMPT_MODES,
     RANK_BY,
     READOUTS,
     SALIENCY_METHODS,
+    SALIP_CROPS,
     THRESHOLD_METHODS,
     CoarseMaskConfig,
     PromptConfig,
     SaliencyConfig,
+    SalipConfig,
     SamConfig,
 )
 from ..core.models import SAM_MODELS
 
 __all__ = ["CLIError", "StopRequest", "Terminated", "add_chain_flags", "add_model_flags",
+           "add_salip_flags", "salip_config_from_args",
            "check_device", "check_writable_folder", "logger", "oserror_line", "quiet_warnings",
            "read_json_file", "sigterm_as_interrupt", "stop_requests", "tqdm_progress"]
 
@@ -78,6 +82,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def add_chain_flags(p: argparse.ArgumentParser) -> None:
     """Saliency, coarse-mask, prompt and SAM parameters; every default is None (not given)."""
     s, c, q, m = SaliencyConfig(), CoarseMaskConfig(), PromptConfig(), SamConfig()
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS,
+                   help="medclipsamv2: saliency -> coarse mask -> SAM (MedCLIP-SAMv2, the "
+                        "default; --saliency gscorecam --threshold-method crf gives "
+                        "MedCLIP-SAM); salip: SAM's automatic masks, the best crop for the "
+                        "text chosen by CLIP, its box -> SAM (SaLIP, the --salip-* flags).")
+    add_salip_flags(p)
     g = p.add_argument_group("saliency")
     g.add_argument("--saliency", choices=SALIENCY_METHODS,
                    help=f"m2ib: M2IB (MedCLIP-SAMv2, default {s.method}); gscorecam: "
@@ -117,8 +128,10 @@ def add_chain_flags(p: argparse.ArgumentParser) -> None:
                                                    f"(default {c.threshold}).")
     g.add_argument("--eta-c", type=float, help=f"keep components with confidence > eta_c "
                                                f"(default {c.eta_c}).")
-    g.add_argument("--top-k", type=int, help=f"keep the K best components; 0 keeps all "
-                                             f"(default {c.top_k}; 2 for lungs).")
+    g.add_argument("--top-k", type=int,
+                   help=f"keep the K best components; 0 keeps all (default {c.top_k}; 2 for "
+                        f"lungs). With --method salip: the K best crops are retrieved (1; 2 "
+                        f"for paired organs).")
     g.add_argument("--rank-by", choices=RANK_BY, help=f"default {c.rank_by}.")
     g.add_argument("--min-area", type=int, help=f"drop smaller components (default "
                                                 f"{c.min_area}).")
@@ -136,6 +149,59 @@ def add_chain_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--multimask", action="store_true", default=None,
                    help=f"ask SAM for 3 masks and keep the best (default "
                         f"{m.multimask_output}).")
+
+
+def add_salip_flags(p: argparse.ArgumentParser) -> None:
+    """SaLIP's automatic-mask-generator and retrieval parameters (with ``--method salip``)."""
+    d = SalipConfig()
+    g = p.add_argument_group(
+        "SaLIP (with --method salip)",
+        "SAM's automatic mask generator, then CLIP retrieval. SaLIP tunes these per dataset "
+        "against ground-truth masks; the defaults are the middle of its search grid (points "
+        "per side: the densest). Areas are fractions of the image.")
+    g.add_argument("--salip-points-per-side", type=int, metavar="N",
+                   help=f"grid of point prompts per side (default {d.points_per_side}).")
+    g.add_argument("--salip-pred-iou", type=float, metavar="T",
+                   help=f"drop proposals with predicted IoU <= T (default {d.pred_iou_thresh}).")
+    g.add_argument("--salip-stability", type=float, metavar="T",
+                   help=f"drop proposals with stability score <= T (default "
+                        f"{d.stability_thresh}).")
+    g.add_argument("--salip-box-nms", type=float, metavar="T",
+                   help=f"box NMS IoU within a crop (default {d.box_nms_thresh}).")
+    g.add_argument("--salip-crop-nms", type=float, metavar="T",
+                   help=f"box NMS IoU across crops (default {d.crop_nms_thresh}).")
+    g.add_argument("--salip-crop-layers", type=int, metavar="N",
+                   help=f"layers of image crops (default {d.crop_n_layers}: the image and its "
+                        f"4 quarters).")
+    g.add_argument("--salip-crop-downscale", type=int, metavar="F",
+                   help=f"points per side divided by F per crop layer (default "
+                        f"{d.crop_downscale}).")
+    g.add_argument("--salip-min-region", type=float, metavar="FRACTION",
+                   help=f"remove holes and islands smaller than this fraction of the image "
+                        f"from each proposal (default {d.min_region_area}; 0: keep).")
+    g.add_argument("--salip-area-cap", type=float, metavar="FRACTION",
+                   help=f"drop proposals larger than this fraction of the image (default "
+                        f"{d.area_cap}).")
+    g.add_argument("--salip-crop", choices=SALIP_CROPS,
+                   help=f"what CLIP scores: mask = the image times the proposal inside its "
+                        f"box (SaLIP's), box = the image inside the box (default {d.crop}).")
+
+
+def salip_config_from_args(base: SalipConfig, args: argparse.Namespace,
+                           top_k: int | None = None) -> SalipConfig:
+    """``base`` with the ``--salip-*`` flags given (and ``top_k``) applied."""
+    import dataclasses
+
+    mapping = {"points_per_side": "salip_points_per_side", "pred_iou_thresh": "salip_pred_iou",
+               "stability_thresh": "salip_stability", "box_nms_thresh": "salip_box_nms",
+               "crop_nms_thresh": "salip_crop_nms", "crop_n_layers": "salip_crop_layers",
+               "crop_downscale": "salip_crop_downscale", "min_region_area": "salip_min_region",
+               "area_cap": "salip_area_cap", "crop": "salip_crop"}
+    changes = {field: getattr(args, flag) for field, flag in mapping.items()
+               if getattr(args, flag, None) is not None}
+    if top_k is not None:
+        changes["top_k"] = top_k
+    return dataclasses.replace(base, **changes) if changes else base
 
 
 def tqdm_progress(desc: str) -> Callable[[int, int], None]:

@@ -72,6 +72,7 @@ from .common import (
     logger,
     oserror_line,
     read_json_file,
+    salip_config_from_args,
     sigterm_as_interrupt,
 )
 from .run_record import (
@@ -319,11 +320,18 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
                         cam_module=getattr(a, "cam_module", None),
                         cam_channels=getattr(a, "cam_channels", None),
                         cam_batch=getattr(a, "cam_batch", None))
+        method = getattr(a, "method", None) or base.method
         top_k = None if a.top_k == 0 else a.top_k
+        if method == "salip" and a.top_k == 0:
+            raise CLIError("--top-k 0 (keep all) does not apply to --method salip: give how "
+                           "many crops to retrieve (1; 2 for paired organs).")
+        salip = salip_config_from_args(base.salip, a, a.top_k if method == "salip" else None)
+        if method == "salip":  # --top-k counts SaLIP's crops; the coarse mask is unused
+            top_k = base.coarse.top_k
         coarse = pick(base.coarse, method=a.threshold_method, threshold=a.threshold,
                       eta_c=a.eta_c, rank_by=a.rank_by, min_area=a.min_area,
                       kmeans_size=a.kmeans_size)
-        if a.top_k is not None:
+        if a.top_k is not None and method != "salip":
             coarse = dataclasses.replace(coarse, top_k=top_k)
         prompts = pick(base.prompts, mode=a.prompt_mode, box_mode=a.box_mode,
                        n_positive=a.n_positive, n_negative=a.n_negative,
@@ -341,7 +349,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
             sam_checkpoint=a.sam_checkpoint or base.sam_checkpoint,
             device=a.device or base.device,
             precision=getattr(a, "precision", None) or base.precision, saliency=saliency,
-            coarse=coarse, prompts=prompts, sam=sam)
+            coarse=coarse, prompts=prompts, sam=sam, method=method, salip=salip)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -649,12 +657,22 @@ def _known_2d(path: Path) -> bool:
 
 
 def _prompts_json(result, plan: Plan) -> dict[str, Any]:
-    return {**result.prompts.to_dict(),
-            "components": [dataclasses.asdict(c) for c in result.coarse.components],
-            "threshold": result.coarse.threshold,
-            "n_candidates": result.coarse.n_candidates,
-            "found": result.found, "message": result.message,
-            "sam_model": plan.sam_model, "precision": plan.precision}
+    threshold = result.coarse.threshold
+    out = {**result.prompts.to_dict(),
+           "components": [dataclasses.asdict(c) for c in result.coarse.components],
+           "threshold": None if threshold != threshold else threshold,  # NaN: SaLIP has none
+           "n_candidates": result.coarse.n_candidates,
+           "found": result.found, "message": result.message,
+           "sam_model": plan.sam_model, "precision": plan.precision}
+    salip = result.extra.get("salip")
+    if salip is not None:  # every crop CLIP scored, retrieved ones marked with their rank
+        rank = {i: r for r, i in enumerate(salip["retrieved"], start=1)}
+        out["method"] = "salip"
+        out["n_generated"] = salip["n_generated"]
+        out["crops"] = [{**p.to_dict(), "score": float(score), "retrieved": rank.get(i)}
+                        for i, (p, score) in enumerate(zip(salip["proposals"], salip["scores"],
+                                                           strict=True))]
+    return out
 
 
 _FATAL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS}

@@ -27,6 +27,10 @@ BOX_MODES = ("single", "per_component")
 READOUTS = ("last_forward", "final")
 SALIENCY_METHODS = ("m2ib", "gscorecam", "gradcam")
 CAM_MODULES = ("norm1", "norm2")
+#: The chain: MedCLIP-SAMv2's (saliency -> coarse mask -> SAM) or SaLIP's (SAM's automatic
+#: masks -> CLIP retrieval of the crops -> SAM).
+METHODS = ("medclipsamv2", "salip")
+SALIP_CROPS = ("mask", "box")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -239,8 +243,88 @@ class SamConfig:
 
 
 @dataclass(frozen=True)
+class SalipConfig:
+    """SaLIP (Aleem et al., CVPRW 2024): SAM's automatic masks, retrieved by CLIP.
+
+    SaLIP's code tunes the generator per dataset by a random search over points per side
+    {4, 8, 16}, pred-IoU and stability thresholds {0.2, 0.5, 0.8}, NMS {0.7, 0.8, 0.9} and an
+    area cap {20000, 40000, 50000} pixels, scored by Dice against ground-truth masks of five
+    test images. A user has no such masks, so the defaults here are fixed: the middle of each
+    grid, except points per side (16, the densest: an 8x8 grid misses small lesions such as
+    breast tumours). Its images are resized to 256x256, so its pixel areas are given here as
+    fractions of the image (40000 px of 65536 = 0.6; its final ``min_mask_region_area`` of
+    200 px = 0.003), which keeps them meaningful at any image size.
+
+    Attributes
+    ----------
+    points_per_side : int
+        Grid of point prompts of the automatic mask generator (per side, first crop layer).
+    pred_iou_thresh : float
+        Drop proposals whose predicted IoU is at or below this.
+    stability_thresh : float
+        Drop proposals whose stability score is at or below this.
+    box_nms_thresh : float
+        IoU of the boxes above which the weaker of two proposals is dropped (within a crop).
+    crop_nms_thresh : float
+        The same across crop layers.
+    crop_n_layers : int
+        Extra layers of image crops (SaLIP: 1, i.e. the image and its 4 quarter crops).
+    crop_downscale : int
+        Points per side are divided by this on each crop layer (SaLIP: 2).
+    min_region_area : float
+        Holes and islands of a proposal smaller than this fraction of the image are removed
+        (segment-anything's ``min_mask_region_area``); 0 keeps them.
+    area_cap : float
+        Proposals covering more than this fraction of the image are dropped (SaLIP drops
+        background and whole-body masks this way).
+    crop : {"mask", "box"}
+        What CLIP sees of a proposal: ``mask`` (SaLIP's default "crops": the image times the
+        mask, inside the mask's box) or ``box`` (the image inside the box). Both are padded
+        to a square with black before CLIP's resize, so a shape is never stretched or cut
+        (SaLIP's CLIP preprocessing centre-crops instead).
+    top_k : int
+        Proposals retrieved, best CLIP score first: 1, or 2 for paired organs (SaLIP's lungs).
+    points_per_batch : int
+        Point prompts decoded together (memory, not results).
+    """
+
+    points_per_side: int = 16
+    pred_iou_thresh: float = 0.5
+    stability_thresh: float = 0.5
+    box_nms_thresh: float = 0.8
+    crop_nms_thresh: float = 0.8
+    crop_n_layers: int = 1
+    crop_downscale: int = 2
+    min_region_area: float = 0.003
+    area_cap: float = 0.6
+    crop: str = "mask"
+    top_k: int = 1
+    points_per_batch: int = 64
+
+    def __post_init__(self) -> None:
+        _check_choice("SaLIP crop", self.crop, SALIP_CROPS)
+        for name in ("points_per_side", "crop_downscale", "top_k", "points_per_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SaLIP {name} must be at least 1; got {getattr(self, name)}.")
+        if self.crop_n_layers < 0:
+            raise ValueError(f"SaLIP crop_n_layers must be non-negative; got "
+                             f"{self.crop_n_layers}.")
+        for name in ("pred_iou_thresh", "stability_thresh", "box_nms_thresh",
+                     "crop_nms_thresh", "min_region_area"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"SaLIP {name} must be in [0, 1]; got {getattr(self, name)}.")
+        if not 0.0 < self.area_cap <= 1.0:
+            raise ValueError(f"SaLIP area_cap must be in (0, 1] (a fraction of the image); "
+                             f"got {self.area_cap}.")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything a zero-shot run depends on (models, stages, seed).
+
+    ``method`` chooses the chain: ``medclipsamv2`` (saliency, coarse mask, SAM: the
+    ``saliency``/``coarse``/``prompts`` stages) or ``salip`` (SAM's automatic masks retrieved
+    by CLIP: the ``salip`` stage; see :mod:`napari_medclipsam.core.salip`). ``sam`` serves both.
 
     ``sam_model`` "auto" picks by device (ViT-H on a GPU, SAM 2.1 tiny on a CPU);
     ``precision`` "auto" runs M2IB and the image encoders in bf16 where the hardware has it
@@ -249,6 +333,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("method", self.method, METHODS)
 
     clip_model: str = DEFAULT_CLIP_MODEL
     sam_model: str = DEFAULT_SAM_MODEL
@@ -259,6 +344,8 @@ class PipelineConfig:
     coarse: CoarseMaskConfig = field(default_factory=CoarseMaskConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sam: SamConfig = field(default_factory=SamConfig)
+    method: str = "medclipsamv2"
+    salip: SalipConfig = field(default_factory=SalipConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -274,6 +361,7 @@ class PipelineConfig:
             "coarse": CoarseMaskConfig,
             "prompts": PromptConfig,
             "sam": SamConfig,
+            "salip": SalipConfig,
         }
         for key, kind in nested.items():
             if key in data and isinstance(data[key], dict):

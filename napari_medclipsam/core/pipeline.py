@@ -22,7 +22,14 @@ import numpy as np
 from .config import PipelineConfig
 from .errors import CancelledError, InputError
 from .io import Window, auto_window, to_rgb_uint8
-from .postprocess import CoarseResult, Prompts, coarse_mask, keep_largest_components, make_prompts
+from .postprocess import (
+    CoarseResult,
+    Component,
+    Prompts,
+    coarse_mask,
+    keep_largest_components,
+    make_prompts,
+)
 
 ProgressFn = Callable[[str, float], None]
 StopFn = Callable[[], bool]
@@ -199,9 +206,12 @@ class ZeroShotPipeline:
         return 1 + -(-channels // cfg.cam_batch)
 
     def keep_largest(self) -> int | None:
+        """Components of SAM's mask kept: ``config.sam.keep_largest``; 0 follows the coarse
+        mask's top-K (MedCLIP-SAMv2's post-processing), or keeps SAM's mask whole in SaLIP
+        mode (SaLIP OR-s SAM's masks as they are)."""
         n = self.config.sam.keep_largest
-        if n == 0:  # follow the coarse mask's top-K
-            return self.config.coarse.top_k
+        if n == 0:
+            return None if self.config.method == "salip" else self.config.coarse.top_k
         return n
 
     def prepare(self, progress: ProgressFn | None = None) -> None:
@@ -270,6 +280,8 @@ class ZeroShotPipeline:
             return SegmentationResult(np.zeros(rgb.shape[:2], dtype=np.float32), coarse,
                                       Prompts(), empty, False, CONSTANT_IMAGE,
                                       {"saliency_steps": 0}, rgb=rgb)
+        if self.config.method == "salip":
+            return self._segment_salip(rgb, text, report, should_stop)
         if self._clip is None:
             report("loading CLIP", 0.0)
             _ = self.clip
@@ -302,6 +314,79 @@ class ZeroShotPipeline:
         message = (f"{len(coarse.components)} component(s) kept of {coarse.n_candidates}; "
                    f"mask of {int(mask.sum())} pixels.")
         return SegmentationResult(saliency, coarse, prompts, mask, True, message, rgb=rgb)
+
+    def _segment_salip(self, rgb: np.ndarray, text: str | Sequence[str], report: ProgressFn,
+                       should_stop: StopFn | None) -> SegmentationResult:
+        """SaLIP's chain (:mod:`~napari_medclipsam.core.salip`) on an HxWx3 uint8 image.
+
+        The result's ``saliency`` is the retrieval map, ``coarse`` holds the retrieved
+        proposals (``confidence`` = CLIP score), ``prompts`` their boxes, and
+        ``extra["salip"]`` every proposal under the area cap with its score
+        (``proposals``, ``scores``, ``retrieved`` indices best first, ``n_generated``).
+        """
+        from .salip import (
+            NOTHING_PROPOSED,
+            NOTHING_UNDER_CAP,
+            cap_proposals,
+            crop_image,
+            crop_scores,
+            generate_proposals,
+            retrieval_map,
+            retrieve,
+        )
+
+        cfg = self.config.salip
+        shape = rgb.shape[:2]
+        if self._sam is None:
+            report("loading SAM", 0.0)
+            _ = self.sam
+        if self._clip is None:
+            report("loading CLIP", 0.0)
+            _ = self.clip
+        report("SAM proposals", 0.0)
+        generated = generate_proposals(
+            self.sam, rgb, cfg, self.precision, should_stop=should_stop,
+            progress=lambda i, n: report(f"SAM proposals: crop {i}/{n}", 0.6 * i / n))
+        kept = cap_proposals(generated, cfg, shape)
+        _check_stop(should_stop)
+        scores = np.zeros(0, dtype=np.float32)
+        if kept:
+            report(f"CLIP scoring {len(kept)} crops", 0.62)
+            crops = [crop_image(rgb, p, cfg.crop) for p in kept]
+            scores = crop_scores(self.clip, crops, self.text_embedding(text), self.precision,
+                                 should_stop=should_stop)
+        chosen = retrieve(scores, cfg.top_k)
+        labels = np.zeros(shape, dtype=np.int32)
+        components = []
+        for rank, i in enumerate(chosen, start=1):
+            labels[kept[i].mask & (labels == 0)] = rank
+            components.append(Component(rank, kept[i].area, float(scores[i]), kept[i].box))
+        coarse = CoarseResult(labels > 0, labels, tuple(components), float("nan"), len(kept))
+        prompts = Prompts(boxes=np.array([kept[i].box for i in chosen], dtype=np.float32)
+                          .reshape(-1, 4))
+        extra = {"salip": {"proposals": kept, "scores": scores, "retrieved": chosen,
+                           "n_generated": len(generated)}}
+        saliency = retrieval_map(shape, kept, scores)
+        if not chosen:
+            report("done", 1.0)
+            message = (NOTHING_UNDER_CAP.format(n=len(generated), cap=cfg.area_cap)
+                       if generated else NOTHING_PROPOSED)
+            return SegmentationResult(saliency, coarse, prompts, np.zeros(shape, dtype=bool),
+                                      False, message, extra, rgb=rgb)
+        _check_stop(should_stop)
+        session = self.session
+        if not session.is_cached(session.key_for(rgb)):
+            report("encoding image (SAM)", 0.8)
+            session.set_image(rgb)
+        _check_stop(should_stop)
+        report("SAM mask", 0.97)
+        mask = self.refine(rgb, prompts)
+        report("done", 1.0)
+        best = ", ".join(f"{scores[i]:.1f}" for i in chosen)
+        message = (f"{len(chosen)} of {len(kept)} SAM proposal(s) retrieved by CLIP (score "
+                   f"{best}); mask of {int(mask.sum())} pixels.")
+        return SegmentationResult(saliency, coarse, prompts, mask, True, message, extra,
+                                  rgb=rgb)
 
     def segment_volume(self, volume: np.ndarray, text: str | Sequence[str],
                        window: Window | None = None, slices: Sequence[int] | None = None,

@@ -56,7 +56,8 @@ class Component:
     area : int
         Number of pixels.
     confidence : float
-        Mean saliency inside the component (paper eq. 18), in saliency units.
+        Mean saliency inside the component (paper eq. 18), in saliency units. In SaLIP mode
+        (:mod:`napari_medclipsam.core.salip`), the proposal's CLIP score (100 x cosine).
     box : tuple of float
         XYXY ``(x0, y0, x1, y1)`` with inclusive pixel coordinates (``x1`` is the largest
         column index of the component, ``y1`` its largest row index).

@@ -34,7 +34,8 @@ from .errors import InputError
 from .postprocess import float_array
 from .precision import autocast
 
-__all__ = ["Sam2Session", "SamSession", "image_digest", "make_session"]
+__all__ = ["Sam2Session", "SamSession", "image_digest", "make_session", "sam2_image_predictor",
+           "sam2_predictor_class"]
 
 
 @dataclass
@@ -784,18 +785,18 @@ class SamSession(_EmbeddingCache):
 # --------------------------------------------------------------------------- SAM 2
 
 
-def _image_predictor(model: Any):
+def sam2_image_predictor(model: Any):
     """A ``sam2`` ``SAM2ImagePredictor`` for ``model`` at any input size.
 
     The released predictor assumes 1024x1024 inputs for its backbone feature sizes; they
     follow the model's ``image_size`` here (512 for propagation on a CPU, 256 for the tests'
     tiny models).
     """
-    return _any_size_predictor_class()(model)
+    return sam2_predictor_class()(model)
 
 
 @functools.cache
-def _any_size_predictor_class() -> type:
+def sam2_predictor_class() -> type:
     """``SAM2ImagePredictor`` with backbone feature sizes from the model's input size
     (defined once, on first use, so importing this module does not import sam2)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
@@ -859,7 +860,7 @@ class Sam2Session(_EmbeddingCache):
             if key in self._cache:
                 self._cache.move_to_end(key)
             else:
-                predictor = _image_predictor(self.sam)
+                predictor = sam2_image_predictor(self.sam)
                 with torch.inference_mode(), autocast(self.precision, str(self.sam.device)):
                     predictor.set_image(np.ascontiguousarray(image))
                 self.encoder_calls += 1
