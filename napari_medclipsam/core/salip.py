@@ -99,15 +99,27 @@ def _generator_class(family: str) -> type:
         should_stop: Callable[[], bool] | None = None
         n_crops = 1
         done = 0
+        masks = 0
 
         def _process_crop(self, *args, **kwargs):
             if self.should_stop is not None and self.should_stop():
                 raise CancelledError("Cancelled.")
             data = super()._process_crop(*args, **kwargs)
             self.done += 1
+            self.masks += len(data["rles"])
             if self.progress is not None:
                 self.progress(self.done, self.n_crops)
             return data
+
+        def generate(self, image):
+            try:
+                return super().generate(image)
+            except IndexError:
+                # With crop layers and no mask from any crop, the released generators fail
+                # in their cross-crop NMS (``box_area`` of an empty tensor): no proposal.
+                if self.masks == 0 and self.done == self.n_crops:
+                    return []
+                raise
 
     return _Reporting
 
