@@ -314,20 +314,64 @@ def m2ib_saliency(
     np.ndarray
         HxW float32 in [0, 1], at the input image's size.
     """
+    cfg = config or SaliencyConfig()
+    t = text_embedding if text_embedding is not None else encode_text(clip, text)
+    return m2ib_saliencies(clip, image, [(t, cfg)], progress, should_stop)[0]
+
+
+def m2ib_saliencies(
+    clip: ClipBundle,
+    image: np.ndarray,
+    requests: Sequence[tuple[torch.Tensor, SaliencyConfig]],
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> list[np.ndarray]:
+    """M2IB saliency maps of one image for several (text embedding, config) requests.
+
+    The ViT's blocks up to each requested layer run once per layer, not once per request:
+    a map for another text (a neutral or contrast prompt) or another beta costs only its
+    own optimisation of the blocks after the bottleneck. Each request draws its noise from
+    its own config's seed, so a request's map is the one :func:`m2ib_saliency` gives.
+
+    Parameters
+    ----------
+    requests : sequence of (torch.Tensor, SaliencyConfig)
+        ``[1, D]`` text embeddings (:func:`encode_text`) and their configs.
+    progress : callable, optional
+        ``progress(step, total)`` over all requests' optimisation steps.
+
+    Returns
+    -------
+    list of np.ndarray
+        HxW float32 maps in [0, 1], in the order of ``requests``.
+    """
     import torch
 
-    cfg = config or SaliencyConfig()
     _, _, blocks = vit_parts(clip)
-    _check_layer(cfg.layer, len(blocks))
+    for _, cfg in requests:
+        _check_layer(cfg.layer, len(blocks))
     x = prepare_image(clip, image)
-    with torch.no_grad():
-        z = vit_prefix(clip, x, cfg.layer).float()
-        t = text_embedding if text_embedding is not None else encode_text(clip, text)
+    total = sum(cfg.steps for _, cfg in requests)
+    prefixes: dict[int, torch.Tensor] = {}
+    maps: list[np.ndarray] = []
+    done = 0
+    for t, cfg in requests:
+        if cfg.layer not in prefixes:
+            with torch.no_grad():
+                prefixes[cfg.layer] = vit_prefix(clip, x, cfg.layer).float()
+        z = prefixes[cfg.layer]
         t = t.to(z.device).float()
-    gen, gen_device = _noise_generator(clip.device, cfg.seed)
-    with _explicit_attention(blocks[cfg.layer + 1:], clip.device):
-        last_forward = _optimise(clip, z, t, cfg, gen, gen_device, progress, should_stop)
-    return _saliency_map(clip, last_forward, image.shape[:2])
+        gen, gen_device = _noise_generator(clip.device, cfg.seed)
+        step_progress = None
+        if progress is not None:
+            def step_progress(step: int, steps: int, offset: int = done) -> None:
+                progress(offset + step, total)
+        with _explicit_attention(blocks[cfg.layer + 1:], clip.device):
+            last_forward = _optimise(clip, z, t, cfg, gen, gen_device, step_progress,
+                                     should_stop)
+        maps.append(_saliency_map(clip, last_forward, image.shape[:2]))
+        done += cfg.steps
+    return maps
 
 
 @contextlib.contextmanager
