@@ -29,8 +29,9 @@ earlier output (propagated again); :meth:`~SegmentController.propagate` runs
 Also here, for the view to show: :class:`ProgressTracker` (the pipeline's stage names with
 the slice count and an ETA), :func:`gui_message` (the core's command-line wording turned
 into the widget's field names), :func:`matching_presets` and :func:`describe_settings` (the
-preset a prompt matches, the settings in force in one line) and :func:`save_mask` (the SAM
-mask and the label map to NIfTI or PNG).
+preset a prompt matches, the settings in force in one line), :func:`proposal_labels` (SaLIP's
+proposals as one label image with a features table) and :func:`save_mask` (the SAM mask and
+the label map to NIfTI or PNG).
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ class Run:
         (``volume.completed``), the others are empty.
     seconds : float
         How long the run took (models' loading included).
+    method : {"medclipsamv2", "salip"}
+        The chain it ran (``PipelineConfig.method``): a SaLIP run's ``result.saliency`` is
+        the retrieval map and ``result.extra["salip"]`` holds every proposal and its score.
     """
 
     target: Target
@@ -115,6 +119,7 @@ class Run:
     mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))
     cancelled: bool = False
     seconds: float = 0.0
+    method: str = "medclipsamv2"
 
     @property
     def editable(self) -> bool:
@@ -531,6 +536,7 @@ class SegmentController:
         text: str | list[str] = list(target.prompts)
         if len(text) == 1:
             text = text[0]
+        method = self.pipeline.config.method
         if volume:
             try:
                 vol = self.pipeline.segment_volume(image, text, progress=progress,
@@ -540,16 +546,18 @@ class SegmentController:
                 run = None
                 if partial is not None and partial.completed:
                     run = Run(target, source, None, volume=partial, mask=partial.mask,
-                              cancelled=True, seconds=time.monotonic() - start)
+                              cancelled=True, seconds=time.monotonic() - start,
+                              method=method)
                     self.state.run = run
                 stopped = CancelledError(cancel_message(run, int(np.shape(image)[0])))
                 stopped.partial = run
                 raise stopped from exc
-            run = Run(target, source, None, volume=vol, mask=vol.mask)
+            run = Run(target, source, None, volume=vol, mask=vol.mask, method=method)
         else:
             result = self.pipeline.segment(image, text, progress=progress,
                                            should_stop=should_stop)
-            run = Run(target, source, slice_index, result=result, mask=result.mask)
+            run = Run(target, source, slice_index, result=result, mask=result.mask,
+                      method=method)
         run.seconds = time.monotonic() - start
         self.state.run = run
         return run
@@ -949,6 +957,17 @@ FIELD_LABELS: Mapping[str, str] = {
     "top_k": "Advanced > Regions kept (top-k)",
     "mode": "Advanced > SAM prompt",
     "box_mode": "Advanced > Boxes",
+    "pipeline_method": "Method",
+    "salip_points_per_side": "Advanced > Points per side",
+    "salip_pred_iou_thresh": "Advanced > Pred. IoU threshold",
+    "salip_stability_thresh": "Advanced > Stability threshold",
+    "salip_area_cap": "Advanced > Area cap (% image)",
+    "salip_crop": "Advanced > CLIP sees",
+    "salip_box_nms_thresh": "Advanced > Box NMS (IoU)",
+    "salip_crop_n_layers": "Advanced > Crop layers",
+    "salip_crop_nms_thresh": "Advanced > Crop NMS (IoU)",
+    "salip_min_region_area": "Advanced > Min. region (% image)",
+    "salip_top_k": "Advanced > Regions kept (top-k)",
 }
 
 #: the command line's phrases in the core's messages -> what to do in the widget
@@ -971,6 +990,8 @@ _GUI_PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     ))
 _SETTING_MESSAGE = re.compile(r"^(layer|beta|steps|top_k|threshold|eta_c|method|mode|box_mode"
                               r"|precision) must\b")
+#: SalipConfig's range errors ("SaLIP area_cap must be in ...")
+_SALIP_MESSAGE = re.compile(r"^SaLIP (\w+) must\b")
 
 
 def gui_message(message: str) -> str:
@@ -982,7 +1003,13 @@ def gui_message(message: str) -> str:
         message = pattern.sub(replacement, message)
     setting = _SETTING_MESSAGE.match(message)
     if setting is not None:
-        message = f"{message} (field: {FIELD_LABELS[setting.group(1)]})"
+        key = setting.group(1)
+        if key == "method" and "medclipsamv2" in message:  # PipelineConfig's, not coarse's
+            key = "pipeline_method"
+        message = f"{message} (field: {FIELD_LABELS[key]})"
+    salip = _SALIP_MESSAGE.match(message)
+    if salip is not None and f"salip_{salip.group(1)}" in FIELD_LABELS:
+        message = f"{message} (field: {FIELD_LABELS['salip_' + salip.group(1)]})"
     return "\n".join(_name_model_field(block) for block in _problem_blocks(message))
 
 
@@ -1070,12 +1097,21 @@ def matching_presets(prompt_lines: Sequence[str]) -> list[Preset]:
     return found
 
 
+def percent(fraction: float) -> str:
+    """A fraction of the image as the widget shows it: ``0.6`` -> ``"60%"``, ``0.003`` ->
+    ``"0.3%"``, ``1e-4`` -> ``"0.01%"``."""
+    return f"{round(100 * fraction, 4):g}%"
+
+
 def describe_settings(config: PipelineConfig, *, preset: str | None = None,
                       where: str = "", auto_sam: str | None = None) -> str:
     """The settings in force, in one line: where it runs, saliency, coarse mask, prompts,
     SAM and whether they are a preset's, e.g. ``"'scan', slice z=2 of 8 · saliency layer 9,
     beta 1, 10 steps · kmeans mask, best 1 · one box · SAM sam2_t (auto) · preset: breast
-    tumor (ultrasound)"``.
+    tumor (ultrasound)"``. In SaLIP mode (``config.method == "salip"``) the SaLIP generator's
+    settings replace the saliency, coarse mask and prompts: ``"'scan' · SaLIP · 16
+    points/side, 1 crop layer · IoU > 0.5, stability > 0.5 · area cap 60% · mask crops, best
+    1 · SAM vit_b · custom settings"``.
 
     A SAM model ``auto`` shows what it resolves to on ``config.device``: ``auto_sam`` when
     the caller knows it (``""``: not known yet, shown as ``auto``), else resolved here
@@ -1098,14 +1134,68 @@ def describe_settings(config: PipelineConfig, *, preset: str | None = None,
 
             auto_sam = resolve_sam_model("auto", config.device)
         sam = f"{auto_sam} (auto)" if auto_sam else "auto"
-    if sal.method == "m2ib":
-        saliency = f"saliency layer {sal.layer}, beta {sal.beta:g}, {sal.steps} steps"
+    if config.method == "salip":
+        parts += _describe_salip(config)
     else:
-        saliency = {"gscorecam": "gScoreCAM", "gradcam": "GradCAM"}[sal.method] + " saliency"
-    parts += [saliency, mask,
-              sam_prompt, f"SAM {sam}",
-              f"preset: {preset}" if preset else "custom settings"]
+        if sal.method == "m2ib":
+            saliency = f"saliency layer {sal.layer}, beta {sal.beta:g}, {sal.steps} steps"
+        else:
+            name = {"gscorecam": "gScoreCAM", "gradcam": "GradCAM"}[sal.method]
+            saliency = f"{name} saliency"
+        parts += [saliency, mask, sam_prompt]
+    parts += [f"SAM {sam}", f"preset: {preset}" if preset else "custom settings"]
     return " · ".join(parts)
+
+
+def _describe_salip(config: PipelineConfig) -> list[str]:
+    """SaLIP's part of :func:`describe_settings`."""
+    s = config.salip
+    grid = f"{s.points_per_side} points/side"
+    if s.crop_n_layers:
+        grid += f", {s.crop_n_layers} crop layer{'s' * (s.crop_n_layers != 1)}"
+    return ["SaLIP", grid,
+            f"IoU > {s.pred_iou_thresh:g}, stability > {s.stability_thresh:g}",
+            f"area cap {percent(s.area_cap)}", f"{s.crop} crops, best {s.top_k}"]
+
+
+# --------------------------------------------------------------------------- SaLIP
+#: the columns of :func:`proposal_labels`' features table
+PROPOSAL_FEATURES = ("index", "score", "area", "retrieved_rank", "predicted_iou",
+                     "stability")
+
+
+def proposal_labels(result: SegmentationResult) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """SaLIP's proposals (``result.extra["salip"]``) as one HxW int32 label image and its
+    features table, for a napari Labels layer.
+
+    Proposal ``i`` of ``extra["salip"]["proposals"]`` (every proposal under the area cap)
+    is label ``i + 1``. The largest are painted first, so a smaller proposal lying on a
+    larger one stays visible (a proposal entirely covered by smaller ones shows nowhere, but
+    keeps its row). The features (one row per label; ``index`` is the label value) hold
+    CLIP's ``score`` (100 x cosine with the text), the ``area`` in pixels, the
+    ``retrieved_rank`` (1 = the best, sent to SAM; 0 = not retrieved), SAM's
+    ``predicted_iou`` and ``stability``. A result without SaLIP data (a MedCLIP-SAMv2 run,
+    a constant image) gives an empty image and table.
+    """
+    shape = result.mask.shape
+    salip = result.extra.get("salip") or {}
+    proposals = list(salip.get("proposals", ()))
+    scores = np.asarray(salip.get("scores", np.zeros(0)), dtype=np.float32)
+    ranks = np.zeros(len(proposals), dtype=np.int32)
+    for rank, i in enumerate(salip.get("retrieved", ()), start=1):
+        ranks[i] = rank
+    labels = np.zeros(shape, dtype=np.int32)
+    for i in sorted(range(len(proposals)), key=lambda i: (-proposals[i].area, i)):
+        labels[proposals[i].mask] = i + 1
+    features = {
+        "index": np.arange(1, len(proposals) + 1, dtype=np.int32),
+        "score": scores[:len(proposals)],
+        "area": np.array([p.area for p in proposals], dtype=np.int64),
+        "retrieved_rank": ranks,
+        "predicted_iou": np.array([p.predicted_iou for p in proposals], dtype=np.float32),
+        "stability": np.array([p.stability for p in proposals], dtype=np.float32),
+    }
+    return labels, features
 
 
 # --------------------------------------------------------------------------- saving

@@ -17,6 +17,12 @@ volume** (3-D images) carries the target's masks (the slice run, slices accepted
 in the label map) through the volume with SAM 2's video predictor and writes the result into
 the label map, undoably; slices corrected by hand there are kept as they are.
 
+The Method field chooses the chain: MedCLIP-SAMv2 (above) or SaLIP (SAM's automatic masks,
+the one CLIP scores best against the text -> its box -> SAM). A SaLIP run shows the retrieval
+map (``retrieval map [prompt]``, in the saliency's place), every proposal under the area cap
+as a ``proposals [prompt]`` Labels layer (its features: CLIP score, area, retrieved rank) and
+the retrieved boxes, editable as above.
+
 napari opens this class from the Plugins menu and passes the viewer as ``napari_viewer``.
 """
 
@@ -88,6 +94,7 @@ from napari_medclipsam._widgets.segment_controller import (
     format_duration,
     gui_message,
     matching_presets,
+    proposal_labels,
     save_mask,
     slice_list,
     target_name,
@@ -99,6 +106,7 @@ from napari_medclipsam.core.config import (
     PipelineConfig,
     PromptConfig,
     SaliencyConfig,
+    SalipConfig,
 )
 from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.core.models import SAM_MODELS
@@ -115,6 +123,10 @@ SETTINGS = SettingsStore("segment_widget.json")
 KINDS = ("saliency", "coarse mask", "boxes", "points", "SAM mask")
 #: the layers of the steps before SAM, hidden once SAM has run
 STEP_KINDS = ("saliency", "coarse mask")
+#: SaLIP's layers: its retrieval map (in the saliency's place) and every proposal
+RETRIEVAL = "retrieval map"
+PROPOSALS = "proposals"
+SALIP = "salip"
 
 # (value, what the menu shows) of the choice fields
 THRESHOLD_CHOICES = (("otsu", "Otsu (paper)"), ("kmeans", "KMeans (authors' code)"),
@@ -123,6 +135,18 @@ THRESHOLD_CHOICES = (("otsu", "Otsu (paper)"), ("kmeans", "KMeans (authors' code
 SALIENCY_CHOICES = (("m2ib", "M2IB"), ("gscorecam", "gScoreCAM"), ("gradcam", "GradCAM"))
 PROMPT_CHOICES = (("boxes", "boxes"), ("points", "points"), ("both", "boxes + points"))
 BOX_CHOICES = (("single", "one box for all"), ("per_component", "one box per region"))
+# The chain (PipelineConfig.method); short names, the tooltip names the papers.
+METHOD_CHOICES = (("medclipsamv2", "MedCLIP-SAMv2"), (SALIP, "SaLIP"))
+CROP_CHOICES = (("mask", "mask (SaLIP)"), ("box", "box"))
+
+#: Advanced fields of one chain only (greyed out while the other is chosen)
+MEDCLIP_KEYS = ("saliency_method", "layer", "beta", "steps", "method", "eta_c", "mode",
+                "box_mode")
+SALIP_KEYS = ("salip_points_per_side", "salip_pred_iou_thresh", "salip_stability_thresh",
+              "salip_area_cap", "salip_crop", "salip_box_nms_thresh", "salip_crop_n_layers",
+              "salip_crop_nms_thresh", "salip_min_region_area")
+NOT_FOR_SALIP = "MedCLIP-SAMv2 only: not used while Method is SaLIP."
+NOT_FOR_MEDCLIP = "SaLIP only: not used while Method is MedCLIP-SAMv2."
 
 TIPS = {
     "image": "The image to segment. On a 3-D stack: this layer's slice on screen, or every "
@@ -176,7 +200,43 @@ TIPS = {
     "all_slices": "Unchecked: only the slice on screen (its boxes can be edited). Checked: "
                   "every slice, written into the layers as each one finishes; Cancel keeps "
                   "the finished slices.",
+    "pipeline_method": "The chain.\nMedCLIP-SAMv2 (Koleilat et al., 2024): the text's "
+                       "saliency map in BiomedCLIP -> a rough mask -> its boxes -> SAM.\n"
+                       "SaLIP (Aleem et al., CVPRW 2024): SAM proposes the image's parts, "
+                       "CLIP picks the part the text names -> its box -> SAM.\nEach has its "
+                       "own settings in Advanced; the other's are greyed out.",
+    "salip_points_per_side": "SaLIP: the grid of points SAM proposes masks from, per side. "
+                             "More finds smaller structures and takes longer (16: 256 "
+                             "points).",
+    "salip_pred_iou_thresh": "SaLIP: proposals whose quality (the IoU SAM predicts for "
+                             "them, 0 to 1) is not above this are dropped. Lower keeps more.",
+    "salip_stability_thresh": "SaLIP: proposals whose stability (how little the mask "
+                              "changes with SAM's threshold, 0 to 1) is not above this are "
+                              "dropped. Lower keeps more.",
+    "salip_area_cap": "SaLIP: proposals covering more of the image than this are dropped "
+                      "(the background, the whole body). Raise it for large structures.",
+    "salip_crop": "What CLIP scores of each proposal: the image inside its mask, the rest "
+                  "black (SaLIP's crops), or the whole box around it.",
+    "salip_box_nms_thresh": "SaLIP: of two proposals whose boxes overlap more than this "
+                            "(IoU), the weaker is dropped. 1 keeps both.",
+    "salip_crop_n_layers": "SaLIP: SAM also proposes on crops of the image: 1 adds the four "
+                           "quarters (SaLIP), 2 sixteen more. Each crop is one more pass "
+                           "of SAM's image encoder.",
+    "salip_crop_nms_thresh": "SaLIP: as Box NMS, between proposals of different crop "
+                             "layers.",
+    "salip_min_region_area": "SaLIP: holes and islands of a proposal smaller than this are "
+                             "removed. 0 keeps them.",
+    "salip_top_k": "SaLIP: how many proposals CLIP retrieves (best score first) and SAM "
+                   "segments: 1 for one structure, 2 for paired organs such as the lungs.",
+    "show_proposals": "SaLIP: show every proposal under the area cap as the 'proposals "
+                      "[prompt]' layer, smaller ones on top; the cursor over one shows its "
+                      "CLIP score, area and retrieved rank (1 = sent to SAM).",
 }
+
+
+def map_kind(method: str) -> str:
+    """The kind of a run's first layer: ``saliency``, or ``retrieval map`` for SaLIP."""
+    return RETRIEVAL if method == SALIP else "saliency"
 
 
 def output_name(kind: str, target: str) -> str:
@@ -209,6 +269,15 @@ def _with_button(edit: QWidget, button: QPushButton) -> QWidget:
     return box
 
 
+def _fraction_spin() -> QDoubleSpinBox:
+    """A field for a value in [0, 1] (thresholds, IoUs)."""
+    spin = QDoubleSpinBox()
+    spin.setRange(0.0, 1.0)
+    spin.setDecimals(2)
+    spin.setSingleStep(0.05)
+    return spin
+
+
 def _choice_combo(choices: tuple[tuple[str, str], ...]) -> QComboBox:
     """A combo box showing plain words, each item holding its config value as data."""
     combo = QComboBox()
@@ -225,6 +294,7 @@ class LiveVolume:
     source: str
     shape: tuple[int, ...]
     started: bool = False
+    method: str = "medclipsamv2"
 
 
 class SegmentWidget(QWidget):
@@ -305,6 +375,11 @@ class SegmentWidget(QWidget):
         self.image_combo.currentTextChanged.connect(self._update_settings_line)
         self.image_combo.currentTextChanged.connect(self._update_propagate_button)
         form.addRow("Image layer", self.image_combo)
+        self.chain_combo = _choice_combo(METHOD_CHOICES)  # the Method field
+        self.chain_combo.setToolTip(TIPS["pipeline_method"])
+        method_label = QLabel("Method")
+        method_label.setToolTip(TIPS["pipeline_method"])
+        form.addRow(method_label, self.chain_combo)
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([CUSTOM, *(p.title for p in list_presets())])
         self.preset_combo.setToolTip(
@@ -397,6 +472,11 @@ class SegmentWidget(QWidget):
             "stay in the layer list).")
         self.steps_check.toggled.connect(self._on_steps_toggled)
         layout.addWidget(self.steps_check)
+        self.proposals_check = QCheckBox("Show proposals")
+        self.proposals_check.setChecked(True)
+        self.proposals_check.setToolTip(TIPS["show_proposals"])
+        self.proposals_check.toggled.connect(self._on_proposals_toggled)
+        layout.addWidget(self.proposals_check)
 
         models = QCollapsible("Models")
         mform_widget = QWidget()
@@ -443,7 +523,7 @@ class SegmentWidget(QWidget):
         advanced = QCollapsible("Advanced")
         aform_widget = QWidget()
         aform = QFormLayout(aform_widget)
-        label = {key: text.split(" > ", 1)[1] for key, text in FIELD_LABELS.items()}
+        label = {key: text.split(" > ", 1)[-1] for key, text in FIELD_LABELS.items()}
         self.saliency_combo = _choice_combo(SALIENCY_CHOICES)
         self.layer_spin = QSpinBox()
         self.layer_spin.setRange(0, 47)
@@ -461,20 +541,67 @@ class SegmentWidget(QWidget):
         self.topk_spin = QSpinBox()
         self.topk_spin.setRange(0, 100)
         self.topk_spin.setSpecialValueText("all")
+        # one field, two settings: the coarse mask's top-k, or SaLIP's (0 "all" is not one)
+        self._top_k = {"medclipsamv2": 1, SALIP: 1}
+        self._top_k_method = "medclipsamv2"  # whose top-k the field shows
+        self.topk_spin.valueChanged.connect(self._on_topk_changed)
         self.mode_combo = _choice_combo(PROMPT_CHOICES)
         self.box_mode_combo = _choice_combo(BOX_CHOICES)
+        self.salip_points_spin = QSpinBox()
+        self.salip_points_spin.setRange(1, 64)
+        self.salip_iou_spin = _fraction_spin()
+        self.salip_stability_spin = _fraction_spin()
+        self.salip_area_spin = QDoubleSpinBox()  # percent of the image
+        self.salip_area_spin.setRange(0.01, 100.0)
+        self.salip_area_spin.setDecimals(2)
+        self.salip_area_spin.setSingleStep(5.0)
+        self.salip_area_spin.setSuffix("%")
+        self.salip_crop_combo = _choice_combo(CROP_CHOICES)
+        self.salip_box_nms_spin = _fraction_spin()
+        self.salip_layers_spin = QSpinBox()
+        self.salip_layers_spin.setRange(0, 3)
+        self.salip_crop_nms_spin = _fraction_spin()
+        self.salip_min_region_spin = QDoubleSpinBox()  # percent of the image
+        self.salip_min_region_spin.setRange(0.0, 100.0)
+        self.salip_min_region_spin.setDecimals(2)
+        self.salip_min_region_spin.setSingleStep(0.1)
+        self.salip_min_region_spin.setSuffix("%")
+        salip_header = QLabel("SaLIP")
+        salip_header.setStyleSheet("font-weight: bold;")
+        salip_header.setToolTip("The settings of Method: SaLIP (SAM's automatic mask "
+                                "generator and the CLIP retrieval of its proposals).")
+        #: key -> (field, its label): greyed out together while the other method is chosen
+        self._fields: dict[str, tuple[QWidget, QLabel]] = {}
+
+        def add_row(key: str, widget: QWidget) -> None:
+            widget.setToolTip(TIPS[key])
+            field_label = QLabel(label[key])
+            field_label.setToolTip(TIPS[key])
+            aform.addRow(field_label, widget)
+            self._fields[key] = (widget, field_label)
+            signal = (widget.currentIndexChanged if isinstance(widget, QComboBox)
+                      else widget.valueChanged)
+            signal.connect(self._update_settings_line)
+
         for key, widget in (("saliency_method", self.saliency_combo),
                             ("layer", self.layer_spin), ("beta", self.beta_spin),
                             ("steps", self.steps_spin), ("method", self.method_combo),
                             ("eta_c", self.eta_spin), ("top_k", self.topk_spin),
                             ("mode", self.mode_combo), ("box_mode", self.box_mode_combo)):
-            widget.setToolTip(TIPS[key])
-            field_label = QLabel(label[key])
-            field_label.setToolTip(TIPS[key])
-            aform.addRow(field_label, widget)
-            signal = (widget.currentIndexChanged if isinstance(widget, QComboBox)
-                      else widget.valueChanged)
-            signal.connect(self._update_settings_line)
+            add_row(key, widget)
+        aform.addRow(salip_header)
+        self.salip_header = salip_header
+        for key, widget in (("salip_points_per_side", self.salip_points_spin),
+                            ("salip_pred_iou_thresh", self.salip_iou_spin),
+                            ("salip_stability_thresh", self.salip_stability_spin),
+                            ("salip_area_cap", self.salip_area_spin),
+                            ("salip_crop", self.salip_crop_combo),
+                            ("salip_box_nms_thresh", self.salip_box_nms_spin),
+                            ("salip_crop_n_layers", self.salip_layers_spin),
+                            ("salip_crop_nms_thresh", self.salip_crop_nms_spin),
+                            ("salip_min_region_area", self.salip_min_region_spin)):
+            add_row(key, widget)
+        self.chain_combo.currentIndexChanged.connect(self._on_method_changed)
         advanced.addWidget(aform_widget)
         layout.addWidget(advanced)
 
@@ -499,7 +626,8 @@ class SegmentWidget(QWidget):
 
     def _refresh_layers(self, event=None) -> None:
         set_combo_items(self.image_combo, layer_names(
-            self.viewer, "image", skip=lambda name: name.startswith("saliency [")))
+            self.viewer, "image",
+            skip=lambda name: name.startswith(("saliency [", f"{RETRIEVAL} ["))))
         self._update_settings_line()
         self._update_propagate_button()
 
@@ -522,7 +650,8 @@ class SegmentWidget(QWidget):
         """Apply the preset with this title (see :mod:`napari_medclipsam.core.presets`): its
         prompts (unless ``keep_prompt``), and every setting it fixes, shown ones and hidden
         ones (seed, readout, KMeans size, ranking) alike. ``(custom)`` keeps the fields and
-        drops the hidden settings."""
+        drops the hidden settings. The presets are MedCLIP-SAMv2's: the Method and the SaLIP
+        fields stay as they are (in SaLIP mode a preset gives its prompts and SAM model)."""
         preset = next((p for p in list_presets() if p.title == title), None)
         if preset is None:
             self._preset_config = None
@@ -530,7 +659,9 @@ class SegmentWidget(QWidget):
             self._update_settings_line()
             self._update_suggestion()
             return
-        self._preset_config = preset.apply(PipelineConfig())
+        self._preset_config = preset.apply(dataclasses.replace(
+            PipelineConfig(), method=self.chosen_method(),
+            salip=self._salip_from_fields(SalipConfig())))
         self._preset_title = preset.title
         if not keep_prompt:
             self.prompt_edit.setPlainText(preset.prompt_text)
@@ -616,16 +747,68 @@ class SegmentWidget(QWidget):
             self.settings_label.setText(self.settings_line())
 
     def set_fields_from_config(self, config: PipelineConfig) -> None:
-        """Show a config's stage parameters in the advanced fields."""
+        """Show a config's method and stage parameters in the fields."""
         set_combo_value(self.saliency_combo, config.saliency.method)
         self.layer_spin.setValue(config.saliency.layer)
         self.beta_spin.setValue(config.saliency.beta)
         self.steps_spin.setValue(config.saliency.steps)
         set_combo_value(self.method_combo, config.coarse.method)
         self.eta_spin.setValue(config.coarse.eta_c)
-        self.topk_spin.setValue(config.coarse.top_k or 0)
         set_combo_value(self.mode_combo, config.prompts.mode)
         set_combo_value(self.box_mode_combo, config.prompts.box_mode)
+        salip = config.salip
+        self.salip_points_spin.setValue(salip.points_per_side)
+        self.salip_iou_spin.setValue(salip.pred_iou_thresh)
+        self.salip_stability_spin.setValue(salip.stability_thresh)
+        self.salip_area_spin.setValue(100.0 * salip.area_cap)
+        set_combo_value(self.salip_crop_combo, salip.crop)
+        self.salip_box_nms_spin.setValue(salip.box_nms_thresh)
+        self.salip_layers_spin.setValue(salip.crop_n_layers)
+        self.salip_crop_nms_spin.setValue(salip.crop_nms_thresh)
+        self.salip_min_region_spin.setValue(100.0 * salip.min_region_area)
+        self._top_k = {"medclipsamv2": config.coarse.top_k or 0, SALIP: salip.top_k}
+        self.chain_combo.blockSignals(True)
+        set_combo_value(self.chain_combo, config.method)
+        self.chain_combo.blockSignals(False)
+        self._on_method_changed()
+
+    # ----------------------------------------------------------------------- method
+    def chosen_method(self) -> str:
+        """The Method field's value: ``"medclipsamv2"`` or ``"salip"``."""
+        return combo_value(self.chain_combo)
+
+    def _on_topk_changed(self, value: int) -> None:
+        self._top_k[self._top_k_method] = value
+
+    def _on_method_changed(self, *args) -> None:
+        """Show the chosen method's top-k and grey out the other method's fields (each
+        field's tooltip says why)."""
+        method = self.chosen_method()
+        salip = method == SALIP
+        spin = self.topk_spin
+        spin.blockSignals(True)  # a clamp on the new range must not store into either
+        spin.setSpecialValueText("" if salip else "all")
+        spin.setMinimum(1 if salip else 0)
+        spin.setValue(max(self._top_k[method], spin.minimum()))
+        spin.blockSignals(False)
+        self._top_k_method = method
+        self._top_k[method] = spin.value()
+        for key, (widget, field_label) in self._fields.items():
+            other = NOT_FOR_SALIP if key in MEDCLIP_KEYS else (
+                NOT_FOR_MEDCLIP if key in SALIP_KEYS else None)
+            enabled = other is None or (key in SALIP_KEYS) == salip
+            tip = TIPS["salip_top_k" if key == "top_k" and salip else key]
+            tip = tip if enabled else f"{other}\n\n{tip}"
+            for item in (widget, field_label):
+                item.setEnabled(enabled)
+                item.setToolTip(tip)
+        self.salip_header.setEnabled(salip)
+        self._update_proposals_check()
+        self.steps_check.setText(f"Show {map_kind(method)} and coarse mask")
+        self.run_button.setToolTip(
+            "SAM's proposals, CLIP's pick among them, its box and SAM on the chosen image."
+            if salip else "Saliency, coarse mask, boxes and SAM on the chosen image.")
+        self._update_settings_line()
 
     # ----------------------------------------------------------------------- models
     def set_pipeline(self, pipeline) -> None:
@@ -702,12 +885,29 @@ class SegmentWidget(QWidget):
             "precision": combo_value(self.precision_combo),
         }
 
-    def build_config(self, base: PipelineConfig | None = None) -> PipelineConfig:
-        """A PipelineConfig from the fields."""
-        base = base or PipelineConfig()
-        top_k = self.topk_spin.value() or None
+    def _salip_from_fields(self, base: SalipConfig) -> SalipConfig:
+        """``base`` with the SaLIP fields' values (the area cap and minimum region are shown
+        in percent of the image, kept as fractions)."""
         return dataclasses.replace(
-            base, **self._model_config(),
+            base, points_per_side=self.salip_points_spin.value(),
+            pred_iou_thresh=self.salip_iou_spin.value(),
+            stability_thresh=self.salip_stability_spin.value(),
+            area_cap=round(self.salip_area_spin.value() / 100.0, 6),
+            crop=combo_value(self.salip_crop_combo),
+            box_nms_thresh=self.salip_box_nms_spin.value(),
+            crop_n_layers=self.salip_layers_spin.value(),
+            crop_nms_thresh=self.salip_crop_nms_spin.value(),
+            min_region_area=round(self.salip_min_region_spin.value() / 100.0, 6),
+            top_k=max(self._top_k[SALIP], 1))
+
+    def build_config(self, base: PipelineConfig | None = None) -> PipelineConfig:
+        """A PipelineConfig from the fields: the Method, and the Top-K field into the chosen
+        method's setting (the other method's top-k as it was last shown)."""
+        base = base or PipelineConfig()
+        top_k = self._top_k["medclipsamv2"] or None
+        return dataclasses.replace(
+            base, **self._model_config(), method=self.chosen_method(),
+            salip=self._salip_from_fields(base.salip or SalipConfig()),
             saliency=dataclasses.replace(base.saliency or SaliencyConfig(),
                                          method=combo_value(self.saliency_combo),
                                          layer=self.layer_spin.value(),
@@ -785,7 +985,9 @@ class SegmentWidget(QWidget):
         except (InputError, ValueError) as exc:
             self._report(gui_message(str(exc)), error=True)
             return
-        self._begin_run(LiveVolume(name, layer.name, tuple(image.shape)) if volume else None)
+        method = self.controller.pipeline.config.method
+        self._begin_run(LiveVolume(name, layer.name, tuple(image.shape), method=method)
+                        if volume else None)
         what = f"all {image.shape[0]} slices of " if volume else (
             f"slice z={z} of " if z is not None else "")
         self._report(f"Running '{name}' on {what}'{layer.name}'...")
@@ -867,10 +1069,14 @@ class SegmentWidget(QWidget):
         prompts = result.prompts
         self._updating_layers = True
         try:
-            put_layer(self.viewer, output_name("saliency", name), "image", result.saliency,
-                      geometry, colormap="inferno", opacity=0.5, blending="additive")
+            self._drop_other_method_layers(name, run.method, volume=False)
+            put_layer(self.viewer, output_name(map_kind(run.method), name), "image",
+                      result.saliency, geometry, colormap="inferno", opacity=0.5,
+                      blending="additive", contrast_limits=(0.0, 1.0))
             put_layer(self.viewer, output_name("coarse mask", name), "labels",
                       result.coarse.labels.astype(np.int32), geometry, opacity=0.4)
+            if run.method == SALIP:
+                self._show_proposals(result, name, geometry)
             boxes = put_layer(self.viewer, output_name("boxes", name), "shapes",
                               boxes_to_rectangles(prompts.boxes), geometry,
                               shape_type="rectangle", edge_color="yellow",
@@ -888,7 +1094,30 @@ class SegmentWidget(QWidget):
             if layer.name not in self._connected:
                 layer.events.data.connect(self._on_prompt_edit)
                 self._connected.add(layer.name)
-        self._show_steps(name, sam_ran=result.found, editable=True)
+        self._show_steps(name, sam_ran=result.found, editable=True, method=run.method)
+        self._update_proposals_check()
+
+    def _show_proposals(self, result, target: str, geometry: dict) -> None:
+        """SaLIP's ``proposals [target]`` Labels layer: every proposal under the area cap
+        (smaller ones on top), with its CLIP score, area and retrieved rank as features;
+        shown while "Show proposals" is checked."""
+        labels, features = proposal_labels(result)
+        layer = put_layer(self.viewer, output_name(PROPOSALS, target), "labels", labels,
+                          geometry, opacity=0.35)
+        layer.features = features
+        layer.visible = self.proposals_check.isChecked()
+
+    def _drop_other_method_layers(self, target: str, method: str, volume: bool) -> None:
+        """Remove the target's layers a run of this method does not rewrite: the other
+        method's first layer (``saliency`` / ``retrieval map``) and, unless this is a
+        single-image SaLIP run, its ``proposals`` (they would show an older run)."""
+        stale = [output_name(map_kind("medclipsamv2" if method == SALIP else SALIP),
+                             target)]
+        if volume or method != SALIP:
+            stale.append(output_name(PROPOSALS, target))
+        for name in stale:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
 
     def _show_volume(self, run: Run, source) -> None:
         vol, name = run.volume, run.target.name
@@ -896,8 +1125,10 @@ class SegmentWidget(QWidget):
         rects, points, labels = volume_prompts_to_layers(vol.prompts)
         self._updating_layers = True
         try:
-            put_layer(self.viewer, output_name("saliency", name), "image", vol.saliency,
-                      geometry, colormap="inferno", opacity=0.5, blending="additive")
+            self._drop_other_method_layers(name, run.method, volume=True)
+            put_layer(self.viewer, output_name(map_kind(run.method), name), "image",
+                      vol.saliency, geometry, colormap="inferno", opacity=0.5,
+                      blending="additive", contrast_limits=(0.0, 1.0))
             put_layer(self.viewer, output_name("coarse mask", name), "labels",
                       vol.coarse.astype(np.int32), geometry, opacity=0.4)
             put_layer(self.viewer, output_name("boxes", name), "shapes", rects, geometry,
@@ -910,7 +1141,9 @@ class SegmentWidget(QWidget):
                       vol.mask.astype(np.int32), geometry, opacity=0.6)
         finally:
             self._updating_layers = False
-        self._show_steps(name, sam_ran=bool(vol.found_slices), editable=False)
+        self._show_steps(name, sam_ran=bool(vol.found_slices), editable=False,
+                         method=run.method)
+        self._update_proposals_check()
 
     def _on_slice(self, z: int, result) -> None:
         """An All slices run finished slice ``z``: write it into the target's 3-D layers at
@@ -919,11 +1152,13 @@ class SegmentWidget(QWidget):
         source = find_layer(self.viewer, live.source) if live is not None else None
         if source is None:
             return
+        first = output_name(map_kind(live.method), live.target)
         if not live.started:
             geometry = geometry_of(source, 3)
             self._updating_layers = True
             try:
-                put_layer(self.viewer, output_name("saliency", live.target), "image",
+                self._drop_other_method_layers(live.target, live.method, volume=True)
+                put_layer(self.viewer, first, "image",
                           np.zeros(live.shape, np.float32), geometry, colormap="inferno",
                           opacity=0.5, blending="additive", contrast_limits=(0.0, 1.0))
                 put_layer(self.viewer, output_name("coarse mask", live.target), "labels",
@@ -932,23 +1167,27 @@ class SegmentWidget(QWidget):
                           np.zeros(live.shape, np.int32), geometry, opacity=0.6)
             finally:
                 self._updating_layers = False
-            self._show_steps(live.target, sam_ran=True, editable=False)
+            self._show_steps(live.target, sam_ran=True, editable=False, method=live.method)
             live.started = True
-        for kind, data in (("saliency", result.saliency), ("coarse mask", result.coarse.mask),
-                           ("SAM mask", result.mask)):
-            layer = find_layer(self.viewer, output_name(kind, live.target))
+        for name, data in ((first, result.saliency),
+                           (output_name("coarse mask", live.target), result.coarse.mask),
+                           (output_name("SAM mask", live.target), result.mask)):
+            layer = find_layer(self.viewer, name)
             if layer is None or tuple(layer.data.shape) != live.shape:
                 continue
             layer.data[z] = data.astype(layer.data.dtype)
             layer.refresh()
 
-    def _show_steps(self, target: str, *, sam_ran: bool, editable: bool) -> None:
-        """Once SAM has run, hide the saliency and coarse mask (unless "Show saliency and
-        coarse mask" is checked) so the SAM mask stays readable; keep them when nothing was
-        found (they show why). Boxes and points stay visible where they can be edited."""
+    def _show_steps(self, target: str, *, sam_ran: bool, editable: bool,
+                    method: str = "medclipsamv2") -> None:
+        """Once SAM has run, hide the saliency (SaLIP: the retrieval map) and coarse mask
+        (unless "Show ... and coarse mask" is checked) so the SAM mask stays readable; keep
+        them when nothing was found (they show why). Boxes and points stay visible where
+        they can be edited; SaLIP's proposals follow "Show proposals"."""
         show = self.steps_check.isChecked() or not sam_ran
         for kind in KINDS[:-1]:
-            layer = find_layer(self.viewer, output_name(kind, target))
+            layer = find_layer(self.viewer, output_name(
+                map_kind(method) if kind == "saliency" else kind, target))
             if layer is not None:
                 layer.visible = show or (editable and kind in ("boxes", "points"))
 
@@ -956,10 +1195,26 @@ class SegmentWidget(QWidget):
         run = self.controller.state.run
         if run is None:
             return
-        for kind in STEP_KINDS:
+        for kind in (*STEP_KINDS, RETRIEVAL):
             layer = find_layer(self.viewer, output_name(kind, run.target.name))
             if layer is not None:
                 layer.visible = checked
+
+    def _update_proposals_check(self) -> None:
+        """"Show proposals" is for SaLIP: chosen, or the run on screen is SaLIP's."""
+        run = self.controller.state.run
+        salip = self.chosen_method() == SALIP or (run is not None and run.method == SALIP)
+        self.proposals_check.setEnabled(salip)
+        self.proposals_check.setToolTip(TIPS["show_proposals"] if salip else
+                                        f"{NOT_FOR_MEDCLIP}\n\n{TIPS['show_proposals']}")
+
+    def _on_proposals_toggled(self, checked: bool) -> None:
+        run = self.controller.state.run
+        if run is None:
+            return
+        layer = find_layer(self.viewer, output_name(PROPOSALS, run.target.name))
+        if layer is not None:
+            layer.visible = checked
 
     # ----------------------------------------------------------------------- save mask
     def save_mask(self, path: str | Path) -> list[Path] | None:
