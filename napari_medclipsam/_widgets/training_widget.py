@@ -689,7 +689,7 @@ class TrainingWidget(QWidget):
     def _refresh_layers(self, event=None) -> None:
         set_combo_items(self.image_combo, layer_names(
             self.viewer, "image",
-            skip=lambda n: n in OUTPUT_LAYERS or n.startswith("saliency [")))
+            skip=lambda n: n in OUTPUT_LAYERS or n.startswith(("saliency [", "retrieval map ["))))
         labels = layer_names(self.viewer, "labels", skip=lambda n: n == MASK)
         # the label map (several targets) and the SAM masks are what one trains on
         labels.sort(key=lambda n: (n != LABEL_MAP, not n.startswith("SAM mask [")))
