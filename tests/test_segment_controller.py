@@ -139,7 +139,8 @@ def test_run_checks_the_models_first_and_names_every_stage(tiny_pipeline):
     assert run.result.found and run.seconds > 0
     assert [s for s, _ in stages] == [
         "checking models", "loading CLIP", "saliency step 0/2", "saliency step 1/2",
-        "saliency step 2/2", "coarse mask", "encoding image (SAM)", "SAM mask", "done"]
+        "saliency step 2/2", "faithfulness check step 1/2", "faithfulness check step 2/2",
+        "coarse mask", "encoding image (SAM)", "SAM mask", "done"]
     fractions = [f for _, f in stages]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 

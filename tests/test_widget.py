@@ -364,7 +364,8 @@ def test_progress_names_each_stage_and_counts_the_updates(make_napari_viewer, pi
     _run(w, qtbot)
     assert [u.stage for u in w.progress_log] == [
         "checking models", "loading CLIP", "saliency step 0/2", "saliency step 1/2",
-        "saliency step 2/2", "coarse mask", "encoding image (SAM)", "SAM mask", "done"]
+        "saliency step 2/2", "faithfulness check step 1/2", "faithfulness check step 2/2",
+        "coarse mask", "encoding image (SAM)", "SAM mask", "done"]
     assert formats[0] == "checking models %p%" and formats[4] == "saliency step 2/2 %p%"
     assert w.progress_bar.value() == 100 and w.last_status.startswith("Done in ")
 

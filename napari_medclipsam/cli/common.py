@@ -32,6 +32,7 @@ from ..core.config import (
     SALIP_CROPS,
     THRESHOLD_METHODS,
     CoarseMaskConfig,
+    FaithfulnessConfig,
     PromptConfig,
     SaliencyConfig,
     SalipConfig,
@@ -89,6 +90,23 @@ def add_chain_flags(p: argparse.ArgumentParser) -> None:
                         "MedCLIP-SAM); salip: SAM's automatic masks, the best crop for the "
                         "text chosen by CLIP, its box -> SAM (SaLIP, the --salip-* flags).")
     add_salip_flags(p)
+    f = FaithfulnessConfig()
+    g = p.add_argument_group(
+        "prompt faithfulness",
+        "Every run also maps a neutral prompt (and any contrast prompts) on the same image and "
+        "reports how alike the maps are, with a warning when the text does not steer the "
+        "result (in the manifest, prompts/NAME.json and on the console).")
+    g.add_argument("--neutral-prompt", metavar="TEXT",
+                   help=f"the prompt that names nothing (default {f.neutral_prompt!r}; '' is "
+                        f"the empty prompt).")
+    g.add_argument("--contrast-prompt", action="append", metavar="TEXT",
+                   help="a prompt the result must differ from, e.g. 'normal breast tissue' "
+                        "(repeatable).")
+    g.add_argument("--faithfulness-threshold", type=float, metavar="R",
+                   help=f"warn when a map is at least this correlated with the neutral or a "
+                        f"contrast prompt's (default {f.max_correlation}).")
+    g.add_argument("--no-faithfulness", action="store_true",
+                   help="skip the check (saves one more saliency optimisation per image).")
     g = p.add_argument_group("saliency")
     g.add_argument("--saliency", choices=SALIENCY_METHODS,
                    help=f"m2ib: M2IB (MedCLIP-SAMv2, default {s.method}); gscorecam: "

@@ -255,6 +255,10 @@ def _check_config_types(cls, data: dict[str, Any], where: str = "") -> None:
                                  f"{_kind_name(value)}")
             _check_config_types(hint, value, name + ".")
             continue
+        if typing.get_origin(hint) is tuple:  # e.g. faithfulness.contrast_prompts
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ValueError(f"{name} must be a list of texts; got {_kind_name(value)}")
+            continue
         allowed = set(typing.get_args(hint)) or {hint}
         if value is None:
             if type(None) not in allowed:
@@ -343,13 +347,19 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         sam = pick(sam, multimask_output=a.multimask,
                    propagate_size=getattr(a, "propagate_size", None),
                    stop_after_empty=getattr(a, "stop_after_empty", None))
+        faithfulness = pick(base.faithfulness, neutral_prompt=getattr(a, "neutral_prompt", None),
+                            contrast_prompts=getattr(a, "contrast_prompt", None),
+                            max_correlation=getattr(a, "faithfulness_threshold", None))
+        if getattr(a, "no_faithfulness", False):
+            faithfulness = dataclasses.replace(faithfulness, enabled=False)
         return dataclasses.replace(
             base, clip_model=a.clip_model or base.clip_model,
             sam_model=a.sam_model or base.sam_model,
             sam_checkpoint=a.sam_checkpoint or base.sam_checkpoint,
             device=a.device or base.device,
             precision=getattr(a, "precision", None) or base.precision, saliency=saliency,
-            coarse=coarse, prompts=prompts, sam=sam, method=method, salip=salip)
+            coarse=coarse, prompts=prompts, sam=sam, method=method, salip=salip,
+            faithfulness=faithfulness)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -664,6 +674,8 @@ def _prompts_json(result, plan: Plan) -> dict[str, Any]:
            "n_candidates": result.coarse.n_candidates,
            "found": result.found, "message": result.message,
            "sam_model": plan.sam_model, "precision": plan.precision}
+    if result.faithfulness is not None:
+        out["faithfulness"] = result.faithfulness.to_dict()
     salip = result.extra.get("salip")
     if salip is not None:  # every crop CLIP scored, retrieved ones marked with their rank
         rank = {i: r for r, i in enumerate(salip["retrieved"], start=1)}
@@ -777,6 +789,9 @@ def _run_all(plan: Plan, pipeline, run: Run) -> int:
                 n_found += bool(entry["found"])
                 if not entry["found"]:
                     print(f"{f.name}: {entry['message']}", file=sys.stderr)
+                faith = entry.get("faithfulness") or {}
+                if faith.get("message"):
+                    print(f"{f.name}: warning: {faith['message']}", file=sys.stderr)
                 run.record(name, entry)
                 bar.update(1)
                 if stop is not None:
@@ -808,6 +823,13 @@ def _run_all(plan: Plan, pipeline, run: Run) -> int:
         run.save("finished", force=True)
     kept = f" ({n_kept} kept from the run resumed)" if n_kept else ""
     print(f"Segmented {n_done} image(s){kept}, something found in {n_found}; results in {out}")
+    checks = [e["faithfulness"] for e in run.entries.values() if e.get("faithfulness")]
+    if checks:  # one image's correlation is noisy; the run's mean is the steadier figure
+        flagged = sum(not c["steers"] for c in checks)
+        mean_r = sum(c["correlation"] for c in checks) / len(checks)
+        print(f"Prompt faithfulness: maps {mean_r:.2f} correlated with the neutral prompt's on "
+              f"average over {len(checks)} image(s); {flagged} flagged as not steered by the "
+              "text.")
     if failed:
         print(f"{len(failed)} image(s) failed (see the errors above and manifest.json): "
               f"{', '.join(failed[:10])}", file=sys.stderr)
@@ -892,5 +914,8 @@ def _segment_one(plan: Plan, pipeline, run: Run, f: Path, bar) -> dict[str, Any]
     write_mask_png(paths["coarse"], res.coarse.mask)
     write_text(paths["prompts"], json.dumps(_prompts_json(res, plan), indent=2))
     write_mask_png(paths["mask"], res.mask)
-    return {**common, "found": res.found, "message": res.message,
-            "outputs": {k: str(v.relative_to(plan.out)) for k, v in paths.items()}}
+    entry = {**common, "found": res.found, "message": res.message,
+             "outputs": {k: str(v.relative_to(plan.out)) for k, v in paths.items()}}
+    if res.faithfulness is not None:
+        entry["faithfulness"] = res.faithfulness.to_dict()
+    return entry

@@ -319,6 +319,44 @@ class SalipConfig:
 
 
 @dataclass(frozen=True)
+class FaithfulnessConfig:
+    """The prompt-faithfulness check: does the text steer the map?
+
+    Beside the prompt's map, the chain computes the map of a neutral prompt (and of any
+    contrast prompts) on the same image with the same settings and noise, and reports how
+    alike they are (:mod:`napari_medclipsam.core.faithfulness`). With M2IB this costs one
+    more optimisation of the blocks after the bottleneck per extra prompt (the blocks before
+    it run once); with SaLIP, one matrix product over the crops' cached embeddings.
+
+    Attributes
+    ----------
+    enabled : bool
+        Compute it on every run (default) or not.
+    neutral_prompt : str
+        The prompt that says nothing about the target ("an image"); "" is the empty prompt.
+    contrast_prompts : tuple of str
+        Prompts the user's should be told apart from (e.g. "normal breast tissue").
+    max_correlation : float
+        A map at least this correlated with the neutral (or a contrast) prompt's is reported
+        as not steered by the text.
+    """
+
+    enabled: bool = True
+    neutral_prompt: str = "an image"
+    contrast_prompts: tuple[str, ...] = ()
+    max_correlation: float = 0.9
+
+    def __post_init__(self) -> None:
+        if isinstance(self.contrast_prompts, str):
+            object.__setattr__(self, "contrast_prompts", (self.contrast_prompts,))
+        object.__setattr__(self, "contrast_prompts",
+                           tuple(str(c) for c in self.contrast_prompts if str(c).strip()))
+        if not -1.0 <= self.max_correlation <= 1.0:
+            raise ValueError(f"max_correlation must be in [-1, 1]; got "
+                             f"{self.max_correlation}.")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything a zero-shot run depends on (models, stages, seed).
 
@@ -346,6 +384,7 @@ class PipelineConfig:
     sam: SamConfig = field(default_factory=SamConfig)
     method: str = "medclipsamv2"
     salip: SalipConfig = field(default_factory=SalipConfig)
+    faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -362,6 +401,7 @@ class PipelineConfig:
             "prompts": PromptConfig,
             "sam": SamConfig,
             "salip": SalipConfig,
+            "faithfulness": FaithfulnessConfig,
         }
         for key, kind in nested.items():
             if key in data and isinstance(data[key], dict):

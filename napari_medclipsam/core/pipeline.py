@@ -66,6 +66,9 @@ class SegmentationResult:
         HxWx3 uint8, the image exactly as CLIP and SAM saw it (after windowing); SAM's
         cached embedding belongs to it, so re-prompting (:meth:`ZeroShotPipeline.refine`)
         must pass this array.
+    faithfulness : Faithfulness or None
+        How much the text steered the map, against a neutral prompt's
+        (:mod:`napari_medclipsam.core.faithfulness`); None when the check is off.
     """
 
     saliency: np.ndarray
@@ -76,6 +79,7 @@ class SegmentationResult:
     message: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     rgb: np.ndarray | None = None
+    faithfulness: Any = None  # core.faithfulness.Faithfulness, or None when switched off
 
 
 @dataclass
@@ -168,14 +172,22 @@ class ZeroShotPipeline:
             self._session = make_session(self.sam, precision=self.precision)
         return self._session
 
-    def text_embedding(self, text: str | Sequence[str]):
-        """Cached text embedding of a prompt or prompt ensemble."""
+    def text_embedding(self, text: str | Sequence[str], allow_empty: bool = False):
+        """Cached text embedding of a prompt or prompt ensemble (``allow_empty``: a blank
+        text is the empty prompt, as a neutral prompt may be)."""
         from .saliency import as_prompts, encode_text
 
-        key = tuple(as_prompts(text))
+        key = ("",) if allow_empty and not as_text(text) else tuple(as_prompts(text))
         if key not in self._text_cache:
-            self._text_cache[key] = encode_text(self.clip, list(key))
+            self._text_cache[key] = encode_text(self.clip, list(key), allow_empty=allow_empty)
         return self._text_cache[key]
+
+    def faithfulness_prompts(self) -> list[str]:
+        """The neutral prompt, then the contrast prompts, when the check is on; else []."""
+        cfg = self.config.faithfulness
+        if not cfg.enabled:
+            return []
+        return [cfg.neutral_prompt, *cfg.contrast_prompts]
 
     # -- stages ---------------------------------------------------------------------------
     def saliency(self, image_rgb: np.ndarray, text: str | Sequence[str],
@@ -193,9 +205,43 @@ class ZeroShotPipeline:
             return method(self.clip, image_rgb, text, self.config.saliency, progress=progress,
                           should_stop=should_stop, text_embedding=embedding)
 
+    def saliency_maps(self, image_rgb: np.ndarray, texts: Sequence[str | Sequence[str]],
+                      progress: Callable[[int, int], None] | None = None,
+                      should_stop: StopFn | None = None) -> list[np.ndarray]:
+        """HxW float32 maps of several texts on one image, with the same settings and noise.
+
+        The first text is the user's prompt; the others (the faithfulness check's neutral and
+        contrast prompts) may be blank (the empty prompt). With M2IB the blocks before the
+        bottleneck run once for all (:func:`~.saliency.m2ib_saliencies`); the CAMs run once
+        per text. ``progress(step, total)`` counts over all texts.
+        """
+        from .precision import autocast
+
+        cfg = self.config.saliency
+        embeddings = [self.text_embedding(t, allow_empty=i > 0) for i, t in enumerate(texts)]
+        with autocast(self.precision, str(self.clip.device)):
+            if cfg.method == "m2ib":
+                from .saliency import m2ib_saliencies
+
+                return m2ib_saliencies(self.clip, image_rgb, [(e, cfg) for e in embeddings],
+                                       progress=progress, should_stop=should_stop)
+            from .cam import cam_saliency
+
+            per_text = self.saliency_steps()
+            maps = []
+            for i, (text, embedding) in enumerate(zip(texts, embeddings, strict=True)):
+                def inner(step: int, steps: int, offset: int = i * per_text) -> None:
+                    if progress is not None:
+                        progress(offset + step, per_text * len(texts))
+                maps.append(cam_saliency(self.clip, image_rgb, text or " ", cfg,
+                                         progress=inner, should_stop=should_stop,
+                                         text_embedding=embedding))
+            return maps
+
     def saliency_steps(self) -> int:
-        """How many progress steps the saliency method reports: M2IB's optimisation steps;
-        GradCAM's one gradient pass; gScoreCAM's gradient pass and scoring batches."""
+        """How many progress steps the saliency method reports for the prompt: M2IB's
+        optimisation steps; GradCAM's one gradient pass; gScoreCAM's gradient pass and
+        scoring batches."""
         cfg = self.config.saliency
         if cfg.method == "m2ib":
             return cfg.steps
@@ -204,6 +250,12 @@ class ZeroShotPipeline:
         width = getattr(getattr(self.clip.model.visual, "trunk", None), "embed_dim", None)
         channels = min(cfg.cam_channels, int(width)) if width else cfg.cam_channels
         return 1 + -(-channels // cfg.cam_batch)
+
+    def faithfulness_steps(self) -> int:
+        """Progress steps of the faithfulness check (:meth:`saliency_steps` per neutral or
+        contrast prompt; 0 when it is off), reported after the prompt's as ``faithfulness
+        check step i/n``."""
+        return self.saliency_steps() * len(self.faithfulness_prompts())
 
     def keep_largest(self) -> int | None:
         """Components of SAM's mask kept: ``config.sam.keep_largest``; 0 follows the coarse
@@ -287,18 +339,30 @@ class ZeroShotPipeline:
             _ = self.clip
         steps = self.saliency_steps()
         report(f"saliency step 0/{steps}", 0.0)
-        saliency = self.saliency(
-            rgb, text, should_stop=should_stop,
-            progress=lambda i, n: report(f"saliency step {i}/{n}", 0.7 * i / n))
+        others = self.faithfulness_prompts()
+
+        def saliency_progress(i: int, total: int) -> None:
+            if i <= steps:
+                report(f"saliency step {i}/{steps}", 0.7 * i / total)
+            else:
+                report(f"faithfulness check step {i - steps}/{total - steps}", 0.7 * i / total)
+
+        saliency, *other_maps = self.saliency_maps(rgb, [text, *others],
+                                                   should_stop=should_stop,
+                                                   progress=saliency_progress)
         _check_stop(should_stop)
         report("coarse mask", 0.72)
         coarse = coarse_mask(saliency, self.config.coarse, image=rgb)
+        faithfulness = None
+        if others:
+            faithfulness = self._assess(saliency, other_maps, coarse.mask, rgb)
         prompts = make_prompts(coarse.labels, self.config.prompts)
         if coarse.empty or prompts.empty:
             report("done", 1.0)
             return SegmentationResult(saliency, coarse, prompts,
                                       np.zeros(rgb.shape[:2], dtype=bool), False, NOTHING_FOUND,
-                                      {"saliency_steps": steps}, rgb=rgb)
+                                      {"saliency_steps": steps}, rgb=rgb,
+                                      faithfulness=faithfulness)
         _check_stop(should_stop)
         if self._sam is None:
             report("loading SAM", 0.74)
@@ -313,7 +377,22 @@ class ZeroShotPipeline:
         report("done", 1.0)
         message = (f"{len(coarse.components)} component(s) kept of {coarse.n_candidates}; "
                    f"mask of {int(mask.sum())} pixels.")
-        return SegmentationResult(saliency, coarse, prompts, mask, True, message, rgb=rgb)
+        return SegmentationResult(saliency, coarse, prompts, mask, True, message, rgb=rgb,
+                                  faithfulness=faithfulness)
+
+    def _assess(self, saliency: np.ndarray, other_maps: list[np.ndarray],
+                selected: np.ndarray, rgb: np.ndarray, neutral_selection=None):
+        """The faithfulness check from the neutral and contrast prompts' maps; the neutral
+        map is thresholded as the prompt's was, unless its selection is given."""
+        from .faithfulness import assess
+        from .postprocess import threshold_saliency
+
+        cfg = self.config.faithfulness
+        neutral, *contrast_maps = other_maps
+        if neutral_selection is None:
+            neutral_selection = threshold_saliency(neutral, self.config.coarse, image=rgb)[0]
+        return assess(saliency, neutral, selected, neutral_selection, cfg,
+                      dict(zip(cfg.contrast_prompts, contrast_maps, strict=True)))
 
     def _segment_salip(self, rgb: np.ndarray, text: str | Sequence[str], report: ProgressFn,
                        should_stop: StopFn | None) -> SegmentationResult:
@@ -328,8 +407,9 @@ class ZeroShotPipeline:
             NOTHING_PROPOSED,
             NOTHING_UNDER_CAP,
             cap_proposals,
+            crop_embeddings,
             crop_image,
-            crop_scores,
+            embedding_scores,
             generate_proposals,
             retrieval_map,
             retrieve,
@@ -350,11 +430,16 @@ class ZeroShotPipeline:
         kept = cap_proposals(generated, cfg, shape)
         _check_stop(should_stop)
         scores = np.zeros(0, dtype=np.float32)
+        others = self.faithfulness_prompts()
+        other_scores: list[np.ndarray] = []
         if kept:
             report(f"CLIP scoring {len(kept)} crops", 0.62)
             crops = [crop_image(rgb, p, cfg.crop) for p in kept]
-            scores = crop_scores(self.clip, crops, self.text_embedding(text), self.precision,
-                                 should_stop=should_stop)
+            embeddings = crop_embeddings(self.clip, crops, self.precision,
+                                         should_stop=should_stop)
+            scores = embedding_scores(embeddings, self.text_embedding(text))
+            other_scores = [embedding_scores(embeddings, self.text_embedding(o, True))
+                            for o in others]
         chosen = retrieve(scores, cfg.top_k)
         labels = np.zeros(shape, dtype=np.int32)
         components = []
@@ -367,9 +452,17 @@ class ZeroShotPipeline:
         extra = {"salip": {"proposals": kept, "scores": scores, "retrieved": chosen,
                            "n_generated": len(generated)}}
         saliency = retrieval_map(shape, kept, scores)
+        faithfulness = None
+        if other_scores:  # the neutral prompt's retrieval from the same crop embeddings
+            neutral_selection = np.zeros(shape, dtype=bool)
+            for i in retrieve(other_scores[0], cfg.top_k):
+                neutral_selection |= kept[i].mask
+            faithfulness = self._assess(
+                saliency, [retrieval_map(shape, kept, s) for s in other_scores], coarse.mask,
+                rgb, neutral_selection=neutral_selection)
         if not chosen:
             report("done", 1.0)
-            message = (NOTHING_UNDER_CAP.format(n=len(generated), cap=cfg.area_cap)
+            message = (NOTHING_UNDER_CAP.format(n=len(generated), cap=100 * cfg.area_cap)
                        if generated else NOTHING_PROPOSED)
             return SegmentationResult(saliency, coarse, prompts, np.zeros(shape, dtype=bool),
                                       False, message, extra, rgb=rgb)
@@ -386,7 +479,7 @@ class ZeroShotPipeline:
         message = (f"{len(chosen)} of {len(kept)} SAM proposal(s) retrieved by CLIP (score "
                    f"{best}); mask of {int(mask.sum())} pixels.")
         return SegmentationResult(saliency, coarse, prompts, mask, True, message, extra,
-                                  rgb=rgb)
+                                  rgb=rgb, faithfulness=faithfulness)
 
     def segment_volume(self, volume: np.ndarray, text: str | Sequence[str],
                        window: Window | None = None, slices: Sequence[int] | None = None,

@@ -106,12 +106,17 @@ def as_prompts(text: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-def encode_text(clip: ClipBundle, text: str | Sequence[str]) -> torch.Tensor:
+def encode_text(clip: ClipBundle, text: str | Sequence[str],
+                allow_empty: bool = False) -> torch.Tensor:
     """Text embedding [1, D] of one prompt, or the mean of the L2-normalised embeddings of
-    an ensemble of prompts (the paper's P4/P5 prompt ensembles)."""
+    an ensemble of prompts (the paper's P4/P5 prompt ensembles). ``allow_empty``: a blank
+    text is the empty prompt (the faithfulness check's neutral prompt may be empty) instead
+    of an error."""
     import torch
 
-    prompts = as_prompts(text)
+    items = [text] if isinstance(text, str) else list(text)
+    blank = not any(isinstance(t, str) and t.strip() for t in items)
+    prompts = [""] if allow_empty and blank else as_prompts(text)
     with torch.no_grad():
         tokens = clip.tokenizer(prompts).to(clip.device)
         features = clip.model.encode_text(tokens).float()

@@ -38,12 +38,13 @@ if TYPE_CHECKING:
     from .models import ClipBundle, SamBundle
 
 __all__ = ["NOTHING_PROPOSED", "NOTHING_UNDER_CAP", "Proposal", "cap_proposals", "crop_image",
-           "crop_scores", "generate_proposals", "retrieval_map", "retrieve", "text_direction"]
+           "crop_embeddings", "crop_scores", "embedding_scores",
+           "generate_proposals", "retrieval_map", "retrieve", "text_direction"]
 
 NOTHING_PROPOSED = ("Nothing found: SAM's automatic mask generator proposed no mask. Try lower "
                     "pred-IoU or stability thresholds, or more points per side.")
 NOTHING_UNDER_CAP = ("Nothing found: all {n} of SAM's proposals cover more than the area cap "
-                     "({cap:.0%} of the image). Try a larger area cap.")
+                     "({cap:.3g}% of the image). Try a larger area cap.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -244,21 +245,14 @@ def text_direction(text_embedding) -> Any:
     return t / t.norm(dim=-1, keepdim=True)
 
 
-def crop_scores(clip: ClipBundle, crops: Sequence[np.ndarray], text_embedding,
-                precision: str = "fp32", batch: int = 32,
-                should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-    """(N,) float32: 100 x the cosine between each crop's CLIP embedding and the text's.
-
-    ``text_embedding`` is ``[1, D]`` (:func:`~napari_medclipsam.core.saliency.encode_text`);
-    the crops are HxWx3 uint8 (:func:`crop_image`), resized whole to CLIP's input.
-    """
+def crop_embeddings(clip: ClipBundle, crops: Sequence[np.ndarray], precision: str = "fp32",
+                    batch: int = 32, should_stop: Callable[[], bool] | None = None):
+    """(N, D) float32 tensor: the crops' L2-normalised CLIP image embeddings (HxWx3 uint8
+    crops, :func:`crop_image`, each resized whole to CLIP's input)."""
     import torch
 
     from .saliency import image_tensor
 
-    if not len(crops):
-        return np.zeros(0, dtype=np.float32)
-    text = text_direction(text_embedding).to(clip.device)
     out = []
     for start in range(0, len(crops), batch):
         if should_stop is not None and should_stop():
@@ -267,9 +261,29 @@ def crop_scores(clip: ClipBundle, crops: Sequence[np.ndarray], text_embedding,
                          for c in crops[start:start + batch]]).to(clip.device)
         with torch.no_grad(), autocast(precision, str(clip.device)):
             emb = clip.model.encode_image(x).float()
-        emb = emb / emb.norm(dim=-1, keepdim=True)
-        out.append((100.0 * emb @ text.T)[:, 0].cpu())
-    return torch.cat(out).numpy().astype(np.float32)
+        out.append((emb / emb.norm(dim=-1, keepdim=True)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def embedding_scores(embeddings, text_embedding) -> np.ndarray:
+    """(N,) float32: 100 x the cosine of each crop embedding (:func:`crop_embeddings`) with
+    the text (``[1, D]``, :func:`~napari_medclipsam.core.saliency.encode_text`)."""
+    if not len(embeddings):
+        return np.zeros(0, dtype=np.float32)
+    text = text_direction(text_embedding).cpu()
+    return (100.0 * embeddings @ text.T)[:, 0].numpy().astype(np.float32)
+
+
+def crop_scores(clip: ClipBundle, crops: Sequence[np.ndarray], text_embedding,
+                precision: str = "fp32", batch: int = 32,
+                should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """(N,) float32: 100 x the cosine between each crop's CLIP embedding and the text's.
+
+    ``text_embedding`` is ``[1, D]`` (:func:`~napari_medclipsam.core.saliency.encode_text`);
+    the crops are HxWx3 uint8 (:func:`crop_image`), resized whole to CLIP's input.
+    """
+    return embedding_scores(crop_embeddings(clip, crops, precision, batch, should_stop),
+                            text_embedding)
 
 
 def retrieve(scores: np.ndarray, top_k: int) -> list[int]:
