@@ -1,12 +1,22 @@
 """Seconds per 512x512 image for each saliency method and the DenseCRF threshold, side by
 side (full-size BiomedCLIP architecture, random weights: the compute of the real model).
 
-    python benchmarks/bench_saliency_methods.py [--threads 2] [--repeats 2]
+    python benchmarks/bench_saliency_methods.py [--threads 2] [--repeats 2] [--chains]
 
 Methods: M2IB at layer 9 (MedCLIP-SAMv2's breast/brain setting; 10 steps, batch 10),
 gScoreCAM (MedCLIP-SAM: 300 channels, batches of 128) and GradCAM, each in fp32 and in bf16
 (``--precision auto`` where the CPU has it); then each coarse-mask method on the same map.
 Each cell is the median of ``--repeats`` runs after one warm-up. Prints a Markdown table.
+
+``--chains``: instead, each method's whole chain from loaded models to the mask on a 512x512
+image, side by side in one process with the CPU's default SAM (SAM 2.1 tiny, random weights)
+and bf16 where the CPU has it: MedCLIP-SAMv2 (M2IB + Otsu + SAM; with and without the prompt
+faithfulness check, on by default, so its cost shows), MedCLIP-SAM (gScoreCAM +
+DenseCRF + SAM), GradCAM + Otsu + SAM, and SaLIP (SAM's automatic masks with SaLIP's one crop
+layer, CLIP scoring of the crops, SAM on the best box) with the stages timed. Random SAM
+weights predict IoUs and stabilities that SaLIP's default thresholds reject, so SaLIP is timed
+twice: with the defaults (the generator's cost; nothing passes) and with both thresholds at 0
+(every proposal scored by CLIP: the most the later stages can cost).
 """
 
 from __future__ import annotations
@@ -30,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--chains", action="store_true",
+                        help="time each method's whole chain to the mask instead")
     args = parser.parse_args(argv)
+    if args.chains:
+        return chains(args.threads, args.repeats)
 
     import torch
     from bench_m2ib import build_random_biomedclip
@@ -79,6 +93,83 @@ def main(argv: list[str] | None = None) -> int:
             coarse_mask(saliency, CoarseMaskConfig(method=method), image=image)
             times.append(1000 * (time.perf_counter() - start))
         rows.append(f"| {method} | {statistics.median(times[1:]):.0f} |")
+    print("\n".join(rows))
+    return 0
+
+
+def chains(threads: int, repeats: int) -> int:
+    """Each method's whole chain on the same 512x512 images, interleaved."""
+    import dataclasses
+
+    import torch
+    from bench_fast_path import _image, _pipeline
+    from bench_m2ib import build_random_biomedclip
+
+    from napari_medclipsam.core.config import (
+        CoarseMaskConfig,
+        FaithfulnessConfig,
+        SaliencyConfig,
+        SalipConfig,
+    )
+    from napari_medclipsam.core.precision import resolve_precision
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    precision = resolve_precision("auto", "cpu")
+    print(f"Machine: {platform.machine()}, {threads} threads, torch {torch.__version__}, "
+          f"{precision}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = build_random_biomedclip(Path(tmp))
+        open_gates = SalipConfig(pred_iou_thresh=0.0, stability_thresh=0.0)
+        variants = {
+            "MedCLIP-SAMv2: M2IB (layer 9) + Otsu + SAM": {},
+            "the same, --no-faithfulness": {
+                "faithfulness": FaithfulnessConfig(enabled=False)},
+            "MedCLIP-SAM: gScoreCAM + DenseCRF + SAM": {
+                "saliency": SaliencyConfig(method="gscorecam"),
+                "coarse": CoarseMaskConfig(method="crf")},
+            "GradCAM + Otsu + SAM": {"saliency": SaliencyConfig(method="gradcam")},
+            "SaLIP, default thresholds": {"method": "salip"},
+            "SaLIP, thresholds 0": {"method": "salip", "salip": open_gates},
+        }
+        pipes = {}
+        for name, changes in variants.items():
+            pipe = _pipeline(clip, "sam2_t", "auto")  # seeded: the same SAM weights for all
+            if "saliency" in changes:
+                changes = {**changes, "saliency": dataclasses.replace(
+                    changes["saliency"], layer=9)}
+            pipe.config = dataclasses.replace(pipe.config, **changes)
+            pipes[name] = pipe
+        runs: dict[str, list[tuple[float, dict[str, float], str]]] = {n: [] for n in pipes}
+        for i in range(repeats + 1):
+            image = _image(rng, 512)
+            for name, pipe in pipes.items():
+                stages: dict[str, float] = {}
+                last = [time.perf_counter(), None]
+
+                def progress(stage, fraction, stages=stages, last=last):
+                    now = time.perf_counter()
+                    if last[1] is not None:
+                        key = last[1].split(" step")[0].split(":")[0]
+                        key = "CLIP scoring" if key.startswith("CLIP scoring") else key
+                        stages[key] = stages.get(key, 0.0) + now - last[0]
+                    last[0], last[1] = now, stage
+
+                start = time.perf_counter()
+                result = pipe.segment(image, "breast tumor", progress=progress)
+                if i:  # the first round warms the kernels up
+                    salip = result.extra.get("salip")
+                    note = (f"{len(salip['proposals'])} proposals" if salip else
+                            f"{len(result.coarse.components)} component(s)")
+                    runs[name].append((time.perf_counter() - start, stages, note))
+    rows = ["| chain (SAM 2.1 tiny, " + precision + ") | s per image | stages (s) | found |",
+            "|---|---:|---|---|"]
+    for name, done in runs.items():
+        total = statistics.median(r[0] for r in done)
+        keys = list(dict.fromkeys(k for r in done for k in r[1]))
+        parts = ", ".join(f"{k} {statistics.median(r[1].get(k, 0.0) for r in done):.2f}"
+                          for k in keys if k not in ("done",))
+        rows.append(f"| {name} | **{total:.2f}** | {parts} | {done[-1][2]} |")
     print("\n".join(rows))
     return 0
 
