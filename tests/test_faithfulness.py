@@ -196,3 +196,26 @@ def test_cli_records_the_check_and_warns(model_flags, tmp_path, capsys):
     assert "faithfulness" not in json.loads((off / "prompts" / "case.json").read_text())
     assert json.loads((off / "manifest.json").read_text())["config"]["faithfulness"][
         "enabled"] is False
+
+
+def test_cli_volume_reports_the_mean_and_the_flagged_slices(model_flags, tmp_path, capsys):
+    import nibabel as nib
+
+    from napari_medclipsam.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    volume = (np.random.default_rng(4).random((48, 48, 3)) * 1000).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), src / "vol.nii.gz")
+    out = tmp_path / "out"
+    rc = main(["segment", str(src), "--volume", "--prompt", "lungs", "-o", str(out),
+               *model_flags, "--neutral-prompt", "lungs"])
+    assert rc == 0
+    assert "vol.nii.gz: warning: This prompt's map is 1.00 correlated" in capsys.readouterr().err
+    prompts = json.loads((out / "prompts" / "vol.json").read_text())
+    faith = prompts["faithfulness"]
+    assert faith["slices_checked"] == 3 and faith["flagged_slices"] == [0, 1, 2]
+    assert set(faith["slices"]) == {"0", "1", "2"}
+    assert faith["correlation"] == pytest.approx(1.0)
+    entry = json.loads((out / "manifest.json").read_text())["images"][0]
+    assert entry["faithfulness"]["flagged_slices"] == [0, 1, 2]

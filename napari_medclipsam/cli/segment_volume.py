@@ -98,6 +98,7 @@ class VolumeState:
         self.done: list[int] = []
         self.prompts: dict[int, dict] = {}
         self.found: list[int] = []
+        self.faithfulness: dict[int, dict[str, Any]] = {}  # per slice run, when checked
         self.saved_done = 0
         self.last_write = 0.0
         self.write_seconds = 0.0
@@ -124,6 +125,7 @@ class VolumeState:
         self.done = [int(z) for z in record.get("done", [])]
         self.prompts = {int(z): p for z, p in record.get("prompts", {}).items()}
         self.found = [int(z) for z in record.get("found_slices", [])]
+        self.faithfulness = {int(z): v for z, v in record.get("faithfulness", {}).items()}
         self.saved_done = len(self.done)
         return True
 
@@ -133,6 +135,8 @@ class VolumeState:
         if one.found:
             self.prompts[int(z)] = one.prompts.to_dict()
             self.found.append(int(z))
+        if getattr(one, "faithfulness", None) is not None:
+            self.faithfulness[int(z)] = one.faithfulness.to_dict()
 
     def due(self) -> bool:
         wait = max(self.every, self.write_seconds / self.share)
@@ -152,6 +156,7 @@ class VolumeState:
         record = {**self.record, "done": sorted(self.done),
                   "found_slices": sorted(self.found),
                   "prompts": {str(z): p for z, p in sorted(self.prompts.items())},
+                  "faithfulness": {str(z): v for z, v in sorted(self.faithfulness.items())},
                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_text(self.paths["record"], json.dumps(record, indent=1))
         self.saved_done = len(self.done)
@@ -160,6 +165,20 @@ class VolumeState:
 
     def remove(self) -> None:
         remove_partial(self.plan.out, self.name)
+
+
+def volume_faithfulness(per_slice: dict[int, dict[str, Any]], slices: list[int]
+                        ) -> dict[str, Any] | None:
+    """The faithfulness check over a volume's slices: the mean (its ``message`` speaks of the
+    average map) and the slices flagged one by one; None when no slice was checked."""
+    from ..core.faithfulness import Faithfulness, mean_faithfulness
+
+    items = {z: Faithfulness.from_dict(per_slice[z]) for z in slices if z in per_slice}
+    mean = mean_faithfulness(list(items.values()))
+    if mean is None:
+        return None
+    return {**mean.to_dict(), "slices_checked": len(items),
+            "flagged_slices": sorted(z for z, f in items.items() if not f.steers)}
 
 
 def segment_volume(plan: Plan, pipeline, run: Run, f: Path, image, common: dict, *,
@@ -241,10 +260,14 @@ def segment_volume(plan: Plan, pipeline, run: Run, f: Path, image, common: dict,
     write_nifti_like(paths["coarse"], state.coarse, image)
     write_nifti_like(paths["mask"], state.mask, image)
     found = sorted(set(state.found) & set(planned))
+    faith = volume_faithfulness(state.faithfulness, to_run)
     write_text(paths["prompts"], json.dumps(
         {"slices": {str(z): state.prompts[z] for z in found}, "found_slices": found,
          "slices_run": to_run, "skipped_slices": skipped, "body": body_info,
-         "sam_model": plan.sam_model, "precision": plan.precision}, indent=2))
+         "sam_model": plan.sam_model, "precision": plan.precision,
+         **({"faithfulness": {**faith, "slices": {
+             str(z): state.faithfulness[z] for z in sorted(state.faithfulness)
+             if z in to_run}}} if faith else {})}, indent=2))
     state.remove()
     message = f"found on {len(found)} of {n_slices} slices"
     if skipped:
@@ -254,6 +277,7 @@ def segment_volume(plan: Plan, pipeline, run: Run, f: Path, image, common: dict,
                    f"body (threshold {body_info['threshold']:g}); lower --body-threshold or "
                    "--body-fraction")
     return {"found": bool(found), "message": message,
+            **({"faithfulness": faith} if faith else {}),
             "outputs": {k: str(v.relative_to(plan.out)) for k, v in paths.items()},
             "volume": {"slices_total": n_slices, "slices_selected": plan.slices_text or "all",
                        "slices_run": to_run, "skipped_slices": skipped, "body": body_info,

@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import FaithfulnessConfig
 
-__all__ = ["Faithfulness", "assess", "map_correlation"]
+__all__ = ["Faithfulness", "assess", "map_correlation", "mean_faithfulness"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,31 @@ class Faithfulness:
                 "contrasts": {c: r for c, r in self.contrasts},
                 "max_correlation": self.max_correlation, "steers": self.steers,
                 "message": self.message}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Faithfulness:
+        """The inverse of :meth:`to_dict` (derived fields are recomputed)."""
+        return cls(str(data["neutral_prompt"]), float(data["correlation"]),
+                   None if data.get("neutral_overlap") is None
+                   else float(data["neutral_overlap"]),
+                   tuple((str(c), float(r)) for c, r in dict(data.get("contrasts", {})).items()),
+                   float(data.get("max_correlation", 0.9)))
+
+
+def mean_faithfulness(items: list[Faithfulness]) -> Faithfulness | None:
+    """The mean check over several images or slices (correlations and overlaps averaged,
+    overlaps over those that have one); None for an empty list. Its message then speaks
+    of the average map."""
+    if not items:
+        return None
+    overlaps = [f.neutral_overlap for f in items if f.neutral_overlap is not None]
+    names = [c for c, _ in items[0].contrasts]
+    contrasts = tuple((c, float(np.mean([dict(f.contrasts).get(c, 0.0) for f in items])))
+                      for c in names)
+    return Faithfulness(items[0].neutral_prompt,
+                        float(np.mean([f.correlation for f in items])),
+                        float(np.mean(overlaps)) if overlaps else None, contrasts,
+                        items[0].max_correlation)
 
 
 def map_correlation(a: np.ndarray, b: np.ndarray) -> float:
