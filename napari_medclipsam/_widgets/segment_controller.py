@@ -29,9 +29,10 @@ earlier output (propagated again); :meth:`~SegmentController.propagate` runs
 Also here, for the view to show: :class:`ProgressTracker` (the pipeline's stage names with
 the slice count and an ETA), :func:`gui_message` (the core's command-line wording turned
 into the widget's field names), :func:`matching_presets` and :func:`describe_settings` (the
-preset a prompt matches, the settings in force in one line), :func:`proposal_labels` (SaLIP's
-proposals as one label image with a features table) and :func:`save_mask` (the SAM mask and
-the label map to NIfTI or PNG).
+preset a prompt matches, the settings in force in one line), :func:`faithfulness_view` (the
+prompt-faithfulness check of a run, or its slices, as a score line and a warning),
+:func:`proposal_labels` (SaLIP's proposals as one label image with a features table) and
+:func:`save_mask` (the SAM mask and the label map to NIfTI or PNG).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_medclipsam.core.config import PipelineConfig, PromptConfig
+from napari_medclipsam.core.config import FaithfulnessConfig, PipelineConfig, PromptConfig
 from napari_medclipsam.core.errors import CancelledError, InputError
+from napari_medclipsam.core.faithfulness import Faithfulness
 from napari_medclipsam.core.io import file_stem
 from napari_medclipsam.core.pipeline import SegmentationResult, VolumeResult, ZeroShotPipeline
 from napari_medclipsam.core.postprocess import Prompts, prompts_from_mask
@@ -109,6 +111,9 @@ class Run:
     method : {"medclipsamv2", "salip"}
         The chain it ran (``PipelineConfig.method``): a SaLIP run's ``result.saliency`` is
         the retrieval map and ``result.extra["salip"]`` holds every proposal and its score.
+    slice_faithfulness : dict of int to Faithfulness
+        A volume run's prompt-faithfulness check per finished slice (a single image's is
+        ``result.faithfulness``); empty when the check is off.
     """
 
     target: Target
@@ -120,6 +125,7 @@ class Run:
     cancelled: bool = False
     seconds: float = 0.0
     method: str = "medclipsamv2"
+    slice_faithfulness: dict[int, Faithfulness] = field(default_factory=dict)
 
     @property
     def editable(self) -> bool:
@@ -538,21 +544,31 @@ class SegmentController:
             text = text[0]
         method = self.pipeline.config.method
         if volume:
+            checks: dict[int, Faithfulness] = {}
+
+            def each_slice(z: int, one: SegmentationResult) -> None:
+                if one.faithfulness is not None:
+                    checks[z] = one.faithfulness
+                if on_slice is not None:
+                    on_slice(z, one)
+
             try:
                 vol = self.pipeline.segment_volume(image, text, progress=progress,
-                                                   should_stop=should_stop, on_slice=on_slice)
+                                                   should_stop=should_stop,
+                                                   on_slice=each_slice)
             except CancelledError as exc:
                 partial: VolumeResult | None = getattr(exc, "partial", None)
                 run = None
                 if partial is not None and partial.completed:
                     run = Run(target, source, None, volume=partial, mask=partial.mask,
                               cancelled=True, seconds=time.monotonic() - start,
-                              method=method)
+                              method=method, slice_faithfulness=checks)
                     self.state.run = run
                 stopped = CancelledError(cancel_message(run, int(np.shape(image)[0])))
                 stopped.partial = run
                 raise stopped from exc
-            run = Run(target, source, None, volume=vol, mask=vol.mask, method=method)
+            run = Run(target, source, None, volume=vol, mask=vol.mask, method=method,
+                      slice_faithfulness=checks)
         else:
             result = self.pipeline.segment(image, text, progress=progress,
                                            should_stop=should_stop)
@@ -968,6 +984,10 @@ FIELD_LABELS: Mapping[str, str] = {
     "salip_crop_nms_thresh": "Advanced > Crop NMS (IoU)",
     "salip_min_region_area": "Advanced > Min. region (% image)",
     "salip_top_k": "Advanced > Regions kept (top-k)",
+    "faithfulness": "Advanced > Faithfulness check",
+    "neutral_prompt": "Advanced > Neutral prompt",
+    "contrast_prompts": "Advanced > Contrast prompts",
+    "max_correlation": "Advanced > Warn at correlation",
 }
 
 #: the command line's phrases in the core's messages -> what to do in the widget
@@ -989,7 +1009,7 @@ _GUI_PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\buse fp32 \(or auto\)", f"choose fp32 (or auto) in {FIELD_LABELS['precision']}"),
     ))
 _SETTING_MESSAGE = re.compile(r"^(layer|beta|steps|top_k|threshold|eta_c|method|mode|box_mode"
-                              r"|precision) must\b")
+                              r"|precision|max_correlation) must\b")
 #: SalipConfig's range errors ("SaLIP area_cap must be in ...")
 _SALIP_MESSAGE = re.compile(r"^SaLIP (\w+) must\b")
 
@@ -1111,7 +1131,9 @@ def describe_settings(config: PipelineConfig, *, preset: str | None = None,
     tumor (ultrasound)"``. In SaLIP mode (``config.method == "salip"``) the SaLIP generator's
     settings replace the saliency, coarse mask and prompts: ``"'scan' · SaLIP · 16
     points/side, 1 crop layer · IoU > 0.5, stability > 0.5 · area cap 60% · mask crops, best
-    1 · SAM vit_b · custom settings"``.
+    1 · SAM vit_b · custom settings"``. The prompt-faithfulness check is named only when it
+    is off (``"no faithfulness check"``) or not the default (``"faithfulness vs 'a photo', 1
+    contrast, warn at r 0.8"``).
 
     A SAM model ``auto`` shows what it resolves to on ``config.device``: ``auto_sam`` when
     the caller knows it (``""``: not known yet, shown as ``auto``), else resolved here
@@ -1143,8 +1165,125 @@ def describe_settings(config: PipelineConfig, *, preset: str | None = None,
             name = {"gscorecam": "gScoreCAM", "gradcam": "GradCAM"}[sal.method]
             saliency = f"{name} saliency"
         parts += [saliency, mask, sam_prompt]
+    faithfulness = describe_faithfulness_settings(config.faithfulness)
+    if faithfulness:
+        parts.append(faithfulness)
     parts += [f"SAM {sam}", f"preset: {preset}" if preset else "custom settings"]
     return " · ".join(parts)
+
+
+def describe_faithfulness_settings(config: FaithfulnessConfig) -> str:
+    """The faithfulness check's part of :func:`describe_settings`: ``""`` for the defaults,
+    ``"no faithfulness check"`` when it is off, else what differs (``"faithfulness vs the
+    empty prompt, 2 contrasts, warn at r 0.8"``)."""
+    if not config.enabled:
+        return "no faithfulness check"
+    default = FaithfulnessConfig()
+    parts = []
+    if config.neutral_prompt != default.neutral_prompt:
+        parts.append(f"vs {neutral_name(config.neutral_prompt)}")
+    n = len(config.contrast_prompts)
+    if n:
+        parts.append(f"{n} contrast{'s' * (n != 1)}")
+    if config.max_correlation != default.max_correlation:
+        parts.append(f"warn at r {config.max_correlation:g}")
+    return "faithfulness " + ", ".join(parts) if parts else ""
+
+
+def neutral_name(prompt: str) -> str:
+    """A neutral prompt as the dock names it: ``'an image'`` quoted, "" as "the empty
+    prompt"."""
+    return repr(prompt) if prompt else "the empty prompt"
+
+
+#: what separates the contrast prompts in their text field (a prompt may hold commas)
+CONTRAST_SEPARATOR = ";"
+
+
+def split_contrast_prompts(text: str) -> tuple[str, ...]:
+    """The Contrast prompts field's text as prompts: ``"normal tissue; a cyst"`` ->
+    ``("normal tissue", "a cyst")`` (semicolons or line breaks separate; blanks dropped)."""
+    return tuple(part.strip() for part in re.split(r"[;\n]", text) if part.strip())
+
+
+def join_contrast_prompts(prompts: Sequence[str]) -> str:
+    """The inverse of :func:`split_contrast_prompts`, for the field."""
+    return f"{CONTRAST_SEPARATOR} ".join(prompts)
+
+
+# --------------------------------------------------------------------------- faithfulness
+@dataclass(frozen=True)
+class FaithfulnessView:
+    """A run's prompt-faithfulness check as the dock shows it.
+
+    Attributes
+    ----------
+    text : str
+        The score line: ``"Faithfulness 0.31 (r = 0.69 vs 'an image'; 40% of the mask also
+        neutral)"``; for a volume, the mean over its slices and how many were flagged.
+    warning : str
+        ``""`` when the text steers the result (every slice, for a volume); else what is
+        wrong and what to try.
+    score, correlation : float
+        ``1 - r`` and Pearson's r with the neutral prompt's map (a volume: the mean r over
+        its slices).
+    slices, flagged : int
+        A volume run's slices checked and those flagged as not steered (0, 0 for an image).
+    """
+
+    text: str
+    warning: str
+    score: float
+    correlation: float
+    slices: int = 0
+    flagged: int = 0
+
+    @property
+    def steers(self) -> bool:
+        return not self.warning
+
+
+def faithfulness_view(run: Run | None) -> FaithfulnessView | None:
+    """What the dock shows of ``run``'s prompt-faithfulness check: a single image's
+    ``result.faithfulness``, or a volume run's checks summarised over its slices (the mean
+    correlation with the neutral prompt's map, the slices flagged and the worst one's
+    warning). None when there is no check (switched off, or nothing to compare: a SaLIP
+    run without proposals)."""
+    if run is None:
+        return None
+    if run.result is not None:
+        check = run.result.faithfulness
+        return None if check is None else _image_view(check)
+    checks = dict(sorted(run.slice_faithfulness.items()))
+    if not checks:
+        return None
+    first = next(iter(checks.values()))
+    mean_r = float(np.mean([c.correlation for c in checks.values()]))
+    flagged = [z for z, c in checks.items() if not c.steers]
+    n = len(checks)
+    text = (f"Faithfulness {1.0 - mean_r:.2f} (mean r = {mean_r:.2f} vs "
+            f"{neutral_name(first.neutral_prompt)} over {n} slice{'s' * (n != 1)}); ")
+    text += (f"{len(flagged)} of {n} flagged ({slice_list(flagged)})" if flagged
+             else "none flagged")
+    warning = ""
+    if flagged:
+        worst = max(flagged, key=lambda z: _worst_correlation(checks[z]))
+        warning = (f"The text did not steer the map on {len(flagged)} of {n} slices. "
+                   f"z={worst}: {checks[worst].message}")
+    return FaithfulnessView(text, warning, 1.0 - mean_r, mean_r, n, len(flagged))
+
+
+def _worst_correlation(check: Faithfulness) -> float:
+    return max([check.correlation, *(r for _, r in check.contrasts)])
+
+
+def _image_view(check: Faithfulness) -> FaithfulnessView:
+    parts = [f"r = {check.correlation:.2f} vs {neutral_name(check.neutral_prompt)}"]
+    if check.neutral_overlap is not None:
+        parts.append(f"{check.neutral_overlap:.0%} of the mask also neutral")
+    parts += [f"r = {r:.2f} vs {c!r}" for c, r in check.contrasts]
+    text = f"Faithfulness {check.score:.2f} ({'; '.join(parts)})"
+    return FaithfulnessView(text, check.message, check.score, check.correlation)
 
 
 def _describe_salip(config: PipelineConfig) -> list[str]:

@@ -23,12 +23,19 @@ map (``retrieval map [prompt]``, in the saliency's place), every proposal under 
 as a ``proposals [prompt]`` Labels layer (its features: CLIP score, area, retrieved rank) and
 the retrieved boxes, editable as above.
 
+Every run also checks whether the text steered the result (the prompt's map against a
+neutral prompt's, :mod:`napari_medclipsam.core.faithfulness`): its score shows under the
+status line, and when the text does not steer, an orange warning there and a napari
+notification. Advanced holds its settings (on/off, neutral and contrast prompts, the
+correlation to warn at).
+
 napari opens this class from the Plugins menu and passes the viewer as ``napari_viewer``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import re
 import sys
@@ -54,6 +61,7 @@ from qtpy.QtWidgets import (
     QScrollArea,
     QSizePolicy,
     QSpinBox,
+    QStyle,
     QVBoxLayout,
     QWidget,
 )
@@ -80,8 +88,10 @@ from napari_medclipsam._widgets.layer_prompts import (
     volume_prompts_to_layers,
 )
 from napari_medclipsam._widgets.segment_controller import (
+    CONTRAST_SEPARATOR,
     FIELD_LABELS,
     AutoChoice,
+    FaithfulnessView,
     ProgressTracker,
     ProgressUpdate,
     Propagation,
@@ -91,18 +101,22 @@ from napari_medclipsam._widgets.segment_controller import (
     auto_choice,
     cancel_message,
     describe_settings,
+    faithfulness_view,
     format_duration,
     gui_message,
+    join_contrast_prompts,
     matching_presets,
     proposal_labels,
     save_mask,
     slice_list,
+    split_contrast_prompts,
     target_name,
 )
 from napari_medclipsam.core.config import (
     DEFAULT_CLIP_MODEL,
     PRECISIONS,
     CoarseMaskConfig,
+    FaithfulnessConfig,
     PipelineConfig,
     PromptConfig,
     SaliencyConfig,
@@ -138,6 +152,10 @@ BOX_CHOICES = (("single", "one box for all"), ("per_component", "one box per reg
 # The chain (PipelineConfig.method); short names, the tooltip names the papers.
 METHOD_CHOICES = (("medclipsamv2", "MedCLIP-SAMv2"), (SALIP, "SaLIP"))
 CROP_CHOICES = (("mask", "mask (SaLIP)"), ("box", "box"))
+#: the faithfulness line: plain, and when the text does not steer (orange reads on napari's
+#: dark and light themes)
+FAITH_STYLE = "font-size: 11px;"
+FAITH_WARNING_STYLE = "color: #f08c00;"
 
 #: Advanced fields of one chain only (greyed out while the other is chosen)
 MEDCLIP_KEYS = ("saliency_method", "layer", "beta", "steps", "method", "eta_c", "mode",
@@ -231,6 +249,19 @@ TIPS = {
     "show_proposals": "SaLIP: show every proposal under the area cap as the 'proposals "
                       "[prompt]' layer, smaller ones on top; the cursor over one shows its "
                       "CLIP score, area and retrieved rank (1 = sent to SAM).",
+    "faithfulness": "Does the text steer the result? Each run also maps a neutral prompt "
+                    "(and any contrast prompts) on the same image with the same settings, "
+                    "and shows the score 1 - r (r: the maps' correlation; higher is better) "
+                    "under the status line, with a warning when the text is not guiding the "
+                    "result. Costs one more saliency optimisation per extra prompt (SaLIP: "
+                    "next to nothing). Both methods.",
+    "neutral_prompt": "A prompt that names nothing (default 'an image'); empty: the empty "
+                      "prompt. A map much like its map was not steered by your text.",
+    "contrast_prompts": "Prompts your result must differ from, e.g. 'normal breast "
+                        "tissue'; separate several with semicolons (;). Each costs one more "
+                        "saliency optimisation.",
+    "max_correlation": "Warn when the prompt's map is at least this correlated (Pearson's "
+                       "r, 0 to 1) with the neutral or a contrast prompt's map.",
 }
 
 
@@ -313,6 +344,9 @@ class SegmentWidget(QWidget):
         True while a Run all computes.
     last_status : str
         The last message shown.
+    last_faithfulness : FaithfulnessView or None
+        The last run's prompt-faithfulness check as shown under the status line (None:
+        none shown).
     progress_log : list of ProgressUpdate
         Every progress report of the last run, in order (stage name, fraction, ETA).
     """
@@ -335,6 +369,7 @@ class SegmentWidget(QWidget):
         self.progress_log: list[ProgressUpdate] = self._tracker.updates
         self.running = False
         self.last_status = ""
+        self.last_faithfulness: FaithfulnessView | None = None
         self.auto: AutoChoice | None = None  # what "auto" means on the chosen device
         self._auto_worker = None
 
@@ -441,6 +476,22 @@ class SegmentWidget(QWidget):
         self.status_label.setWordWrap(True)
         self.status_label.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Minimum)
         layout.addWidget(self.status_label)
+        self.faithfulness_row = QWidget()  # the run's faithfulness check, under the status
+        row = QHBoxLayout(self.faithfulness_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.faithfulness_icon = QLabel()
+        size = self.style().pixelMetric(QStyle.PM_SmallIconSize)
+        self.faithfulness_icon.setPixmap(
+            self.style().standardIcon(QStyle.SP_MessageBoxWarning).pixmap(size, size))
+        self.faithfulness_icon.setAlignment(Qt.AlignTop)
+        self.faithfulness_label = QLabel("")
+        self.faithfulness_label.setWordWrap(True)
+        self.faithfulness_label.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Minimum)
+        self.faithfulness_label.setToolTip(TIPS["faithfulness"])
+        row.addWidget(self.faithfulness_icon, 0, Qt.AlignTop)
+        row.addWidget(self.faithfulness_label, 1)
+        self.faithfulness_row.setVisible(False)
+        layout.addWidget(self.faithfulness_row)
 
         accept = QHBoxLayout()
         self.accept_button = QPushButton("Accept into label map")
@@ -601,6 +652,7 @@ class SegmentWidget(QWidget):
                             ("salip_crop_nms_thresh", self.salip_crop_nms_spin),
                             ("salip_min_region_area", self.salip_min_region_spin)):
             add_row(key, widget)
+        self._build_faithfulness_fields(aform, label)
         self.chain_combo.currentIndexChanged.connect(self._on_method_changed)
         advanced.addWidget(aform_widget)
         layout.addWidget(advanced)
@@ -623,6 +675,46 @@ class SegmentWidget(QWidget):
             combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(8)
         self.set_fields_from_config(PipelineConfig())
+
+    def _build_faithfulness_fields(self, aform: QFormLayout, label: dict[str, str]) -> None:
+        """The faithfulness check's rows of Advanced (both methods): on/off, the neutral
+        prompt, the contrast prompts and the correlation to warn at."""
+        self.faithfulness_check = QCheckBox(label["faithfulness"])
+        self.faithfulness_check.setStyleSheet("font-weight: bold;")
+        self.faithfulness_check.setToolTip(TIPS["faithfulness"])
+        self.faithfulness_check.toggled.connect(self._on_faithfulness_toggled)
+        aform.addRow(self.faithfulness_check)
+        self.neutral_edit = QLineEdit()
+        self.neutral_edit.setPlaceholderText("empty: the empty prompt")
+        self.contrast_edit = QLineEdit()
+        self.contrast_edit.setPlaceholderText(f"none; separate with {CONTRAST_SEPARATOR}")
+        self.max_correlation_spin = _fraction_spin()
+        #: key -> (field, its label): off while the check is off
+        self._faithfulness_fields: dict[str, tuple[QWidget, QLabel]] = {}
+        for key, widget in (("neutral_prompt", self.neutral_edit),
+                            ("contrast_prompts", self.contrast_edit),
+                            ("max_correlation", self.max_correlation_spin)):
+            widget.setToolTip(TIPS[key])
+            field_label = QLabel(label[key])
+            field_label.setToolTip(TIPS[key])
+            aform.addRow(field_label, widget)
+            self._faithfulness_fields[key] = (widget, field_label)
+            signal = widget.textChanged if isinstance(widget, QLineEdit) else widget.valueChanged
+            signal.connect(self._update_settings_line)
+
+    def _on_faithfulness_toggled(self, checked: bool) -> None:
+        for widget, field_label in self._faithfulness_fields.values():
+            widget.setEnabled(checked)
+            field_label.setEnabled(checked)
+        self._update_settings_line()
+
+    def _faithfulness_from_fields(self, base: FaithfulnessConfig) -> FaithfulnessConfig:
+        """``base`` with the faithfulness fields' values."""
+        return dataclasses.replace(
+            base, enabled=self.faithfulness_check.isChecked(),
+            neutral_prompt=self.neutral_edit.text().strip(),
+            contrast_prompts=split_contrast_prompts(self.contrast_edit.text()),
+            max_correlation=self.max_correlation_spin.value())
 
     def _refresh_layers(self, event=None) -> None:
         set_combo_items(self.image_combo, layer_names(
@@ -650,8 +742,9 @@ class SegmentWidget(QWidget):
         """Apply the preset with this title (see :mod:`napari_medclipsam.core.presets`): its
         prompts (unless ``keep_prompt``), and every setting it fixes, shown ones and hidden
         ones (seed, readout, KMeans size, ranking) alike. ``(custom)`` keeps the fields and
-        drops the hidden settings. The presets are MedCLIP-SAMv2's: the Method and the SaLIP
-        fields stay as they are (in SaLIP mode a preset gives its prompts and SAM model)."""
+        drops the hidden settings. The presets are MedCLIP-SAMv2's: the Method, the SaLIP
+        fields and the faithfulness check stay as they are (in SaLIP mode a preset gives its
+        prompts and SAM model)."""
         preset = next((p for p in list_presets() if p.title == title), None)
         if preset is None:
             self._preset_config = None
@@ -661,7 +754,8 @@ class SegmentWidget(QWidget):
             return
         self._preset_config = preset.apply(dataclasses.replace(
             PipelineConfig(), method=self.chosen_method(),
-            salip=self._salip_from_fields(SalipConfig())))
+            salip=self._salip_from_fields(SalipConfig()),
+            faithfulness=self._faithfulness_from_fields(FaithfulnessConfig())))
         self._preset_title = preset.title
         if not keep_prompt:
             self.prompt_edit.setPlainText(preset.prompt_text)
@@ -767,6 +861,12 @@ class SegmentWidget(QWidget):
         self.salip_crop_nms_spin.setValue(salip.crop_nms_thresh)
         self.salip_min_region_spin.setValue(100.0 * salip.min_region_area)
         self._top_k = {"medclipsamv2": config.coarse.top_k or 0, SALIP: salip.top_k}
+        faith = config.faithfulness
+        self.faithfulness_check.setChecked(faith.enabled)
+        self._on_faithfulness_toggled(faith.enabled)
+        self.neutral_edit.setText(faith.neutral_prompt)
+        self.contrast_edit.setText(join_contrast_prompts(faith.contrast_prompts))
+        self.max_correlation_spin.setValue(faith.max_correlation)
         self.chain_combo.blockSignals(True)
         set_combo_value(self.chain_combo, config.method)
         self.chain_combo.blockSignals(False)
@@ -908,6 +1008,8 @@ class SegmentWidget(QWidget):
         return dataclasses.replace(
             base, **self._model_config(), method=self.chosen_method(),
             salip=self._salip_from_fields(base.salip or SalipConfig()),
+            faithfulness=self._faithfulness_from_fields(
+                base.faithfulness or FaithfulnessConfig()),
             saliency=dataclasses.replace(base.saliency or SaliencyConfig(),
                                          method=combo_value(self.saliency_combo),
                                          layer=self.layer_spin.value(),
@@ -1003,6 +1105,7 @@ class SegmentWidget(QWidget):
         self._tracker = ProgressTracker()
         self.progress_log = self._tracker.updates
         self._live = live
+        self._show_faithfulness(None)
         self._set_running(True)
         self.progress_bar.setValue(0)
         self.progress_bar.setFormat("starting %p%")
@@ -1038,6 +1141,7 @@ class SegmentWidget(QWidget):
                 self._show_volume(run, source)
             self._stop_bar("cancelled")
             self._report(cancel_message(run, live.shape[0] if live is not None else None))
+            self._show_faithfulness(run)  # the finished slices'
             return
         if not outcome.ok:
             self._report_failure(outcome.error)
@@ -1060,7 +1164,33 @@ class SegmentWidget(QWidget):
         else:
             self._show_result(run, source)
             self._report(took + run.result.message)
+        self._show_faithfulness(run)
         self.save_settings()
+
+    def _show_faithfulness(self, run: Run | None) -> None:
+        """The run's faithfulness check under the status line (hidden when there is none):
+        the score, and when the text does not steer, the warning in orange beside a warning
+        icon and as a napari notification."""
+        view: FaithfulnessView | None = faithfulness_view(run)
+        self.last_faithfulness = view
+        self.faithfulness_row.setVisible(view is not None)
+        if view is None:
+            self.faithfulness_label.setText("")
+            return
+        warned = not view.steers
+        label = self.faithfulness_label
+        if warned:  # the score line in bold, the warning below it
+            label.setTextFormat(Qt.RichText)
+            label.setText(f"<b>{html.escape(view.text)}</b><br>{html.escape(view.warning)}")
+        else:
+            label.setTextFormat(Qt.PlainText)
+            label.setText(view.text)
+        label.setStyleSheet(FAITH_WARNING_STYLE if warned else FAITH_STYLE)
+        self.faithfulness_icon.setVisible(warned)
+        if warned:
+            from napari.utils.notifications import show_warning
+
+            show_warning(view.warning)
 
     # ----------------------------------------------------------------------- layers
     def _show_result(self, run: Run, source) -> None:
