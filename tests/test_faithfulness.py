@@ -182,7 +182,8 @@ def test_cli_records_the_check_and_warns(model_flags, tmp_path, capsys):
                "--neutral-prompt", "lungs", "--contrast-prompt", "normal lungs"])
     assert rc == 0
     err = capsys.readouterr().err
-    assert "case.png: warning: This prompt's map is 1.00 correlated with the neutral" in err
+    assert ("case.png: warning: This prompt's map is 1.00 correlated with the map of the "
+            "neutral prompt 'lungs'") in err
     prompts = json.loads((out / "prompts" / "case.json").read_text())
     assert prompts["faithfulness"]["correlation"] == pytest.approx(1.0)
     assert prompts["faithfulness"]["steers"] is False
@@ -211,7 +212,8 @@ def test_cli_volume_reports_the_mean_and_the_flagged_slices(model_flags, tmp_pat
     rc = main(["segment", str(src), "--volume", "--prompt", "lungs", "-o", str(out),
                *model_flags, "--neutral-prompt", "lungs"])
     assert rc == 0
-    assert "vol.nii.gz: warning: This prompt's map is 1.00 correlated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "vol.nii.gz: warning: This prompt's map is 1.00 correlated with the map" in err
     prompts = json.loads((out / "prompts" / "vol.json").read_text())
     faith = prompts["faithfulness"]
     assert faith["slices_checked"] == 3 and faith["flagged_slices"] == [0, 1, 2]

@@ -217,7 +217,7 @@ def test_a_map_like_the_neutral_one_is_warned_about_and_the_check_switches_off(
     assert (score, r) == (pytest.approx(f.score, abs=0.005), 1.0)
     assert neutral == f"'{PROMPT}'"
     assert warning == f.message
-    assert "1.00 correlated with the neutral prompt 'a disk'" in warning
+    assert "1.00 correlated with the map of the neutral prompt 'a disk'" in warning
     assert "not guiding the result" in warning
     assert _warned(w)
     assert warnings_seen == [f.message]
@@ -300,7 +300,7 @@ def test_all_slices_summarises_the_flagged_slices(make_napari_viewer, tiny_pipel
     assert float(match.group(1)) == pytest.approx(1 - mean_r, abs=0.005)
     assert match.group(4) == "3" and match.group(5) == "3 of 3 flagged (z=0-2)"
     assert warning.startswith("The text did not steer the map on 3 of 3 slices. z=")
-    assert "1.00 correlated with the neutral prompt 'a disk'" in warning
+    assert "1.00 correlated with the map of the neutral prompt 'a disk'" in warning
     assert _warned(w) and warnings_seen == [warning]  # one notification for the run
 
 

@@ -70,16 +70,16 @@ class Faithfulness:
         """A one-line warning when the text does not steer; "" when it does."""
         neutral = repr(self.neutral_prompt) if self.neutral_prompt else "the empty prompt"
         if self.correlation >= self.max_correlation:
-            return (f"This prompt's map is {self.correlation:.2f} correlated with the neutral "
-                    f"prompt {neutral}'s: the text is not guiding the result. Try naming the "
-                    "finding and the organ (e.g. 'hypoechoic breast tumor'), a prompt "
-                    "ensemble, or another saliency layer.")
+            return (f"This prompt's map is {self.correlation:.2f} correlated with the map of "
+                    f"the neutral prompt {neutral}: the text is not guiding the result. Try "
+                    "naming the finding and the organ (e.g. 'hypoechoic breast tumor'), a "
+                    "prompt ensemble, or another saliency layer.")
         close = [(c, r) for c, r in self.contrasts if r >= self.max_correlation]
         if close:
             c, r = max(close, key=lambda item: item[1])
-            return (f"This prompt's map is {r:.2f} correlated with the contrast prompt {c!r}'s: "
-                    "the text does not tell them apart here. Try a more specific prompt or "
-                    "another saliency layer.")
+            return (f"This prompt's map is {r:.2f} correlated with the map of the contrast "
+                    f"prompt {c!r}: the text does not tell them apart here. Try a more "
+                    "specific prompt or another saliency layer.")
         return ""
 
     def summary(self) -> str:

@@ -363,22 +363,29 @@ class ZeroShotPipeline:
                                       np.zeros(rgb.shape[:2], dtype=bool), False, NOTHING_FOUND,
                                       {"saliency_steps": steps}, rgb=rgb,
                                       faithfulness=faithfulness)
+        mask = self._sam_mask(rgb, prompts, report, should_stop, 0.74)
+        message = (f"{len(coarse.components)} component(s) kept of {coarse.n_candidates}; "
+                   f"mask of {int(mask.sum())} pixels.")
+        return SegmentationResult(saliency, coarse, prompts, mask, True, message, rgb=rgb,
+                                  faithfulness=faithfulness)
+
+    def _sam_mask(self, rgb: np.ndarray, prompts: Prompts, report: ProgressFn,
+                  should_stop: StopFn | None, at: float) -> np.ndarray:
+        """The chain's last stage: SAM (loaded and the image encoded if needed, reported
+        from fraction ``at``), then :meth:`refine`; reports ``done``."""
         _check_stop(should_stop)
         if self._sam is None:
-            report("loading SAM", 0.74)
+            report("loading SAM", at)
             _ = self.sam
         session = self.session
         if not session.is_cached(session.key_for(rgb)):
-            report("encoding image (SAM)", 0.76)
+            report("encoding image (SAM)", at + 0.02)
             session.set_image(rgb)
         _check_stop(should_stop)
         report("SAM mask", 0.97)
         mask = self.refine(rgb, prompts)
         report("done", 1.0)
-        message = (f"{len(coarse.components)} component(s) kept of {coarse.n_candidates}; "
-                   f"mask of {int(mask.sum())} pixels.")
-        return SegmentationResult(saliency, coarse, prompts, mask, True, message, rgb=rgb,
-                                  faithfulness=faithfulness)
+        return mask
 
     def _assess(self, saliency: np.ndarray, other_maps: list[np.ndarray],
                 selected: np.ndarray, rgb: np.ndarray, neutral_selection=None):
@@ -465,16 +472,9 @@ class ZeroShotPipeline:
             message = (NOTHING_UNDER_CAP.format(n=len(generated), cap=100 * cfg.area_cap)
                        if generated else NOTHING_PROPOSED)
             return SegmentationResult(saliency, coarse, prompts, np.zeros(shape, dtype=bool),
-                                      False, message, extra, rgb=rgb)
-        _check_stop(should_stop)
-        session = self.session
-        if not session.is_cached(session.key_for(rgb)):
-            report("encoding image (SAM)", 0.8)
-            session.set_image(rgb)
-        _check_stop(should_stop)
-        report("SAM mask", 0.97)
-        mask = self.refine(rgb, prompts)
-        report("done", 1.0)
+                                      False, message, extra, rgb=rgb,
+                                      faithfulness=faithfulness)
+        mask = self._sam_mask(rgb, prompts, report, should_stop, 0.8)
         best = ", ".join(f"{scores[i]:.1f}" for i in chosen)
         message = (f"{len(chosen)} of {len(kept)} SAM proposal(s) retrieved by CLIP (score "
                    f"{best}); mask of {int(mask.sum())} pixels.")
