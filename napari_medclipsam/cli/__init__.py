@@ -2,6 +2,7 @@
 
     medclipsam segment IMAGES... --prompt TEXT [--prompt-file JSON] -o OUT
     medclipsam evaluate --pred DIR --gt DIR
+    medclipsam calibrate --images DIR --masks CORRECTED_DIR --prompt TEXT -o PRESET.json
     medclipsam finetune-clip DATA -o OUT [--loss dhn-nce] [--resume]
     medclipsam eval-retrieval DATA [--clip-model MODEL]
     medclipsam nnunet export --images DIR --masks DIR --dataset-id N --name NAME --out RAW
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..core.errors import InputError
-from . import evaluate, finetune, nnunet, segment
+from . import calibrate, evaluate, finetune, nnunet, segment
 from .common import CLIError, Terminated, oserror_line, quiet_warnings
 
 __all__ = ["build_parser", "main"]
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show tracebacks and every warning, ours and other libraries' "
                              "(hidden otherwise); may be given anywhere on the line.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (segment, evaluate, finetune, nnunet):
+    for module in (segment, evaluate, calibrate, finetune, nnunet):
         module.add_parser(sub)
     return parser
 
