@@ -42,9 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--chains", action="store_true",
                         help="time each method's whole chain to the mask instead")
+    parser.add_argument("--salip", action="store_true",
+                        help="time SaLIP's generator settings and its CLIP scoring instead")
     args = parser.parse_args(argv)
     if args.chains:
         return chains(args.threads, args.repeats)
+    if args.salip:
+        return salip_costs(args.threads)
 
     import torch
     from bench_m2ib import build_random_biomedclip
@@ -170,6 +174,58 @@ def chains(threads: int, repeats: int) -> int:
         parts = ", ".join(f"{k} {statistics.median(r[1].get(k, 0.0) for r in done):.2f}"
                           for k in keys if k not in ("done",))
         rows.append(f"| {name} | **{total:.2f}** | {parts} | {done[-1][2]} |")
+    print("\n".join(rows))
+    return 0
+
+
+def salip_costs(threads: int) -> int:
+    """SaLIP's two costs on a 512x512 image: SAM 2.1 tiny's automatic mask generator under
+    a few settings (its grid of points and crop layers), and CLIP scoring N crops (random
+    weights propose nothing that passes SaLIP's thresholds, so the crops are made here)."""
+    import torch
+    from bench_fast_path import _image
+    from bench_m2ib import build_random_biomedclip
+
+    from napari_medclipsam.core.config import SalipConfig
+    from napari_medclipsam.core.io import to_rgb_uint8
+    from napari_medclipsam.core.models import SamBundle, build_sam
+    from napari_medclipsam.core.precision import resolve_precision
+    from napari_medclipsam.core.salip import (
+        Proposal,
+        crop_embeddings,
+        crop_image,
+        generate_proposals,
+    )
+
+    torch.set_num_threads(threads)
+    precision = resolve_precision("auto", "cpu")
+    rgb = to_rgb_uint8(_image(np.random.default_rng(0), 512))
+    torch.manual_seed(0)
+    bundle = SamBundle(build_sam("sam2_t").eval().requires_grad_(False), "sam2_t", "cpu", None,
+                       None)
+    rows = [f"| SaLIP stage (SAM 2.1 tiny, {precision}) | s per 512x512 image |", "|---|---:|"]
+    generate_proposals(bundle, rgb, SalipConfig(points_per_side=4, crop_n_layers=0), precision)
+    for pps, layers in ((16, 1), (16, 0), (8, 1), (8, 0)):
+        start = time.perf_counter()
+        generate_proposals(bundle, rgb, SalipConfig(points_per_side=pps, crop_n_layers=layers),
+                           precision)
+        rows.append(f"| generator: {pps} points per side, {layers} crop layer(s) | "
+                    f"{time.perf_counter() - start:.2f} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = build_random_biomedclip(Path(tmp))
+        rng = np.random.default_rng(1)
+        for n in (10, 50):
+            crops = []
+            for _ in range(n):
+                y0, x0 = (int(v) for v in rng.integers(0, 400, 2))
+                mask = np.zeros((512, 512), dtype=bool)
+                mask[y0:y0 + 100, x0:x0 + 80] = True
+                crops.append(crop_image(rgb, Proposal(mask, (x0, y0, x0 + 79, y0 + 99), 8000,
+                                                      1.0, 1.0)))
+            crop_embeddings(clip, crops[:2], precision)
+            start = time.perf_counter()
+            crop_embeddings(clip, crops, precision)
+            rows.append(f"| CLIP scoring of {n} crops | {time.perf_counter() - start:.2f} |")
     print("\n".join(rows))
     return 0
 
