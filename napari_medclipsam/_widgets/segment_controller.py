@@ -26,6 +26,14 @@ earlier output (propagated again); :meth:`~SegmentController.propagate` runs
 :meth:`~napari_medclipsam.core.pipeline.ZeroShotPipeline.propagate_volume`;
 :meth:`~SegmentController.write_propagation` says what to write and notes it in the book.
 
+Tuning on corrected cases ("Tune on my corrections"): :meth:`SegmentController.plan_tuning`
+reads an exported nnU-Net dataset's records in the GUI thread (only the cases marked corrected;
+too few for the folds is one message, before any work); :meth:`~SegmentController.tune`
+calibrates the pipeline's settings on them by k-fold cross-validated Dice
+(:mod:`napari_medclipsam.core.calibrate`) in a worker and writes the preset and its report to
+``DATASET/medclipsam_tuned/`` (:func:`next_preset_path`: never over an earlier one); the
+:class:`Tuning` it returns gives the result line, the warning and the settings to apply.
+
 Also here, for the view to show: :class:`ProgressTracker` (the pipeline's stage names with
 the slice count and an ETA), :func:`gui_message` (the core's command-line wording turned
 into the widget's field names), :func:`matching_presets` and :func:`describe_settings` (the
@@ -45,6 +53,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -832,6 +841,90 @@ class SegmentController:
         merged = tuple(np.concatenate(axis) for axis in zip(*index, strict=True))
         return merged, np.concatenate(values), skipped
 
+    # -- tuning on corrected cases ----------------------------------------------------
+    def plan_tuning(self, dataset: str | Path, prompt_lines: Sequence[str], *,
+                    grid: str = "small", folds: int = 5) -> TuningPlan:
+        """What "Tune on my corrections" will read from an exported dataset, checked before
+        any image is read or model loaded: the prompt, the chain (MedCLIP-SAMv2), the
+        dataset's records, the label to tune on, and enough corrected cases for ``folds``.
+        Cheap: call it in the GUI thread.
+
+        Raises
+        ------
+        InputError
+            One line saying what is wrong and what to do.
+        """
+        from napari_medclipsam.core.calibrate import dataset_case_files
+        from napari_medclipsam.nnunet.export import CASES_FILE
+
+        name = target_name(prompt_lines)
+        if grid not in TUNING_GRIDS:
+            raise InputError(f"Unknown grid {grid!r}; choose {' or '.join(TUNING_GRIDS)}.")
+        if self.pipeline is None:
+            raise InputError("No models configured: choose the CLIP and SAM models first.")
+        if self.pipeline.config.method != "medclipsamv2":
+            raise InputError("Tuning tunes the MedCLIP-SAMv2 chain (saliency, coarse mask, "
+                             "SAM): choose Method: MedCLIP-SAMv2 first.")
+        if not str(dataset).strip():
+            raise InputError("Choose the exported dataset folder (RAW/Dataset001_NAME).")
+        found = dataset_case_files(
+            dataset, CASES_FILE,
+            instead="export the corrected cases from the Pseudo-labels & training dock")
+        label = label_name = None
+        if len(found.labels) > 1:
+            wanted = {t.strip().lower() for t in (name, *prompt_lines) if t.strip()}
+            hits = [n for n in found.labels if n.strip().lower() in wanted]
+            if not hits:
+                names = ", ".join(f"'{n}'" for n in found.labels)
+                raise InputError(
+                    f"{found.folder.name} holds {len(found.labels)} labels ({names}) and none "
+                    f"is named like the prompt '{name}': type the prompt of the target to "
+                    f"tune (its label's name, e.g. '{next(iter(found.labels))}').")
+            label_name = hits[0]
+            label = found.labels[label_name]
+        if len(found.files) < folds:
+            raise InputError(tuning_count_message(
+                len(found.files), folds, found.folder.name, uncorrected=found.uncorrected,
+                unusable=len(found.missing)))
+        return TuningPlan(found.folder, list(found.files), list(found.missing),
+                          found.uncorrected, tuple(t for t in prompt_lines if t.strip()),
+                          grid, int(folds), label, label_name)
+
+    def tune(self, plan: TuningPlan, *, progress: ProgressFn | None = None,
+             should_stop: StopFn | None = None) -> Tuning:
+        """Calibrate the pipeline's settings on the plan's corrected cases (worker thread):
+        the models load, the cases are read, :func:`~napari_medclipsam.core.calibrate
+        .calibrate` searches the grid (the pipeline's config is the defaults it is compared
+        with) and the preset with its report is written to :func:`next_preset_path`. Nothing
+        is written, and the state is not changed, when ``should_stop`` cancels it
+        (:class:`CancelledError`) or it fails.
+
+        The pipeline's config is not changed either: the view applies
+        :meth:`Tuning.state` to its fields when :attr:`Tuning.beats_defaults`.
+        """
+        from napari_medclipsam.core.calibrate import calibrate, read_cases, write_calibration
+        from napari_medclipsam.core.saliency import vit_parts
+
+        if self.pipeline is None:
+            raise InputError("No models configured: choose the CLIP and SAM models first.")
+        self.pipeline.prepare(progress)
+        if should_stop is not None and should_stop():
+            raise CancelledError("Tuning cancelled; nothing changed.")
+        prompts = {f.name: plan.prompt for f in plan.files}
+        cases, unusable = read_cases(plan.files, prompts, label=plan.label)
+        if len(cases) < plan.folds:
+            raise InputError(tuning_count_message(
+                len(cases), plan.folds, plan.dataset.name, uncorrected=plan.uncorrected,
+                unusable=len(plan.missing) + len(unusable)))
+        blocks = len(vit_parts(self.pipeline.clip)[2])
+        result = calibrate(self.pipeline, cases, tuning_space(plan.grid, blocks),
+                           folds=plan.folds, seed=0, progress=progress,
+                           should_stop=should_stop)
+        if should_stop is not None and should_stop():
+            raise CancelledError("Tuning cancelled; nothing changed.")
+        paths = write_calibration(result, next_preset_path(plan.dataset))
+        return Tuning(plan, result, paths, unusable)
+
 
 def _write_target(region: np.ndarray, mask: np.ndarray, value: int,
                   overwrite: bool) -> np.ndarray:
@@ -856,8 +949,208 @@ def cancel_message(run: Run | None, total: int | None = None) -> str:
             "finished slices kept.")
 
 
+# --------------------------------------------------------------------------- tuning
+#: where "Tune on my corrections" writes its presets, inside the dataset folder
+TUNED_FOLDER = "medclipsam_tuned"
+#: the calibration grids the dock offers (:meth:`~napari_medclipsam.core.calibrate.SearchSpace
+#: .named`), quick first
+TUNING_GRIDS = ("small", "default")
+#: the CLIP depth the grids' M2IB layers are written for (BiomedCLIP's ViT-B/16: 12 blocks)
+GRID_BLOCKS = 12
+
+
+def tuning_space(grid: str, blocks: int = GRID_BLOCKS):
+    """The :class:`~napari_medclipsam.core.calibrate.SearchSpace` ``grid`` for a CLIP whose
+    vision tower has ``blocks`` blocks: the grid's M2IB layers are BiomedCLIP's (12 blocks),
+    so for another depth they move to the same relative depth (layers 7 and 9 of 12 are 2
+    and 3 of 4), within the tower."""
+    from napari_medclipsam.core.calibrate import SearchSpace
+
+    space = SearchSpace.named(grid)
+    if blocks == GRID_BLOCKS or blocks < 1:
+        return space
+    layers = tuple(min(blocks - 1, max(0, round(layer * blocks / GRID_BLOCKS)))
+                   for layer in space.layers)
+    return dataclasses.replace(space, layers=layers)
+
+
+def next_preset_path(dataset: str | Path) -> Path:
+    """``DATASET/medclipsam_tuned/preset.json``, or ``preset_2.json``, ``preset_3.json``, ...:
+    the first name none of whose files (the preset and its report,
+    :func:`~napari_medclipsam.core.calibrate.calibration_paths`) exists, so an earlier
+    tuning is never overwritten."""
+    import os
+
+    from napari_medclipsam.core.calibrate import calibration_paths
+
+    folder = Path(dataset) / TUNED_FOLDER
+    n = 1
+    while True:
+        path = folder / ("preset.json" if n == 1 else f"preset_{n}.json")
+        if not any(os.path.lexists(p) for p in calibration_paths(path).values()):
+            return path
+        n += 1
+
+
+def dice_change(before: float, after: float) -> str:
+    """``"0.71 -> 0.78"``; three decimals when two would show no change."""
+    digits = 2 if round(before, 2) != round(after, 2) or before == after else 3
+    return f"{before:.{digits}f} -> {after:.{digits}f}"
+
+
+def tuning_count_message(found: int, folds: int, dataset: str, *, uncorrected: int = 0,
+                         unusable: int = 0) -> str:
+    """Too few corrected cases for the folds, in one line: how many are needed and found,
+    what was left out and what to do."""
+    left = []
+    if uncorrected:
+        left.append(f"{uncorrected} uncorrected")
+    if unusable:
+        left.append(f"{unusable} unusable")
+    left_out = f" ({' and '.join(left)} not used)" if left else ""
+    hint = ("Export more cases with 'corrected by hand' checked (Pseudo-labels & training "
+            "dock)")
+    hint += f", or set Folds to {found}." if found >= 2 else "."
+    return (f"Tuning needs at least {folds} corrected cases for {folds}-fold "
+            f"cross-validation; found {found} in {dataset}{left_out}. {hint}")
+
+
+@dataclass(frozen=True)
+class TuningPlan:
+    """What a "Tune on my corrections" run reads (made in the GUI thread, from the dataset's
+    records only: no image is read yet).
+
+    Attributes
+    ----------
+    dataset : Path
+        The exported nnU-Net raw dataset (``RAW/Dataset001_NAME``).
+    files : list of CaseFile
+        Its corrected cases with both files present.
+    missing : list of str
+        One line per corrected case whose files are missing (skipped).
+    uncorrected : int
+        Cases not marked corrected: left out.
+    prompt : tuple of str
+        The dock's prompt lines (every case's prompt).
+    grid : str
+        ``"small"`` or ``"default"`` (:data:`TUNING_GRIDS`).
+    folds : int
+        k of the k-fold cross-validation.
+    label, label_name : int or None, str or None
+        The label tuned on in a dataset of several labels (its value in ``labelsTr`` and
+        name); None: every labelled pixel.
+    """
+
+    dataset: Path
+    files: list
+    missing: list[str]
+    uncorrected: int
+    prompt: tuple[str, ...]
+    grid: str = "small"
+    folds: int = 5
+    label: int | None = None
+    label_name: str | None = None
+
+    def describe(self) -> str:
+        """``"Tuning 'breast tumor' on 6 corrected cases of Dataset001_Breast (small grid,
+        5-fold cross-validation; 2 uncorrected cases not used)..."``."""
+        name = target_name(self.prompt)
+        on = f" (label '{self.label_name}')" if self.label_name else ""
+        notes = [f"{self.grid} grid", f"{self.folds}-fold cross-validation"]
+        if self.uncorrected:
+            notes.append(f"{self.uncorrected} uncorrected case{'s' * (self.uncorrected != 1)} "
+                         "not used")
+        if self.missing:
+            notes.append(f"{len(self.missing)} with missing files skipped")
+        return (f"Tuning '{name}' on {len(self.files)} corrected cases of "
+                f"{self.dataset.name}{on} ({'; '.join(notes)})...")
+
+
+@dataclass
+class Tuning:
+    """A finished "Tune on my corrections" run.
+
+    Attributes
+    ----------
+    plan : TuningPlan
+    result : CalibrationResult
+        The calibration (:func:`~napari_medclipsam.core.calibrate.calibrate`).
+    paths : dict of str to Path
+        The files written (``preset``, ``folds``, ``table``, ``report``, ``plot``).
+    unusable : list of str
+        One line per corrected case that could not be read (skipped).
+    """
+
+    plan: TuningPlan
+    result: Any
+    paths: dict[str, Path]
+    unusable: list[str] = field(default_factory=list)
+
+    @property
+    def cases(self) -> list[str]:
+        """The corrected cases it was tuned on."""
+        return list(self.result.table.names)
+
+    @property
+    def line(self) -> str:
+        """``"Tuned on 12 corrected cases: cross-validated Dice 0.71 -> 0.78 (defaults ->
+        tuned, 5 folds)"``."""
+        cv = self.result.cv
+        return (f"Tuned on {len(self.cases)} corrected cases: cross-validated Dice "
+                f"{dice_change(cv.default_dice, cv.tuned_dice)} (defaults -> tuned, "
+                f"{len(cv.folds)} folds)")
+
+    @property
+    def beats_defaults(self) -> bool:
+        """True when the tuning beat the defaults on held-out cases (a positive mean gain
+        over the folds, even if within their noise): worth applying."""
+        return self.result.cv.mean_gain > 0
+
+    @property
+    def warning(self) -> str:
+        """``""``, or why the gain may be noise (the calibration's warning)."""
+        return self.result.warning or ""
+
+    @property
+    def folder(self) -> Path:
+        """Where the preset and its report are."""
+        return self.paths["preset"].parent
+
+    def details(self) -> str:
+        """What was chosen, what was skipped and where the files are, in a few lines."""
+        from napari_medclipsam.core.calibrate import calibration_paths
+
+        result = self.result
+        options = result.table.prompt_options
+        lines = [f"Chosen: {result.combination.describe(options)}."]
+        if result.combination == result.default:
+            lines[0] = "Chosen: the current settings (no combination did better)."
+        skipped = []
+        if self.plan.uncorrected:
+            skipped.append(f"{self.plan.uncorrected} uncorrected")
+        bad = len(self.plan.missing) + len(self.unusable)
+        if bad:
+            skipped.append(f"{bad} unusable ({'; '.join((self.plan.missing + self.unusable)[:2])}"
+                           f"{' ...' if bad > 2 else ''})")
+        if skipped:
+            lines.append(f"Not used: {', '.join(skipped)}.")
+        paths = calibration_paths(self.paths["preset"])
+        lines.append(f"Preset {paths['preset'].name} and its report ({paths['folds'].name}, "
+                     f"{paths['table'].name}, {paths['plot'].name}) in {self.folder}.")
+        return "\n".join(lines)
+
+    def state(self, all_slices: bool = False) -> dict[str, Any]:
+        """The tuned settings in the shape of the dock's saved settings (``apply_state``):
+        the preset's config, the prompt tuned with."""
+        preset = self.result.preset()
+        return {"prompt": list(preset.get("prompt") or self.plan.prompt),
+                "config": preset["config"], "all_slices": bool(all_slices)}
+
+
 # --------------------------------------------------------------------------- progress
 SLICE_STAGE = re.compile(r"^slice (\d+)/(\d+) \(z=(\d+)\): (.*)$")
+#: core.calibrate's report of each case (same groups: n, N, the case's name, the step)
+CASE_STAGE = re.compile(r"^case (\d+)/(\d+) \((.*)\): (.*)$")
 #: core.propagate's report after each propagated slice
 PROPAGATE_STAGE = re.compile(r"^propagating: slice (\d+)/(\d+) \(z=(\d+)\)$")
 
@@ -885,6 +1178,9 @@ class ProgressUpdate:
         Slices finished so far (``n - 1`` while slice ``n`` runs, ``N`` at the end).
     eta_s : float or None
         Seconds left, once a slice has finished (None before, and for a single image).
+    unit : str
+        What is counted: ``"slices"``, or ``"cases"`` for a tuning run (``"case n/N
+        (name): ..."``).
     """
 
     stage: str
@@ -893,13 +1189,14 @@ class ProgressUpdate:
     slice_count: int | None = None
     slices_done: int = 0
     eta_s: float | None = None
+    unit: str = "slices"
 
     @property
     def text(self) -> str:
         """``"slice 3/8 (z=2): SAM mask · 2 of 8 slices done · about 1 min 20 s left"``."""
         parts = [self.stage]
         if self.slice_count:
-            parts.append(f"{self.slices_done} of {self.slice_count} slices done")
+            parts.append(f"{self.slices_done} of {self.slice_count} {self.unit} done")
         if self.eta_s is not None and self.slices_done < (self.slice_count or 0):
             parts.append(f"about {format_duration(self.eta_s)} left")
         return " · ".join(parts)
@@ -912,7 +1209,8 @@ class ProgressTracker:
     The ETA is measured from the first slice's start (loading the models does not count)
     and extrapolates the run's fraction: ``elapsed * (1 - f) / f``. Propagation reports
     each slice once it is done (``"propagating: slice n/N (z=Z)"``); its ETA is the time per
-    slice since the first report times the slices left.
+    slice since the first report times the slices left. A tuning run's cases (``"case n/N
+    (name): ..."``) count as slices do.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
@@ -924,6 +1222,9 @@ class ProgressTracker:
     def update(self, stage: str, fraction: float) -> ProgressUpdate:
         fraction = float(min(max(fraction, 0.0), 1.0))
         match = SLICE_STAGE.match(stage)
+        unit = "slices"
+        if match is None and CASE_STAGE.match(stage):
+            match, unit = CASE_STAGE.match(stage), "cases"
         propagated = PROPAGATE_STAGE.match(stage) if match is None else None
         if propagated is not None:
             done, count = int(propagated.group(1)), int(propagated.group(2))
@@ -946,7 +1247,7 @@ class ProgressTracker:
             if done >= 1 and fraction > 0:
                 elapsed = now - self._slices_start
                 eta = elapsed * (1.0 - fraction) / fraction
-            update = ProgressUpdate(stage, fraction, number, count, done, eta)
+            update = ProgressUpdate(stage, fraction, number, count, done, eta, unit)
         self.updates.append(update)
         return update
 

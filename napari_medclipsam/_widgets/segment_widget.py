@@ -29,11 +29,23 @@ status line, and when the text does not steer, an orange warning there and a nap
 notification. Advanced holds its settings (on/off, neutral and contrast prompts, the
 correlation to warn at).
 
+**Tune on my corrections...** searches the chain's settings on the cases a person
+corrected: it asks for the nnU-Net dataset the "Pseudo-labels & training" dock exported (that
+dock's dataset when it is open), uses only its cases marked corrected, and runs the
+calibration (k-fold cross-validated Dice against the corrections, the current settings as the
+defaults) in a worker, with progress on the bar and Cancel. The tuned settings are applied to
+the fields when they beat the current ones on held-out cases (**Undo tuning** puts the
+previous ones back; otherwise the current ones are kept), the preset and its report (CSV,
+PNG) go to ``DATASET/medclipsam_tuned/`` (numbered, never over an earlier one), and a line
+under the button gives the cross-validated Dice, defaults -> tuned, with the calibration's
+warning in orange when the gain is within the folds' noise.
+
 napari opens this class from the Plugins menu and passes the viewer as ``napari_viewer``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
@@ -90,6 +102,7 @@ from napari_medclipsam._widgets.layer_prompts import (
 from napari_medclipsam._widgets.segment_controller import (
     CONTRAST_SEPARATOR,
     FIELD_LABELS,
+    TUNED_FOLDER,
     AutoChoice,
     FaithfulnessView,
     ProgressTracker,
@@ -98,6 +111,7 @@ from napari_medclipsam._widgets.segment_controller import (
     Run,
     SegmentController,
     Target,
+    Tuning,
     auto_choice,
     cancel_message,
     describe_settings,
@@ -133,6 +147,8 @@ if TYPE_CHECKING:
 CUSTOM = "(custom)"
 LABEL_MAP = "label map"
 SETTINGS = SettingsStore("segment_widget.json")
+#: the last dataset tuned on, the grid and the folds
+TUNING_SETTINGS = SettingsStore("segment_tuning.json")
 
 KINDS = ("saliency", "coarse mask", "boxes", "points", "SAM mask")
 #: the layers of the steps before SAM, hidden once SAM has run
@@ -152,6 +168,8 @@ BOX_CHOICES = (("single", "one box for all"), ("per_component", "one box per reg
 # The chain (PipelineConfig.method); short names, the tooltip names the papers.
 METHOD_CHOICES = (("medclipsamv2", "MedCLIP-SAMv2"), (SALIP, "SaLIP"))
 CROP_CHOICES = (("mask", "mask (SaLIP)"), ("box", "box"))
+# Tune on my corrections: the calibration grids (core.calibrate.SearchSpace.named)
+GRID_CHOICES = (("small", "quick"), ("default", "full"))
 #: the faithfulness line: plain, and when the text does not steer (orange reads on napari's
 #: dark and light themes)
 FAITH_STYLE = "font-size: 11px;"
@@ -262,6 +280,24 @@ TIPS = {
                         "saliency optimisation.",
     "max_correlation": "Warn when the prompt's map is at least this correlated (Pearson's "
                        "r, 0 to 1) with the neutral or a contrast prompt's map.",
+    "tune": "Find the settings that fit your data from the cases you corrected. Choose the "
+            "nnU-Net dataset the 'Pseudo-labels & training' dock exported: only its cases "
+            "marked 'corrected by hand' are used, each with the prompt above. The saliency "
+            "layer and focus, coarse mask, regions kept and boxes are searched; each fold's "
+            "choice is scored on cases it was not tuned on (k-fold cross-validated Dice), "
+            "next to the current settings. The best are applied here when they beat the "
+            "current ones on held-out cases (Undo tuning puts these back); the preset and "
+            "its report (CSV, PNG) go to "
+            f"DATASET/{TUNED_FOLDER}/ (Load settings... reads the preset).",
+    "tune_grid": "quick: saliency layers 7 and 9 x focus 0.1 and 1, Otsu or KMeans, 1 or 2 "
+                 "regions, one box or one per region (32 combinations, 4 saliency maps per "
+                 "case: minutes on a CPU for 10 cases). full: also layer 8, focus 2, min. "
+                 "confidence 0.5, a 2% box margin and points (360 combinations, 9 maps per "
+                 "case). Layers are BiomedCLIP's (12 blocks); for a CLIP of another depth they "
+                 "move to the same relative depth.",
+    "tune_folds": "k of the k-fold cross-validation: the corrected cases are split in k "
+                  "groups, each scored with settings tuned on the others. Needs at least k "
+                  "corrected cases.",
 }
 
 
@@ -349,6 +385,8 @@ class SegmentWidget(QWidget):
         none shown).
     progress_log : list of ProgressUpdate
         Every progress report of the last run, in order (stage name, fraction, ETA).
+    last_tuning : Tuning or None
+        The last finished Tune on my corrections (its result, the files written).
     """
 
     _progress_signal = Signal(str, float)
@@ -372,6 +410,10 @@ class SegmentWidget(QWidget):
         self.last_faithfulness: FaithfulnessView | None = None
         self.auto: AutoChoice | None = None  # what "auto" means on the chosen device
         self._auto_worker = None
+        self._activity = "Running"  # what the progress line says: Running, Tuning
+        self.last_tuning: Tuning | None = None
+        #: the settings before the last applied tuning (Undo tuning), and its preset title
+        self._before_tuning: tuple[dict[str, Any], str | None] | None = None
 
         self._build_ui()
         self._progress_signal.connect(self._on_progress)
@@ -668,6 +710,7 @@ class SegmentWidget(QWidget):
         files.addWidget(self.save_button)
         files.addWidget(self.load_button)
         layout.addLayout(files)
+        self._build_tuning(layout)
         layout.addStretch()
         for section in (models, advanced):  # in the scroll area: grow, never squeeze
             section.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Minimum)
@@ -675,6 +718,53 @@ class SegmentWidget(QWidget):
             combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(8)
         self.set_fields_from_config(PipelineConfig())
+
+    def _build_tuning(self, layout: QVBoxLayout) -> None:
+        """Tune on my corrections: the button, its grid and folds, and under them the last
+        tuning's result line, its warning (orange) and Undo tuning."""
+        self.tune_button = QPushButton("Tune on my corrections...")
+        self.tune_button.setToolTip(TIPS["tune"])
+        self.tune_button.clicked.connect(self._tune_dialog)
+        layout.addWidget(self.tune_button)
+        row = QHBoxLayout()  # under the button: the dock stays narrow (1366x768)
+        self.tune_grid_combo = _choice_combo(GRID_CHOICES)
+        self.tune_folds_spin = QSpinBox()
+        self.tune_folds_spin.setRange(2, 20)
+        self.tune_folds_spin.setValue(5)
+        for text, widget, tip in (("Grid", self.tune_grid_combo, TIPS["tune_grid"]),
+                                  ("Folds", self.tune_folds_spin, TIPS["tune_folds"])):
+            label = QLabel(text)
+            for item in (label, widget):
+                item.setToolTip(tip)
+            row.addWidget(label)
+            row.addWidget(widget)
+        row.addStretch()
+        layout.addLayout(row)
+        self.tune_label = QLabel("")  # the last tuning: result line, choice, files
+        self.tune_label.setTextFormat(Qt.PlainText)
+        self.tune_label.setWordWrap(True)
+        self.tune_label.setStyleSheet(FAITH_STYLE)
+        self.tune_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.tune_label.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Minimum)
+        self.tune_warning_label = QLabel("")
+        self.tune_warning_label.setTextFormat(Qt.PlainText)
+        self.tune_warning_label.setWordWrap(True)
+        self.tune_warning_label.setStyleSheet(FAITH_WARNING_STYLE)
+        self.tune_warning_label.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Minimum)
+        self.undo_tune_button = QPushButton("Undo tuning")
+        self.undo_tune_button.setToolTip("Put back the settings in force before the tuning "
+                                         "(the tuned preset stays on disk).")
+        self.undo_tune_button.clicked.connect(self.undo_tuning)
+        for widget in (self.tune_label, self.tune_warning_label, self.undo_tune_button):
+            widget.setVisible(False)
+            layout.addWidget(widget)
+        try:
+            saved = TUNING_SETTINGS.load() or {}
+        except ValueError:
+            saved = {}
+        set_combo_value(self.tune_grid_combo, str(saved.get("grid", "small")))
+        if isinstance(saved.get("folds"), int):
+            self.tune_folds_spin.setValue(saved["folds"])
 
     def _build_faithfulness_fields(self, aform: QFormLayout, label: dict[str, str]) -> None:
         """The faithfulness check's rows of Advanced (both methods): on/off, the neutral
@@ -1099,8 +1189,9 @@ class SegmentWidget(QWidget):
             on_slice=self._slice_signal.emit if volume else None,
             on_done=self._on_done, on_finished=lambda: self._set_running(False))
 
-    def _begin_run(self, live: LiveVolume | None) -> None:
+    def _begin_run(self, live: LiveVolume | None, activity: str = "Running") -> None:
         """Reset the stop flag, progress tracker and bar, and show the run as started."""
+        self._activity = activity
         self._stop.clear()
         self._tracker = ProgressTracker()
         self.progress_log = self._tracker.updates
@@ -1115,6 +1206,7 @@ class SegmentWidget(QWidget):
         if not running:
             self._worker = None
         self.run_button.setEnabled(not running)
+        self.tune_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
         self._update_propagate_button()
 
@@ -1122,7 +1214,9 @@ class SegmentWidget(QWidget):
         """Ask the running computation to stop at its next check."""
         self._stop.set()
         self._refine_timer.stop()
-        if self.running:
+        if self.running and self._activity == "Tuning":
+            self._report("Cancelling the tuning (at the next step; nothing will change)...")
+        elif self.running:
             self._report("Cancelling (at the next step; finished slices are kept)...")
 
     def _on_progress(self, stage: str, fraction: float) -> None:
@@ -1130,7 +1224,7 @@ class SegmentWidget(QWidget):
         self.progress_bar.setValue(int(round(100 * update.fraction)))
         self.progress_bar.setFormat(f"{stage} %p%")
         if self.running and not self._stop.is_set() and stage != "done":
-            self._report(f"Running: {update.text}")
+            self._report(f"{self._activity}: {update.text}")
 
     def _on_done(self, outcome: Outcome) -> None:
         live, self._live = self._live, None
@@ -1632,6 +1726,134 @@ class SegmentWidget(QWidget):
             layer.data_setitem(index, values)
         self._report(done.summary(len(values), skipped, LABEL_MAP))
         return True
+
+    # ----------------------------------------------------------------------- tuning
+    def training_dataset_folder(self) -> Path | None:
+        """The dataset of the "Pseudo-labels & training" dock when it is open: the folder it
+        last exported to, else ``Dataset{ID}_*`` of its Dataset ID in its raw folder (None
+        when the dock is closed or that dataset does not exist yet)."""
+        from napari_medclipsam._widgets.training_widget import TrainingWidget
+        from napari_medclipsam.nnunet.export import find_dataset
+
+        docks = getattr(self.viewer.window, "dock_widgets", None)  # napari >= 0.6.2
+        for widget in list(docks.values()) if docks is not None else []:
+            if not isinstance(widget, TrainingWidget):
+                continue
+            export = widget.last_export
+            if export is not None and Path(export.folder).is_dir():
+                return Path(export.folder)
+            try:
+                raw = widget.folders().raw
+            except (InputError, OSError):
+                return None
+            return find_dataset(raw, widget.dataset_spin.value())
+        return None
+
+    def default_tuning_folder(self) -> Path | None:
+        """Where the folder dialog of Tune on my corrections opens: the training dock's
+        dataset, else the last dataset tuned on."""
+        folder = self.training_dataset_folder()
+        if folder is not None:
+            return folder
+        try:
+            last = (TUNING_SETTINGS.load() or {}).get("dataset")
+        except ValueError:
+            return None
+        return Path(last) if isinstance(last, str) and last else None
+
+    def _tune_dialog(self) -> None:
+        if self.running:
+            return
+        start = self.default_tuning_folder()
+        folder = QFileDialog.getExistingDirectory(
+            self, "Exported dataset with your corrected cases (RAW/Dataset001_NAME)",
+            str(start) if start is not None else "")
+        if folder:
+            self.tune(folder)
+
+    def tune(self, dataset: str | Path) -> None:
+        """Tune on my corrections with the exported dataset ``dataset``: its corrected cases
+        checked here (a problem, too few cases included, is one line in the status and no
+        worker starts), then the calibration in a worker; :meth:`_on_tuned` applies it."""
+        if self.running:
+            return
+        with contextlib.suppress(OSError):  # the last folder used; a read-only home is fine
+            TUNING_SETTINGS.save({"dataset": str(dataset),
+                                  "grid": combo_value(self.tune_grid_combo),
+                                  "folds": self.tune_folds_spin.value()})
+        try:
+            self.controller.configure(self.build_config(self._base_config()))
+            plan = self.controller.plan_tuning(
+                dataset, self._prompt_lines(), grid=combo_value(self.tune_grid_combo),
+                folds=self.tune_folds_spin.value())
+        except (InputError, ValueError, OSError) as exc:
+            self._report(gui_message(str(exc)), error=True)
+            return
+        self._begin_run(None, activity="Tuning")
+        self._report(plan.describe())
+        self._worker = start_worker(
+            self.controller.tune, plan, progress=self._progress_signal.emit,
+            should_stop=self._stop.is_set, on_done=self._on_tuned,
+            on_finished=lambda: self._set_running(False))
+
+    def _on_tuned(self, outcome: Outcome) -> None:
+        if outcome.cancelled:
+            self._stop_bar("cancelled")
+            self._report("Tuning cancelled; nothing changed.")
+            return
+        if not outcome.ok:
+            self._report_failure(outcome.error)
+            return
+        tuning: Tuning = outcome.value
+        self.last_tuning = tuning
+        if tuning.beats_defaults:
+            self._before_tuning = (self.run_state(), self._preset_in_force())
+            self.apply_state(tuning.state(self.all_slices_check.isChecked()))
+            # the settings line names them while the fields hold them ("preset: tuned on")
+            self._preset_title = (f"tuned on {len(tuning.cases)} corrected cases "
+                                  f"({tuning.paths['preset'].name})")
+            self._update_settings_line()
+            self.undo_tune_button.setVisible(True)
+            self.save_settings()
+            done = ("the tuned settings are applied (Undo tuning below puts the previous "
+                    "ones back).")
+        else:  # the cross-validation says keep them: the preset is on disk if wanted
+            done = ("the current settings are kept: the tuned ones did not beat them on "
+                    "held-out cases (Load settings... reads the tuned preset anyway).")
+        self.progress_bar.setValue(100)
+        self.progress_bar.setFormat("done %p%")
+        self.tune_label.setText(f"{tuning.line}.\n{tuning.details()}")
+        self.tune_warning_label.setText(tuning.warning)
+        self.tune_label.setVisible(True)
+        self.tune_warning_label.setVisible(bool(tuning.warning))
+        self._report(f"{tuning.line}; {done}")
+        if tuning.warning:
+            from napari.utils.notifications import show_warning
+
+            show_warning(tuning.warning)
+
+    def undo_tuning(self) -> None:
+        """Put back the settings in force before the last tuning was applied (the preset
+        chosen then included); the tuned preset stays on disk."""
+        if self._before_tuning is None or self.running:
+            return
+        state, title = self._before_tuning
+        self._before_tuning = None
+        self.apply_state(state)
+        if title is not None:
+            if self.preset_combo.findText(title) >= 0:  # one of the menu's presets
+                self.preset_combo.blockSignals(True)
+                self.preset_combo.setCurrentText(title)
+                self.preset_combo.blockSignals(False)
+            self._preset_title = title
+            self._update_settings_line()
+            self._update_suggestion()
+        self.undo_tune_button.setVisible(False)
+        self.save_settings()
+        where = self.last_tuning.paths["preset"] if self.last_tuning is not None else None
+        self._report("Settings before the tuning put back" + (
+            f"; the tuned preset stays in {where} (Load settings... reads it)." if where
+            else "."))
 
     # ----------------------------------------------------------------------- runs and settings
     def run_state(self) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.calibrate import CaseFile, read_cases
 from .common import (
     CLIError,
     Terminated,
@@ -37,7 +37,6 @@ from .common import (
     add_model_flags,
     check_device,
     check_writable_folder,
-    read_json_file,
     stop_requests,
 )
 
@@ -203,15 +202,6 @@ def _sam_models(text: str | None) -> list[tuple[str, str | None]]:
 # --------------------------------------------------------------------------- cases
 
 
-@dataclass(frozen=True)
-class CaseFile:
-    """A corrected case on disk: its name, image file and mask file."""
-
-    name: str
-    image: Path
-    mask: Path
-
-
 def folder_case_files(images: str | Path, masks: str | Path
                       ) -> tuple[list[CaseFile], list[str]]:
     """Images paired with same-name masks; and one line per image without a mask."""
@@ -237,74 +227,18 @@ def folder_case_files(images: str | Path, masks: str | Path
 
 def dataset_case_files(dataset: str | Path) -> tuple[list[CaseFile], list[str], int]:
     """The corrected cases of an nnU-Net raw dataset exported by medclipsam; one line per
-    corrected case whose files are missing; and how many uncorrected cases were left out."""
-    from ..nnunet.export import CASES_FILE, read_case_list
+    corrected case whose files are missing; and how many uncorrected cases were left out
+    (:func:`napari_medclipsam.core.calibrate.dataset_case_files`, its problems as
+    ``--dataset`` errors)."""
+    from ..core.calibrate import dataset_case_files as read_dataset
+    from ..core.errors import InputError
+    from ..nnunet.export import CASES_FILE
 
-    folder = Path(dataset)
-    if not folder.is_dir():
-        raise CLIError(f"--dataset {folder}: not a folder.")
-    if not (folder / "dataset.json").is_file():
-        raise CLIError(f"--dataset {folder}: no dataset.json; give an nnU-Net raw dataset "
-                       "folder (RAW/Dataset001_NAME).")
-    if not (folder / CASES_FILE).is_file():
-        raise CLIError(f"--dataset {folder}: no {CASES_FILE}, so which cases were corrected "
-                       "is unknown (the dataset was not exported by medclipsam); use "
-                       "--images and --masks instead.")
-    info = read_json_file(folder / "dataset.json", "--dataset")
-    ending = info.get("file_ending") if isinstance(info, dict) else None
-    if not isinstance(ending, str):
-        raise CLIError(f"--dataset {folder}: dataset.json has no file_ending.")
     try:
-        cases = read_case_list(folder)
-    except ValueError as exc:
-        raise CLIError(f"--dataset {folder}: {CASES_FILE} is not valid JSON ({exc}).") from exc
-    if not isinstance(cases, dict):
-        raise CLIError(f"--dataset {folder}: {CASES_FILE} must map case names to records.")
-    files, missing, uncorrected = [], [], 0
-    for case in sorted(cases):
-        entry = cases[case]
-        if not (isinstance(entry, dict) and entry.get("corrected") is True):
-            uncorrected += 1
-            continue
-        image = folder / "imagesTr" / f"{case}_0000{ending}"
-        mask = folder / "labelsTr" / f"{case}{ending}"
-        absent = [p for p in (image, mask) if not p.is_file()]
-        if absent:
-            missing.append(f"{case}: {absent[0]} is missing; skipped.")
-            continue
-        files.append(CaseFile(case, image, mask))
-    return files, missing, uncorrected
-
-
-def read_cases(files: list[CaseFile], prompts: dict[str, list[str]], window=None,
-               ) -> tuple[list, list[str]]:
-    """:class:`~napari_medclipsam.core.calibrate.CalibrationCase` of each file pair (image
-    windowed as segment does), and one line per case that could not be used (unreadable, a
-    volume, a mask of another size)."""
-    from ..core.calibrate import CalibrationCase
-    from ..core.evaluate import read_mask
-    from ..core.io import read_image, to_rgb_uint8
-
-    cases, skipped = [], []
-    for f in files:
-        try:
-            image = read_image(f.image)
-            if image.is_volume:
-                raise CLIError(f"a 3-D volume {image.data.shape}; calibration uses 2-D "
-                               "images (export its slices as 2-D cases)")
-            rgb = to_rgb_uint8(image.data, window or image.meta.get("window"))
-            try:
-                mask = read_mask(f.mask)
-            except Exception as exc:  # noqa: BLE001 - any failure is the mask file's problem
-                raise CLIError(f"its mask {f.mask.name} cannot be read ({exc})") from exc
-            if mask.shape != rgb.shape[:2]:
-                raise CLIError(f"its mask {f.mask.name} is {mask.shape[0]}x{mask.shape[1]} "
-                               f"but the image is {rgb.shape[0]}x{rgb.shape[1]}")
-            cases.append(CalibrationCase(f.name, rgb, mask, tuple(prompts.get(f.name, ()))))
-        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
-            text = " ".join(str(exc).split())[:300].rstrip(".")
-            skipped.append(f"{f.image.name}: {text}; skipped.")
-    return cases, skipped
+        found = read_dataset(dataset, CASES_FILE, instead="use --images and --masks instead")
+    except InputError as exc:
+        raise CLIError(f"--dataset {exc}") from exc
+    return found.files, found.missing, found.uncorrected
 
 
 def _case_prompts(args: argparse.Namespace, files: list[CaseFile], by_mask: bool = False

@@ -40,6 +40,13 @@ Each table entry is the Dice of the mask :meth:`~.pipeline.ZeroShotPipeline.segm
 with that combination's config (the same maps, thresholds, prompts and SAM calls).
 Cross-validation reads only the table.
 
+Corrected cases on disk
+-----------------------
+:func:`dataset_case_files` lists the cases of an nnU-Net raw dataset exported by medclipsam
+that its per-case record marks ``"corrected": true`` (the command line's ``--dataset`` and the
+dock's "Tune on my corrections" read it alike); :func:`read_cases` reads :class:`CaseFile` s
+into :class:`CalibrationCase` s, one line per case it cannot use.
+
 Cross-validation (:func:`cross_validate`)
 -----------------------------------------
 Cases are sorted by name and split by scikit-learn's ``KFold(shuffle=True,
@@ -78,10 +85,11 @@ from .config import (
 )
 from .errors import CancelledError, InputError
 
-__all__ = ["GRIDS", "CalibrationCase", "CalibrationResult", "Combination", "CrossValidation",
-           "DiceTable", "Fold", "SearchSpace", "calibrate", "calibration_paths",
-           "check_calibration_paths", "check_case_count", "cross_validate", "dice_table",
-           "plot_folds", "write_calibration"]
+__all__ = ["GRIDS", "CalibrationCase", "CalibrationResult", "CaseFile", "Combination",
+           "CrossValidation", "DatasetCases", "DiceTable", "Fold", "SearchSpace", "calibrate",
+           "calibration_paths", "check_calibration_paths", "check_case_count",
+           "cross_validate", "dataset_case_files", "dice_table", "plot_folds", "read_cases",
+           "write_calibration"]
 
 ProgressFn = Callable[[str, float], None]
 StopFn = Callable[[], bool]
@@ -156,6 +164,153 @@ def check_case_count(n_cases: int, folds: int) -> None:
                 else "Correct more cases.")
         raise InputError(f"calibrate needs at least {folds} corrected cases for {folds}-fold "
                          f"cross-validation; found {n_cases}. {hint}")
+
+
+# --------------------------------------------------------------------------- cases on disk
+
+
+@dataclass(frozen=True)
+class CaseFile:
+    """A corrected case on disk: its name, image file and mask file."""
+
+    name: str
+    image: Path
+    mask: Path
+
+
+@dataclass
+class DatasetCases:
+    """The corrected cases of an exported nnU-Net raw dataset (:func:`dataset_case_files`).
+
+    Attributes
+    ----------
+    folder : Path
+        The dataset folder (``RAW/Dataset001_NAME``).
+    files : list of CaseFile
+        Corrected cases whose image and mask are both there, sorted by case name.
+    missing : list of str
+        One line per corrected case whose image or mask file is missing (skipped).
+    uncorrected : int
+        Cases not marked corrected (raw zero-shot pseudo-labels): left out.
+    labels : dict of str to int
+        dataset.json's labels without the background: name -> value in ``labelsTr``.
+    """
+
+    folder: Path
+    files: list[CaseFile]
+    missing: list[str]
+    uncorrected: int
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc}).") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: {what} is not valid JSON ({exc}).") from exc
+
+
+def dataset_case_files(dataset: str | Path, cases_file: str, *, instead: str = ""
+                       ) -> DatasetCases:
+    """The corrected cases of an nnU-Net raw dataset exported by medclipsam.
+
+    Parameters
+    ----------
+    dataset : str or Path
+        ``RAW/Dataset001_NAME``: dataset.json, ``imagesTr/CASE_0000.EXT``,
+        ``labelsTr/CASE.EXT`` and the per-case record ``cases_file``.
+    cases_file : str
+        The record's file name (:data:`napari_medclipsam.nnunet.export.CASES_FILE`): case
+        name -> ``{"corrected": bool, ...}``.
+    instead : str
+        What to do instead when the dataset has no record (appended to that message).
+
+    Raises
+    ------
+    InputError
+        Not a folder, no dataset.json (or no ``file_ending`` in it), no record or an
+        unreadable one; each message starts with the folder.
+    """
+    folder = Path(dataset)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder.")
+    if not (folder / "dataset.json").is_file():
+        raise InputError(f"{folder}: no dataset.json; give an nnU-Net raw dataset folder "
+                         "(RAW/Dataset001_NAME).")
+    if not (folder / cases_file).is_file():
+        tail = f"; {instead}" if instead else ""
+        raise InputError(f"{folder}: no {cases_file}, so which cases were corrected is "
+                         f"unknown (the dataset was not exported by medclipsam){tail}.")
+    info = _read_json(folder / "dataset.json", "dataset.json")
+    ending = info.get("file_ending") if isinstance(info, dict) else None
+    if not isinstance(ending, str):
+        raise InputError(f"{folder}: dataset.json has no file_ending.")
+    labels = info.get("labels") if isinstance(info.get("labels"), dict) else {}
+    labels = {str(k): int(v) for k, v in labels.items()
+              if k != "background" and isinstance(v, int) and not isinstance(v, bool)}
+    cases = _read_json(folder / cases_file, cases_file)
+    if not isinstance(cases, dict):
+        raise InputError(f"{folder}: {cases_file} must map case names to records.")
+    files, missing, uncorrected = [], [], 0
+    for case in sorted(cases):
+        entry = cases[case]
+        if not (isinstance(entry, dict) and entry.get("corrected") is True):
+            uncorrected += 1
+            continue
+        image = folder / "imagesTr" / f"{case}_0000{ending}"
+        mask = folder / "labelsTr" / f"{case}{ending}"
+        absent = [p for p in (image, mask) if not p.is_file()]
+        if absent:
+            missing.append(f"{case}: {absent[0]} is missing; skipped.")
+            continue
+        files.append(CaseFile(case, image, mask))
+    return DatasetCases(folder, files, missing, uncorrected, labels)
+
+
+def read_cases(files: Sequence[CaseFile], prompts: dict[str, Sequence[str]], window=None,
+               *, label: int | None = None) -> tuple[list[CalibrationCase], list[str]]:
+    """:class:`CalibrationCase` of each file pair, and one line per case that could not be
+    used (unreadable, a volume, a mask of another size).
+
+    Parameters
+    ----------
+    files : sequence of CaseFile
+    prompts : dict
+        Case name -> its prompt (texts); a case missing here gets none.
+    window : Window, optional
+        Intensity window for non-8-bit images (default: the file's own, as segment does).
+    label : int, optional
+        The mask value that is the target (a dataset of several labels); None: every value
+        above 0.
+    """
+    from .evaluate import read_mask
+    from .io import read_image, to_rgb_uint8
+
+    cases, skipped = [], []
+    for f in files:
+        try:
+            image = read_image(f.image)
+            if image.is_volume:
+                raise InputError(f"a 3-D volume {image.data.shape}; calibration uses 2-D "
+                                 "images (export its slices as 2-D cases)")
+            rgb = to_rgb_uint8(image.data, window or image.meta.get("window"))
+            try:
+                if label is None:
+                    mask = read_mask(f.mask)
+                else:
+                    mask = np.asarray(read_image(f.mask).data) == label
+            except Exception as exc:  # noqa: BLE001 - any failure is the mask file's problem
+                raise InputError(f"its mask {f.mask.name} cannot be read ({exc})") from exc
+            if mask.shape != rgb.shape[:2]:
+                raise InputError(f"its mask {f.mask.name} is {mask.shape[0]}x{mask.shape[1]} "
+                                 f"but the image is {rgb.shape[0]}x{rgb.shape[1]}")
+            cases.append(CalibrationCase(f.name, rgb, mask, tuple(prompts.get(f.name, ()))))
+        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
+            text = " ".join(str(exc).split())[:300].rstrip(".")
+            skipped.append(f"{f.image.name}: {text}; skipped.")
+    return cases, skipped
 
 
 # --------------------------------------------------------------------------- the grid
