@@ -55,18 +55,9 @@ def _star(config: PipelineConfig) -> PipelineConfig:
 
 
 def _images(n: int, seed: int = 1) -> list[np.ndarray]:
-    """64x64 grey RGB images with three bright disks on a noisy background."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:64, :64]
-    out = []
-    for _ in range(n):
-        img = rng.normal(60, 10, (64, 64))
-        for _ in range(3):
-            cy, cx = rng.integers(10, 54, 2)
-            r = rng.integers(4, 9)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.uniform(150, 250)
-        out.append(np.repeat(img.clip(0, 255).astype(np.uint8)[..., None], 3, axis=2))
-    return out
+    from tiny_pipeline import disk_images
+
+    return disk_images(n, seed)
 
 
 def _export(pipeline, raw, n: int, corrected: int, star: bool = True, **kwargs):

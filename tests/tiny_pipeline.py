@@ -67,3 +67,21 @@ def write_cli_runner(folder: str | Path, delay: float = 0.0) -> Path:
     path = Path(folder) / "runner.py"
     path.write_text(RUNNER.format(tests=str(Path(__file__).parent), delay=delay))
     return path
+
+
+def disk_images(n: int, seed: int = 0):
+    """``n`` 64x64 grey RGB uint8 images with three bright disks on a noisy background (the
+    calibration tests' cases)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    out = []
+    for _ in range(n):
+        img = rng.normal(60, 10, (64, 64))
+        for _ in range(3):
+            cy, cx = rng.integers(10, 54, 2)
+            r = rng.integers(4, 9)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.uniform(150, 250)
+        out.append(np.repeat(img.clip(0, 255).astype(np.uint8)[..., None], 3, axis=2))
+    return out
