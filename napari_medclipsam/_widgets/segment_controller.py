@@ -59,7 +59,7 @@ import numpy as np
 
 from napari_medclipsam.core.config import FaithfulnessConfig, PipelineConfig, PromptConfig
 from napari_medclipsam.core.errors import CancelledError, InputError
-from napari_medclipsam.core.faithfulness import Faithfulness
+from napari_medclipsam.core.faithfulness import Faithfulness, mean_faithfulness
 from napari_medclipsam.core.io import file_stem
 from napari_medclipsam.core.pipeline import SegmentationResult, VolumeResult, ZeroShotPipeline
 from napari_medclipsam.core.postprocess import Prompts, prompts_from_mask
@@ -1559,7 +1559,7 @@ def faithfulness_view(run: Run | None) -> FaithfulnessView | None:
     if not checks:
         return None
     first = next(iter(checks.values()))
-    mean_r = float(np.mean([c.correlation for c in checks.values()]))
+    mean_r = mean_faithfulness(list(checks.values())).correlation
     flagged = [z for z, c in checks.items() if not c.steers]
     n = len(checks)
     text = (f"Faithfulness {1.0 - mean_r:.2f} (mean r = {mean_r:.2f} vs "

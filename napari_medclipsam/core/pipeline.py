@@ -193,17 +193,10 @@ class ZeroShotPipeline:
     def saliency(self, image_rgb: np.ndarray, text: str | Sequence[str],
                  progress: Callable[[int, int], None] | None = None,
                  should_stop: StopFn | None = None) -> np.ndarray:
-        """HxW float32 saliency in [0, 1] of ``text`` on an HxWx3 uint8 image."""
-        from .precision import autocast
-
-        if self.config.saliency.method == "m2ib":
-            from .saliency import m2ib_saliency as method
-        else:
-            from .cam import cam_saliency as method
-        embedding = self.text_embedding(text)
-        with autocast(self.precision, str(self.clip.device)):
-            return method(self.clip, image_rgb, text, self.config.saliency, progress=progress,
-                          should_stop=should_stop, text_embedding=embedding)
+        """HxW float32 saliency in [0, 1] of ``text`` on an HxWx3 uint8 image (the prompt's
+        map alone: :meth:`saliency_maps` of one text)."""
+        return self.saliency_maps(image_rgb, [text], progress=progress,
+                                  should_stop=should_stop)[0]
 
     def saliency_maps(self, image_rgb: np.ndarray, texts: Sequence[str | Sequence[str]],
                       progress: Callable[[int, int], None] | None = None,
