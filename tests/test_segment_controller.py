@@ -218,7 +218,7 @@ def test_gui_message_says_which_field_to_fill(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(models, "_hub_snapshot", offline)
+    monkeypatch.setattr(models, "hub_snapshot", offline)
     monkeypatch.setattr("pooch.retrieve", offline)
     problems = [*models.check_clip_source("hf-hub:microsoft/BiomedCLIP"),
                 *models.check_clip_source(f"local-dir:{tmp_path / 'missing'}"),

@@ -244,7 +244,7 @@ def _offline_clip_message(source: str, error: BaseException) -> str:
     )
 
 
-def _hub_snapshot(repo_id: str, patterns: list[str] | None) -> Path:
+def hub_snapshot(repo_id: str, patterns: list[str] | None) -> Path:
     """Download (or reuse from the cache) some files of a Hugging Face repo; return its folder."""
     from huggingface_hub import snapshot_download
 
@@ -282,7 +282,7 @@ def _text_dir(model_dir: Path, text_cfg: dict[str, Any], allow_download: bool) -
         )
     if not name:
         raise ModelUnavailableError(f"{model_dir}: open_clip_config.json names no text tower.")
-    return str(_hub_snapshot(name, list(TEXT_FILES)))
+    return str(hub_snapshot(name, list(TEXT_FILES)))
 
 
 def _find_weights(folder: Path) -> Path | None:
@@ -422,7 +422,7 @@ def _load_clip_uncached(source: str, device: str) -> ClipBundle:
     if source.startswith("hf-hub:"):
         repo = source.removeprefix("hf-hub:")
         try:
-            folder = _hub_snapshot(repo, ["open_clip_config.json", "*.bin", "*.safetensors",
+            folder = hub_snapshot(repo, ["open_clip_config.json", "*.bin", "*.safetensors",
                                           *TEXT_FILES[1:]])
             return _build_clip(folder, _find_weights(folder), source, device,
                                allow_download=True)
@@ -500,7 +500,7 @@ def check_clip_source(source: str) -> list[str]:
     if source.startswith("hf-hub:"):
         repo = source.removeprefix("hf-hub:")
         try:
-            folder = _hub_snapshot(repo, ["open_clip_config.json", "*.bin", "*.safetensors",
+            folder = hub_snapshot(repo, ["open_clip_config.json", "*.bin", "*.safetensors",
                                           *TEXT_FILES[1:]])
         except Exception as exc:  # network, auth, missing repo
             return [_offline_clip_message(source, exc)]
