@@ -27,9 +27,12 @@ BOX_MODES = ("single", "per_component")
 READOUTS = ("last_forward", "final")
 SALIENCY_METHODS = ("m2ib", "gscorecam", "gradcam")
 CAM_MODULES = ("norm1", "norm2")
-#: The chain: MedCLIP-SAMv2's (saliency -> coarse mask -> SAM) or SaLIP's (SAM's automatic
-#: masks -> CLIP retrieval of the crops -> SAM).
-METHODS = ("medclipsamv2", "salip")
+#: The chain: MedCLIP-SAMv2's (saliency -> coarse mask -> SAM), SaLIP's (SAM's automatic
+#: masks -> CLIP retrieval of the crops -> SAM) or a VLSM's (CLIPSeg / BiomedCLIPSeg
+#: probability -> mask, optionally its boxes -> SAM).
+METHODS = ("medclipsamv2", "salip", "vlsm")
+#: CLIPSeg's released weights (Lüddecke and Ecker), the VLSM used when none is named.
+DEFAULT_VLSM_MODEL = "CIDAS/clipseg-rd64-refined"
 SALIP_CROPS = ("mask", "box")
 
 
@@ -319,6 +322,36 @@ class SalipConfig:
 
 
 @dataclass(frozen=True)
+class VlsmConfig:
+    """The VLSM chain (``PipelineConfig.method == "vlsm"``): a vision-language segmentation
+    model (CLIPSeg, BiomedCLIPSeg; :mod:`napari_medclipsam.vlsm`) gives the foreground
+    probability of the text; its pixels above ``threshold`` are the coarse mask (components,
+    top-K and prompts as in the MedCLIP-SAMv2 chain, confidence = mean probability).
+
+    Attributes
+    ----------
+    model : str
+        A trained model folder (``medclipsam vlsm train``'s output, with ``vlsm.json``) or
+        released CLIPSeg weights (a Hugging Face id or ``local-dir:PATH``) for zero-shot use.
+    threshold : float
+        Probability above which a pixel is foreground (0.5, medvlsm's).
+    refine : bool
+        Give the mask's boxes (and/or points, per ``prompts``) to SAM and keep SAM's mask
+        (VLSM mask -> SAM refinement); False keeps the VLSM's own mask and needs no SAM.
+    """
+
+    model: str = DEFAULT_VLSM_MODEL
+    threshold: float = 0.5
+    refine: bool = False
+
+    def __post_init__(self) -> None:
+        if not str(self.model).strip():
+            raise ValueError("VLSM model must name a model folder or CLIPSeg weights.")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"VLSM threshold must be in (0, 1); got {self.threshold}.")
+
+
+@dataclass(frozen=True)
 class FaithfulnessConfig:
     """The prompt-faithfulness check: does the text steer the map?
 
@@ -361,8 +394,11 @@ class PipelineConfig:
     """Everything a zero-shot run depends on (models, stages, seed).
 
     ``method`` chooses the chain: ``medclipsamv2`` (saliency, coarse mask, SAM: the
-    ``saliency``/``coarse``/``prompts`` stages) or ``salip`` (SAM's automatic masks retrieved
-    by CLIP: the ``salip`` stage; see :mod:`napari_medclipsam.core.salip`). ``sam`` serves both.
+    ``saliency``/``coarse``/``prompts`` stages), ``salip`` (SAM's automatic masks retrieved
+    by CLIP: the ``salip`` stage; see :mod:`napari_medclipsam.core.salip`) or ``vlsm`` (a
+    CLIPSeg / BiomedCLIPSeg probability in place of the saliency, thresholded at
+    ``vlsm.threshold``; ``prompts`` and, with ``vlsm.refine``, ``sam`` follow). ``sam``
+    serves all three.
 
     ``sam_model`` "auto" picks by device (ViT-H on a GPU, SAM 2.1 tiny on a CPU);
     ``precision`` "auto" runs M2IB and the image encoders in bf16 where the hardware has it
@@ -385,6 +421,7 @@ class PipelineConfig:
     method: str = "medclipsamv2"
     salip: SalipConfig = field(default_factory=SalipConfig)
     faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
+    vlsm: VlsmConfig = field(default_factory=VlsmConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -402,6 +439,7 @@ class PipelineConfig:
             "sam": SamConfig,
             "salip": SalipConfig,
             "faithfulness": FaithfulnessConfig,
+            "vlsm": VlsmConfig,
         }
         for key, kind in nested.items():
             if key in data and isinstance(data[key], dict):

@@ -35,6 +35,9 @@ ProgressFn = Callable[[str, float], None]
 StopFn = Callable[[], bool]
 SliceFn = Callable[[int, "SegmentationResult"], None]
 
+NOTHING_FOUND_VLSM = ("Nothing found: no pixel of the VLSM's probability map is above "
+                      "{t:g} (or no component passed eta_c). Try another prompt, a lower "
+                      "VLSM threshold, or a model trained on this kind of image.")
 CONSTANT_IMAGE = ("Nothing found: the image (after windowing) has one intensity everywhere, so "
                   "there is nothing to segment. Check the window or the slice.")
 #: Text-chosen seeds: the chain runs on at most this many best-ranked slices (or n_seeds).
@@ -117,12 +120,21 @@ class ZeroShotPipeline:
         An already loaded CLIP (otherwise ``load_clip(config.clip_model, config.device)``).
     sam : SamBundle, optional
         An already loaded SAM (otherwise ``load_sam(config.sam_model, ...)``).
+    vlsm : object or callable, optional
+        For ``config.method == "vlsm"``: a loaded vision-language segmentation model (anything
+        with ``probabilities(image_rgb, prompts) -> (N, H, W) float32`` and ``model_id``, as
+        :class:`napari_medclipsam.vlsm.models.VlsmModel`), or a loader called once as
+        ``vlsm(config.vlsm.model, config.device)`` when the model is first needed
+        (:func:`napari_medclipsam.vlsm.models.load_vlsm`; core never imports the VLSM
+        package itself).
     """
 
-    def __init__(self, config: PipelineConfig | None = None, clip=None, sam=None):
+    def __init__(self, config: PipelineConfig | None = None, clip=None, sam=None, vlsm=None):
         self.config = config or PipelineConfig()
         self._clip = clip
         self._sam = sam
+        self._vlsm = None if callable(vlsm) and not hasattr(vlsm, "probabilities") else vlsm
+        self._vlsm_loader = vlsm if self._vlsm is None else None
         self._session = None
         self._text_cache: dict[tuple[str, ...], Any] = {}
         self._propagator = None  # SamBundle used for propagation (may differ in input size)
@@ -146,8 +158,25 @@ class ZeroShotPipeline:
         return self._sam
 
     @property
+    def vlsm(self):
+        """The VLSM of the ``vlsm`` chain (loaded by the loader given, on first use)."""
+        if self._vlsm is None:
+            if self._vlsm_loader is None:
+                raise InputError("The VLSM chain needs a model loader: build the pipeline with "
+                                 "ZeroShotPipeline(config, vlsm=napari_medclipsam.vlsm.models."
+                                 "load_vlsm).")
+            self._vlsm = self._vlsm_loader(self.config.vlsm.model, self.config.device)
+        return self._vlsm
+
+    @property
+    def vlsm_loaded(self) -> bool:
+        return self._vlsm is not None
+
+    @property
     def device(self) -> str:
         """The torch device the models run on."""
+        if self._vlsm is not None and self.config.method == "vlsm":
+            return str(self._vlsm.device)
         if self._clip is not None:
             return str(self._clip.device)
         if self._sam is not None:
@@ -210,6 +239,8 @@ class ZeroShotPipeline:
         """
         from .precision import autocast
 
+        if self.config.method == "vlsm":
+            return self._vlsm_maps(image_rgb, texts, progress, should_stop)
         cfg = self.config.saliency
         embeddings = [self.text_embedding(t, allow_empty=i > 0) for i, t in enumerate(texts)]
         with autocast(self.precision, str(self.clip.device)):
@@ -231,10 +262,34 @@ class ZeroShotPipeline:
                                          text_embedding=embedding))
             return maps
 
+    def _vlsm_maps(self, image_rgb: np.ndarray, texts: Sequence[str | Sequence[str]],
+                   progress: Callable[[int, int], None] | None,
+                   should_stop: StopFn | None) -> list[np.ndarray]:
+        """The VLSM's probability of each text (a prompt ensemble: the mean of its prompts'
+        probabilities); a blank text after the first is the empty prompt."""
+        from .precision import autocast
+
+        model = self.vlsm
+        _check_stop(should_stop)
+        groups = [[""] if i > 0 and not as_text(t) else
+                  (as_text(t) if i > 0 else _prompts_of(t)) for i, t in enumerate(texts)]
+        flat = [p for g in groups for p in g]
+        with autocast(self.precision, str(model.device)):
+            probs = np.asarray(model.probabilities(image_rgb, flat), dtype=np.float32)
+        maps, start = [], 0
+        for g in groups:
+            maps.append(probs[start:start + len(g)].mean(axis=0).astype(np.float32))
+            start += len(g)
+        if progress is not None:
+            progress(len(texts), len(texts))
+        return maps
+
     def saliency_steps(self) -> int:
         """How many progress steps the saliency method reports for the prompt: M2IB's
         optimisation steps; GradCAM's one gradient pass; gScoreCAM's gradient pass and
-        scoring batches."""
+        scoring batches; the VLSM's one pass."""
+        if self.config.method == "vlsm":
+            return 1
         cfg = self.config.saliency
         if cfg.method == "m2ib":
             return cfg.steps
@@ -270,6 +325,9 @@ class ZeroShotPipeline:
         from .models import check_model_sources
 
         report = progress or (lambda stage, fraction: None)
+        if self.config.method == "vlsm":
+            self._prepare_vlsm(report)
+            return
         if self._clip is None or self._sam is None:
             report("checking models", 0.0)
             check_model_sources(
@@ -282,6 +340,33 @@ class ZeroShotPipeline:
         if self._sam is None:
             report("loading SAM", 0.0)
             _ = self.sam
+
+    def _prepare_vlsm(self, report: ProgressFn) -> None:
+        """The VLSM chain needs the VLSM, and SAM only to refine its mask (no CLIP)."""
+        from .models import check_model_sources
+
+        refine = self.config.vlsm.refine
+        if refine and self._sam is None:
+            report("checking models", 0.0)
+            check_model_sources(sam_model=self.config.sam_model,
+                                sam_checkpoint=self.config.sam_checkpoint,
+                                device=self.config.device)
+        if self._vlsm is None:
+            report("loading VLSM", 0.0)
+            _ = self.vlsm
+        if refine and self._sam is None:
+            report("loading SAM", 0.0)
+            _ = self.sam
+
+    def coarse_config(self):
+        """The coarse-mask settings the chain uses: ``config.coarse``, with the VLSM's
+        fixed probability threshold in the ``vlsm`` chain."""
+        import dataclasses
+
+        if self.config.method == "vlsm":
+            return dataclasses.replace(self.config.coarse, method="fixed",
+                                       threshold=self.config.vlsm.threshold)
+        return self.config.coarse
 
     def refine(self, image_rgb: np.ndarray, prompts: Prompts) -> np.ndarray:
         """SAM mask (HxW bool) for prompts on an HxWx3 uint8 image (embedding cached)."""
@@ -327,15 +412,21 @@ class ZeroShotPipeline:
                                       {"saliency_steps": 0}, rgb=rgb)
         if self.config.method == "salip":
             return self._segment_salip(rgb, text, report, should_stop)
-        if self._clip is None:
+        vlsm = self.config.method == "vlsm"
+        if vlsm and self._vlsm is None:
+            report("loading VLSM", 0.0)
+            _ = self.vlsm
+        elif not vlsm and self._clip is None:
             report("loading CLIP", 0.0)
             _ = self.clip
         steps = self.saliency_steps()
-        report(f"saliency step 0/{steps}", 0.0)
+        report("VLSM" if vlsm else f"saliency step 0/{steps}", 0.0)
         others = self.faithfulness_prompts()
 
         def saliency_progress(i: int, total: int) -> None:
-            if i <= steps:
+            if vlsm:
+                report("VLSM", 0.7)
+            elif i <= steps:
                 report(f"saliency step {i}/{steps}", 0.7 * i / total)
             else:
                 report(f"faithfulness check step {i - steps}/{total - steps}", 0.7 * i / total)
@@ -345,7 +436,7 @@ class ZeroShotPipeline:
                                                    progress=saliency_progress)
         _check_stop(should_stop)
         report("coarse mask", 0.72)
-        coarse = coarse_mask(saliency, self.config.coarse, image=rgb)
+        coarse = coarse_mask(saliency, self.coarse_config(), image=rgb)
         faithfulness = None
         if others:
             faithfulness = self._assess(saliency, other_maps, coarse.mask, rgb)
@@ -353,7 +444,18 @@ class ZeroShotPipeline:
         if coarse.empty or prompts.empty:
             report("done", 1.0)
             return SegmentationResult(saliency, coarse, prompts,
-                                      np.zeros(rgb.shape[:2], dtype=bool), False, NOTHING_FOUND,
+                                      np.zeros(rgb.shape[:2], dtype=bool), False,
+                                      NOTHING_FOUND_VLSM.format(
+                                          t=self.config.vlsm.threshold) if vlsm
+                                      else NOTHING_FOUND,
+                                      {"saliency_steps": steps}, rgb=rgb,
+                                      faithfulness=faithfulness)
+        if vlsm and not self.config.vlsm.refine:
+            report("done", 1.0)
+            mask = keep_largest_components(coarse.mask, self.keep_largest())
+            message = (f"VLSM mask: {len(coarse.components)} component(s) kept of "
+                       f"{coarse.n_candidates}; {int(mask.sum())} pixels.")
+            return SegmentationResult(saliency, coarse, prompts, mask, True, message,
                                       {"saliency_steps": steps}, rgb=rgb,
                                       faithfulness=faithfulness)
         mask = self._sam_mask(rgb, prompts, report, should_stop, 0.74)
@@ -390,7 +492,7 @@ class ZeroShotPipeline:
         cfg = self.config.faithfulness
         neutral, *contrast_maps = other_maps
         if neutral_selection is None:
-            neutral_selection = threshold_saliency(neutral, self.config.coarse, image=rgb)[0]
+            neutral_selection = threshold_saliency(neutral, self.coarse_config(), image=rgb)[0]
         return assess(saliency, neutral, selected, neutral_selection, cfg,
                       dict(zip(cfg.contrast_prompts, contrast_maps, strict=True)))
 
@@ -539,6 +641,13 @@ class ZeroShotPipeline:
         from .saliency import prepare_image
 
         indices = list(range(len(volume_rgb))) if candidates is None else list(candidates)
+        if self.config.method == "vlsm":  # the VLSM's own evidence: its 99th percentile
+            scores = []
+            for z in indices:
+                _check_stop(should_stop)
+                prob = self.saliency_maps(volume_rgb[z], [text])[0]
+                scores.append((z, float(np.percentile(prob, 99))))
+            return sorted(scores, key=lambda item: (-item[1], item[0]))
         text_emb = self.text_embedding(text).float()
         text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
         scores: list[tuple[int, float]] = []
@@ -676,6 +785,12 @@ class ZeroShotPipeline:
         result.propagation = prop
         report("done", 1.0)
         return result
+
+
+def _prompts_of(text: str | Sequence[str]) -> list[str]:
+    from .saliency import as_prompts
+
+    return as_prompts(text)
 
 
 def as_text(text: str | Sequence[str]) -> list[str]:

@@ -153,6 +153,11 @@ class VlsmModel(torch.nn.Module):
                 scale *= int(layer.stride[0])
         return scale
 
+    def probabilities(self, image_rgb: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """(N, H, W) float32 foreground probabilities of ``prompts`` on an HxWx3 uint8 image
+        (:func:`predict_probabilities`; what ``ZeroShotPipeline``'s ``vlsm`` chain calls)."""
+        return predict_probabilities(self, image_rgb, [str(p) for p in prompts])
+
     def forward(self, pixel_values, text_embeddings):
         """Logits [B, h', w'] of the masks for ``pixel_values`` [B, 3, S, S] and
         ``text_embeddings`` [B, D]."""
