@@ -108,7 +108,7 @@ class VlsmModel(torch.nn.Module):
     def __init__(self, decoder, extract_layers: Sequence[int], image_size: int, device: str,
                  base: dict[str, Any]):
         super().__init__()
-        self.decoder = decoder
+        self.decoder = decoder.requires_grad_(True)  # the one trainable part
         self.extract_layers = tuple(int(i) for i in extract_layers)
         self.image_size = int(image_size)
         self.device = device
