@@ -81,3 +81,11 @@ def model_flags(request, tiny_clip_dir, tiny_sam_checkpoint, monkeypatch, tmp_pa
            "--sam-checkpoint", str(tiny_sam_checkpoint), "--device", "cpu", "--steps",
            str(steps), "--batch-size", "2", "--layer", "2"]
     models.clear_model_cache()
+
+
+@pytest.fixture(scope="session")
+def tiny_clipseg_dir(tmp_path_factory):
+    """A random-weight tiny CLIPSeg folder (config, weights, processor): ``local-dir:``."""
+    from tiny_clipseg import write_tiny_clipseg_dir
+
+    return write_tiny_clipseg_dir(tmp_path_factory.mktemp("tiny_clipseg"))

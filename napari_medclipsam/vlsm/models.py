@@ -514,6 +514,12 @@ def build_vlsm(arch: str, *, clipseg_model: str = DEFAULT_CLIPSEG_MODEL,
     raise InputError(f"Unknown VLSM architecture {arch!r}; choose one of {', '.join(ARCHS)}.")
 
 
+def clear_vlsm_cache() -> None:
+    """Forget the loaded CLIPSeg networks (the CLIPs are core.models' cache)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
 # --------------------------------------------------------------------------- saving, loading
 
 
