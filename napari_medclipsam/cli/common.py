@@ -23,6 +23,7 @@ from ..core.config import (
     BOX_MODES,
     CAM_MODULES,
     DEFAULT_CLIP_MODEL,
+    DEFAULT_VLSM_MODEL,
     METHODS,
     PRECISIONS,
     PROMPT_MODES,
@@ -37,11 +38,13 @@ from ..core.config import (
     SaliencyConfig,
     SalipConfig,
     SamConfig,
+    VlsmConfig,
 )
 from ..core.models import SAM_MODELS
 
-__all__ = ["CLIError", "StopRequest", "Terminated", "add_chain_flags", "add_model_flags",
-           "add_salip_flags", "salip_config_from_args",
+__all__ = ["CLIError", "StopRequest", "Terminated", "add_chain_flags",
+           "add_faithfulness_flags", "add_model_flags", "add_salip_flags", "add_vlsm_flags",
+           "salip_config_from_args",
            "check_device", "check_writable_folder", "logger", "oserror_line", "quiet_warnings",
            "read_json_file", "sigterm_as_interrupt", "stop_requests", "tqdm_progress"]
 
@@ -88,25 +91,13 @@ def add_chain_flags(p: argparse.ArgumentParser) -> None:
                    help="medclipsamv2: saliency -> coarse mask -> SAM (MedCLIP-SAMv2, the "
                         "default; --saliency gscorecam --threshold-method crf gives "
                         "MedCLIP-SAM); salip: SAM's automatic masks, the best crop for the "
-                        "text chosen by CLIP, its box -> SAM (SaLIP, the --salip-* flags).")
+                        "text chosen by CLIP, its box -> SAM (SaLIP, the --salip-* flags); "
+                        "vlsm: a vision-language segmentation model's (CLIPSeg, "
+                        "BiomedCLIPSeg) probability for the text, thresholded into the mask, "
+                        "optionally refined by SAM (segment's --vlsm-* flags; no CLIP is "
+                        "loaded).")
     add_salip_flags(p)
-    f = FaithfulnessConfig()
-    g = p.add_argument_group(
-        "prompt faithfulness",
-        "Every run also maps a neutral prompt (and any contrast prompts) on the same image and "
-        "reports how alike the maps are, with a warning when the text does not steer the "
-        "result (in the manifest, prompts/NAME.json and on the console).")
-    g.add_argument("--neutral-prompt", metavar="TEXT",
-                   help=f"the prompt that names nothing (default {f.neutral_prompt!r}; '' is "
-                        f"the empty prompt).")
-    g.add_argument("--contrast-prompt", action="append", metavar="TEXT",
-                   help="a prompt the result must differ from, e.g. 'normal breast tissue' "
-                        "(repeatable).")
-    g.add_argument("--faithfulness-threshold", type=float, metavar="R",
-                   help=f"warn when a map is at least this correlated with the neutral or a "
-                        f"contrast prompt's (default {f.max_correlation}).")
-    g.add_argument("--no-faithfulness", action="store_true",
-                   help="skip the check (saves one more saliency optimisation per image).")
+    add_faithfulness_flags(p)
     g = p.add_argument_group("saliency")
     g.add_argument("--saliency", choices=SALIENCY_METHODS,
                    help=f"m2ib: M2IB (MedCLIP-SAMv2, default {s.method}); gscorecam: "
@@ -167,6 +158,49 @@ def add_chain_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--multimask", action="store_true", default=None,
                    help=f"ask SAM for 3 masks and keep the best (default "
                         f"{m.multimask_output}).")
+
+
+def add_faithfulness_flags(p: argparse.ArgumentParser) -> None:
+    """The prompt-faithfulness check's flags (every default None or off: not given)."""
+    f = FaithfulnessConfig()
+    g = p.add_argument_group(
+        "prompt faithfulness",
+        "Every run also maps a neutral prompt (and any contrast prompts) on the same image and "
+        "reports how alike the maps are, with a warning when the text does not steer the "
+        "result (in the manifest, prompts/NAME.json and on the console).")
+    g.add_argument("--neutral-prompt", metavar="TEXT",
+                   help=f"the prompt that names nothing (default {f.neutral_prompt!r}; '' is "
+                        f"the empty prompt).")
+    g.add_argument("--contrast-prompt", action="append", metavar="TEXT",
+                   help="a prompt the result must differ from, e.g. 'normal breast tissue' "
+                        "(repeatable).")
+    g.add_argument("--faithfulness-threshold", type=float, metavar="R",
+                   help=f"warn when a map is at least this correlated with the neutral or a "
+                        f"contrast prompt's (default {f.max_correlation}).")
+    g.add_argument("--no-faithfulness", action="store_true",
+                   help="skip the check (saves one more saliency optimisation per image).")
+
+
+def add_vlsm_flags(p: argparse.ArgumentParser) -> None:
+    """The VLSM chain's flags (with ``--method vlsm``); every default is None (not given)."""
+    d = VlsmConfig()
+    g = p.add_argument_group(
+        "VLSM (with --method vlsm)",
+        "A vision-language segmentation model gives the foreground probability of the text "
+        "(written to OUT/saliency); its pixels above --vlsm-threshold are the coarse mask "
+        "(components, --top-k, prompts as for the saliency). No CLIP is loaded, and SAM only "
+        "with --vlsm-refine.")
+    g.add_argument("--vlsm-model", metavar="MODEL",
+                   help=f"a model folder trained by 'medclipsam vlsm train' (with vlsm.json), "
+                        f"or released CLIPSeg weights: a Hugging Face id or 'local-dir:PATH' "
+                        f"(default {DEFAULT_VLSM_MODEL}).")
+    g.add_argument("--vlsm-threshold", type=float, metavar="T",
+                   help=f"probability above which a pixel is foreground, in (0, 1) (default "
+                        f"{d.threshold}).")
+    g.add_argument("--vlsm-refine", action="store_true", default=None,
+                   help="give the VLSM mask's boxes (--prompt-mode) to SAM and keep SAM's mask "
+                        "(--sam-model, --sam-checkpoint); default: keep the VLSM's own mask, "
+                        "no SAM loaded.")
 
 
 def add_salip_flags(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,9 @@
 * :class:`Run`: ``OUT/manifest.json`` (status, models and their hashes, parameters,
   versions, an entry per image), written atomically and throttled; :meth:`Run.check_models`
   refuses other model weights on ``--resume``; :func:`can_keep` says whether a resumed
-  image's outputs stand.
+  image's outputs stand. In the VLSM chain (``--method vlsm``) the models are the VLSM (its
+  source, id, architecture and base models' hashes; compared by id) and SAM only when it
+  refines; CLIP is never touched.
 * :class:`FolderLock`: one run at a time writes into an output folder.
 """
 
@@ -111,6 +113,8 @@ class Plan:
         """What every result depends on, model weights aside (they are compared by hash):
         the chain's settings, the window, the resolved SAM backend and precision."""
         config = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_PARAMETERS}
+        if self.config.method == "vlsm":  # the VLSM is compared by its id, not its path
+            config["vlsm"] = {k: v for k, v in config["vlsm"].items() if k != "model"}
         return {"config": config, "window": self.window_text or "auto",
                 "sam_model": self.sam_model, "precision": self.precision}
 
@@ -281,15 +285,31 @@ class Run:
                          if isinstance(e, dict) and isinstance(e.get("name"), str)}
         self.last_save = 0.0
         self.versions = _versions()
-        clip, sam = pipeline.clip, pipeline.sam
-        self.models_sha256 = {"clip": clip.weights_sha256, "sam": sam.checkpoint_sha256}
-        self.models = {"clip": {"source": plan.config.clip_model, "id": clip.model_id,
-                                "sha256": clip.weights_sha256},
-                       "sam": {"name": sam.name, "requested": plan.config.sam_model,
-                               "family": sam.family, "id": sam.model_id,
-                               "checkpoint": sam.checkpoint,
-                               "sha256": sam.checkpoint_sha256},
-                       "device": clip.device}
+        #: what identifies each model used (weights' SHA-256; the VLSM's id), per image too
+        self.models_sha256: dict[str, Any] = {}
+        self.models: dict[str, Any] = {}
+        config = plan.config
+        if config.method == "vlsm":  # the VLSM, and SAM only to refine: never CLIP
+            vlsm = pipeline.vlsm
+            self.models_sha256["vlsm"] = vlsm.model_id
+            self.models["vlsm"] = {"source": config.vlsm.model, "id": vlsm.model_id,
+                                   "arch": getattr(vlsm, "arch", None),
+                                   "base": dict(getattr(vlsm, "base", {}) or {}),
+                                   "decoder_sha256": (getattr(vlsm, "info", {}) or {}).get(
+                                       "decoder_sha256")}
+        else:
+            clip = pipeline.clip
+            self.models_sha256["clip"] = clip.weights_sha256
+            self.models["clip"] = {"source": config.clip_model, "id": clip.model_id,
+                                   "sha256": clip.weights_sha256}
+        if config.method != "vlsm" or config.vlsm.refine:
+            sam = pipeline.sam
+            self.models_sha256["sam"] = sam.checkpoint_sha256
+            self.models["sam"] = {"name": sam.name, "requested": config.sam_model,
+                                  "family": sam.family, "id": sam.model_id,
+                                  "checkpoint": sam.checkpoint,
+                                  "sha256": sam.checkpoint_sha256}
+        self.models["device"] = pipeline.device
         self.precision = {"resolved": pipeline.precision, "requested": plan.config.precision}
 
     def check_models(self) -> None:
@@ -299,18 +319,27 @@ class Run:
         if previous is None:
             return
         old = previous.get("models", {})
+        old = old if isinstance(old, dict) else {}
         diffs = []
-        for key in ("clip", "sam"):
-            before = old.get(key, {}).get("sha256") if isinstance(old.get(key), dict) else None
-            if before and before != self.models_sha256[key]:
+        for key, now in self.models_sha256.items():
+            entry = old.get(key) if isinstance(old.get(key), dict) else {}
+            before = entry.get("id" if key == "vlsm" else "sha256")
+            if key == "vlsm" and before and before != now:
+                diffs.append(f"VLSM {before} -> {now}")
+            elif before and before != now:
                 diffs.append(f"{key.upper()} weights {before[:12]}... -> "
-                             f"{(self.models_sha256[key] or 'none')[:12]}...")
+                             f"{(now or 'none')[:12]}...")
         if diffs and not self.plan.overwrite:
             raise CLIError(f"--resume: {self.plan.out} was made with other model weights "
                            f"({'; '.join(diffs)}); use the same models to continue it, or "
                            "add --overwrite to redo it.")
         if diffs:
             self.plan.previous, self.kept = None, {}
+
+    def model_ids(self) -> dict[str, Any]:
+        """Each model's id (``{"clip": ..., "sam": ...}``, or the VLSM's and, when it
+        refines, SAM's), as partial records name them."""
+        return {k: v["id"] for k, v in self.models.items() if isinstance(v, dict) and "id" in v}
 
     def previous_entry(self, name: str) -> dict[str, Any] | None:
         return self.kept.get(name)

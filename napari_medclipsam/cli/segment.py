@@ -14,6 +14,15 @@ Outputs (per image ``NAME``, paired with prompts by file name, never by listing 
                                parameters hash and model hashes, and the volume so far;
                                removed once the volume's outputs are written
 
+With ``--method vlsm`` a vision-language segmentation model (CLIPSeg, BiomedCLIPSeg:
+``--vlsm-model``, a folder trained by ``medclipsam vlsm train`` or released CLIPSeg weights)
+replaces the saliency: ``OUT/saliency/NAME.tif`` holds its foreground probability, the coarse
+mask is that probability above ``--vlsm-threshold``, and the mask is the coarse mask (or, with
+``--vlsm-refine``, SAM's from its boxes). No CLIP is loaded or checked; SAM only to refine. The
+manifest's ``models`` names the VLSM (source, id, architecture, base models and hashes) and
+``--resume`` refuses another VLSM (by its id), as it refuses other CLIP weights.
+``medclipsam vlsm predict`` runs this same machinery.
+
 With ``--volume --propagate`` the text chain runs on a few seed slices (chosen by CLIP's
 image-text similarity, or ``--seed-slices``) and their masks propagate through the selected
 slices (SAM 2's video predictor; box to box for SAM 1 backends); the outputs are those of a
@@ -60,13 +69,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.config import PipelineConfig, SamConfig
+from ..core.config import DEFAULT_VLSM_MODEL, PipelineConfig, SamConfig
 from ..core.errors import InputError
 from .common import (
     CLIError,
     Terminated,
     add_chain_flags,
     add_model_flags,
+    add_vlsm_flags,
     check_device,
     check_writable_folder,
     logger,
@@ -90,7 +100,7 @@ from .segment_volume import propagate_volume, segment_volume
 
 __all__ = ["BODY_FRACTION", "CHECKPOINT_SECONDS", "MANIFEST_SECONDS", "add_parser",
            "collect_images", "config_from_args", "format_presets", "parse_slices",
-           "resolve_prompts", "run_segment"]
+           "resolve_prompts", "run_segment", "segment_args"]
 
 #: Default share of a slice's voxels that must be above the body threshold for the slice
 #: to be segmented (with --skip-empty-slices).
@@ -192,7 +202,25 @@ def add_parser(sub) -> None:
                         f"{SamConfig().stop_after_empty}).")
     add_model_flags(seg)
     add_chain_flags(seg)
+    add_vlsm_flags(seg)
     seg.set_defaults(func=run_segment)
+
+
+def segment_args(**values: Any) -> argparse.Namespace:
+    """The arguments ``medclipsam segment`` parses with every flag left out, with ``values``
+    set: for commands that run segment's machinery with settings of their own (``vlsm
+    predict``). ``values`` must name segment's own arguments (``images``, ``out``,
+    ``method``, ``vlsm_model``...), or ``debug`` (which ``main`` sets on every command)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["segment", "IMAGES", "-o", "OUT"])
+    args.debug = False
+    unknown = sorted(set(values) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"segment has no argument(s) {', '.join(unknown)}")
+    for key, value in values.items():
+        setattr(args, key, value)
+    return args
 
 
 class _ListPresets(argparse.Action):
@@ -325,6 +353,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
                         cam_channels=getattr(a, "cam_channels", None),
                         cam_batch=getattr(a, "cam_batch", None))
         method = getattr(a, "method", None) or base.method
+        vlsm = _vlsm_config(base, a, method)
         top_k = None if a.top_k == 0 else a.top_k
         if method == "salip" and a.top_k == 0:
             raise CLIError("--top-k 0 (keep all) does not apply to --method salip: give how "
@@ -359,9 +388,32 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
             device=a.device or base.device,
             precision=getattr(a, "precision", None) or base.precision, saliency=saliency,
             coarse=coarse, prompts=prompts, sam=sam, method=method, salip=salip,
-            faithfulness=faithfulness)
+            faithfulness=faithfulness, vlsm=vlsm)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
+
+
+def _vlsm_config(base: PipelineConfig, a: argparse.Namespace, method: str):
+    """``base.vlsm`` with the ``--vlsm-*`` flags given; they, and the saliency's threshold
+    flags in the VLSM chain, are refused where they would do nothing."""
+    given = {flag: value for flag, value in (
+        ("--vlsm-model", getattr(a, "vlsm_model", None)),
+        ("--vlsm-threshold", getattr(a, "vlsm_threshold", None)),
+        ("--vlsm-refine", getattr(a, "vlsm_refine", None))) if value is not None}
+    if given and method != "vlsm":
+        raise CLIError(f"{next(iter(given))} applies to --method vlsm; add --method vlsm.")
+    if method == "vlsm":
+        for flag, value in (("--threshold-method", getattr(a, "threshold_method", None)),
+                            ("--threshold", getattr(a, "threshold", None))):
+            if value is not None:
+                raise CLIError(f"{flag} applies to the saliency's coarse mask; with --method "
+                               "vlsm the probability is cut at --vlsm-threshold.")
+    changes = {field: given[flag] for field, flag in (
+        ("model", "--vlsm-model"), ("threshold", "--vlsm-threshold"),
+        ("refine", "--vlsm-refine")) if flag in given}
+    if "model" in changes and not str(changes["model"]).strip():
+        raise CLIError("--vlsm-model is empty; name a model folder or CLIPSeg weights.")
+    return dataclasses.replace(base.vlsm, **changes) if changes else base.vlsm
 
 
 # --------------------------------------------------------------------------- inputs
@@ -567,6 +619,11 @@ def _plan(args: argparse.Namespace) -> Plan:
                  propagate=propagate)
     check_device(config.device)
     plan.sam_model, plan.precision = _resolved_models(config)
+    if config.method == "vlsm" and not config.vlsm.refine:
+        plan.sam_model = "none"  # the VLSM's own mask: no SAM in this chain
+    if propagate is not None and plan.sam_model == "none":
+        raise CLIError("--propagate needs SAM: with --method vlsm add --vlsm-refine (the VLSM "
+                       "finds the seed slices, SAM propagates their masks).")
     check_existing(plan)
     for f in files:
         problem = _shape_probe(f)
@@ -668,7 +725,8 @@ def _known_2d(path: Path) -> bool:
 
 def _prompts_json(result, plan: Plan) -> dict[str, Any]:
     threshold = result.coarse.threshold
-    out = {**result.prompts.to_dict(),
+    out = {**({"method": "vlsm"} if plan.config.method == "vlsm" else {}),
+           **result.prompts.to_dict(),
            "components": [dataclasses.asdict(c) for c in result.coarse.components],
            "threshold": None if threshold != threshold else threshold,  # NaN: SaLIP has none
            "n_candidates": result.coarse.n_candidates,
@@ -702,14 +760,20 @@ def run_segment(args: argparse.Namespace) -> int:
     from ..core.pipeline import ZeroShotPipeline
 
     plan = _plan(args)
+    vlsm = plan.config.method == "vlsm"
     for f, problem in plan.probe_errors.items():
         print(f"{f.name}: error: {problem.removeprefix(f.name + ': ')}", file=sys.stderr)
-    if plan.config.sam_model in (None, "", "auto"):
+    if plan.config.sam_model in (None, "", "auto") and plan.sam_model != "none":
         from ..core.models import resolve_device
 
         device = str(resolve_device(plan.config.device)).split(":")[0]
         print(f"SAM: {plan.sam_model} (auto on {device})", file=sys.stderr)
-    pipeline = ZeroShotPipeline(plan.config)
+    if vlsm:  # the VLSM package is loaded only here: core never imports it
+        from ..vlsm.models import load_vlsm
+
+        pipeline = ZeroShotPipeline(plan.config, vlsm=load_vlsm)
+    else:
+        pipeline = ZeroShotPipeline(plan.config)
 
     def stage(name: str, fraction: float) -> None:
         if _is_tty():
@@ -720,6 +784,9 @@ def run_segment(args: argparse.Namespace) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with sigterm_as_interrupt():
         try:
+            if vlsm:
+                stage("checking models", 0.0)
+                _check_vlsm_sources(plan.config)
             pipeline.prepare(stage)
         except KeyboardInterrupt as exc:
             print(f"{'Terminated' if isinstance(exc, Terminated) else 'Interrupted'} while "
@@ -728,6 +795,40 @@ def run_segment(args: argparse.Namespace) -> int:
         run = Run(plan, pipeline, started, every=MANIFEST_SECONDS)
         run.check_models()
         return _run_all(plan, pipeline, run)
+
+
+def _check_vlsm_sources(config: PipelineConfig) -> None:
+    """The VLSM's files (and, to name every problem at once, SAM's when it refines) checked
+    before anything loads; CLIP is neither checked nor loaded in the VLSM chain."""
+    from ..core.models import ModelUnavailableError, check_sam_source
+    from ..vlsm.models import check_vlsm_source
+
+    source = str(config.vlsm.model)
+    if _missing_path(source):  # not a hub id either: say so, not "cannot download"
+        problems = [f"VLSM: no such folder: {source}; give a folder written by 'medclipsam vlsm "
+                    f"train', or CLIPSeg weights (a Hugging Face id such as "
+                    f"{DEFAULT_VLSM_MODEL}, or local-dir:PATH)."]
+    else:
+        problems = [f"VLSM: {p}" for p in check_vlsm_source(source)]
+    if not problems:
+        return  # SAM is checked by the pipeline's prepare
+    if config.vlsm.refine:
+        problems += [f"SAM: {p}" for p in check_sam_source(
+            config.sam_model, config.sam_checkpoint, device=config.device)]
+    if len(problems) == 1:
+        raise ModelUnavailableError(problems[0])
+    raise ModelUnavailableError("\n".join([f"{len(problems)} problem(s) with the models; "
+                                           "nothing was computed:", *problems]))
+
+
+def _missing_path(source: str) -> bool:
+    """True for a model source written as a local path (``local-dir:``, absolute, relative
+    with ``./``, ``~``, or more than one ``/``) that does not exist; a Hugging Face id
+    (``ORG/NAME``) is not a path."""
+    text = source.removeprefix("local-dir:")
+    looks_local = source.startswith("local-dir:") or text.startswith(("/", ".", "~")) or \
+        text.strip("/").count("/") != 1
+    return looks_local and not Path(text).expanduser().exists()
 
 
 def _run_all(plan: Plan, pipeline, run: Run) -> int:

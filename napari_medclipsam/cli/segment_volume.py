@@ -197,8 +197,7 @@ def segment_volume(plan: Plan, pipeline, run: Run, f: Path, image, common: dict,
     record = {"image": str(f), "name": name, "shape": list(image.data.shape),
               "parameters_sha256": common["parameters_sha256"],
               "parameters": {"run": plan.run_parameters, "image": common["parameters"]["image"]},
-              "models_sha256": run.models_sha256, "models": {
-                  "clip": run.models["clip"]["id"], "sam": run.models["sam"]["id"]},
+              "models_sha256": run.models_sha256, "models": run.model_ids(),
               "slices_planned": planned, "skipped_slices": skipped, "body": body_info}
     state = VolumeState(plan, name, image, record, checkpoint_seconds, checkpoint_share)
     previous = read_json_or_none(state.paths["record"])
@@ -316,6 +315,13 @@ def _seed_slices(plan: Plan, f: Path, n_slices: int, to_run: list[int],
     return list(dict.fromkeys(chosen))
 
 
+def _ranking(plan: Plan) -> str:
+    """What the seed slices are ranked by, in words."""
+    if plan.config.method == "vlsm":
+        return "the VLSM's probability (its 99th percentile)"
+    return "CLIP image-text similarity"
+
+
 class _Propagation:
     """What a propagation produced, in the volume's own slice indices: the sub-volume of the
     selected slices (``to_run``) is what the pipeline sees, so its indices are mapped back."""
@@ -371,7 +377,7 @@ class _Propagation:
             "propagate_size": size,
             "stop_after_empty": plan.config.sam.stop_after_empty,
             "seeds_from": ("--seed-slices" if (plan.propagate or {}).get("seed_slices")
-                           is not None else "ranking by CLIP image-text similarity"),
+                           is not None else f"ranking by {_ranking(plan)}"),
             "seeds_wanted": (plan.propagate or {}).get("seeds"),
             "seed_slices": [{"z": z, "similarity": similarity.get(z)} for z in seeds],
             "chain_slices": list(self.chain),
@@ -428,8 +434,7 @@ def propagate_volume(plan: Plan, pipeline, run: Run, f: Path, image,
     record = {"image": str(f), "name": name, "shape": list(data.shape), "mode": "propagate",
               "parameters_sha256": common["parameters_sha256"],
               "parameters": {"run": plan.run_parameters, "image": common["parameters"]["image"]},
-              "models_sha256": run.models_sha256, "models": {
-                  "clip": run.models["clip"]["id"], "sam": run.models["sam"]["id"]},
+              "models_sha256": run.models_sha256, "models": run.model_ids(),
               "slices_planned": planned, "skipped_slices": skipped, "body": body_info}
     state = _Propagation(data.shape, to_run)
     texts = plan.prompts[f]
@@ -469,7 +474,7 @@ def propagate_volume(plan: Plan, pipeline, run: Run, f: Path, image,
             return
         bar.set_postfix_str(stage, refresh=True)
         if quiet and stage == "ranking slices":
-            print(f"{f.name}: ranking {len(to_run)} slice(s) by CLIP image-text similarity",
+            print(f"{f.name}: ranking {len(to_run)} slice(s) by {_ranking(plan)}",
                   file=sys.stderr)
 
     result = None
