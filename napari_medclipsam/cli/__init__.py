@@ -9,9 +9,13 @@
     medclipsam nnunet train --dataset-id N [--epochs E --cycles D --checkpoints-per-cycle G]
     medclipsam nnunet predict --dataset-id N --input DIR -o OUT
     medclipsam nnunet status|cancel --dataset-id N
+    medclipsam vlsm train --arch clipseg|biomedclipseg --images DIR --masks DIR
+                          --class-name NAME --prompt-set p1,p6 -o MODEL_DIR
+    medclipsam vlsm predict --model MODEL_DIR --images DIR --prompt TEXT -o OUT
+    medclipsam vlsm evaluate --model MODEL_DIR --images DIR --masks DIR --prompt TEXT -o OUT
 
 Run ``medclipsam COMMAND --help`` for every flag. One module per command (``segment``,
-``evaluate``, ``finetune`` for finetune-clip and eval-retrieval, ``nnunet``); each has
+``evaluate``, ``finetune`` for finetune-clip and eval-retrieval, ``nnunet``, ``vlsm``); each has
 ``add_parser(subparsers)``, which registers its subcommand(s) with ``set_defaults(func=...)``.
 What they share lives in ``common``. The outputs of ``segment`` are listed in
 :mod:`napari_medclipsam.cli.segment`.
@@ -28,7 +32,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..core.errors import InputError
-from . import calibrate, evaluate, finetune, nnunet, segment
+from . import calibrate, evaluate, finetune, nnunet, segment, vlsm
 from .common import CLIError, Terminated, oserror_line, quiet_warnings
 
 __all__ = ["build_parser", "main"]
@@ -46,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show tracebacks and every warning, ours and other libraries' "
                              "(hidden otherwise); may be given anywhere on the line.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (segment, evaluate, calibrate, finetune, nnunet):
+    for module in (segment, evaluate, calibrate, finetune, nnunet, vlsm):
         module.add_parser(sub)
     return parser
 
