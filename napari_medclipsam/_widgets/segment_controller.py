@@ -34,6 +34,14 @@ calibrates the pipeline's settings on them by k-fold cross-validated Dice
 ``DATASET/medclipsam_tuned/`` (:func:`next_preset_path`: never over an earlier one); the
 :class:`Tuning` it returns gives the result line, the warning and the settings to apply.
 
+The VLSM chain (``PipelineConfig.method == "vlsm"``: a CLIPSeg / BiomedCLIPSeg probability,
+thresholded, optionally refined by SAM) loads its model through :func:`load_vlsm_model` (the
+VLSM package, torch and transformers are imported only then); :func:`vlsm_source_info` says in
+one line what the Model field names (a trained folder's architecture, classes and validation
+Dice, from its ``vlsm.json``) and :func:`vlsm_source_problem` catches a folder that is not
+there before any work. SAM is loaded only to refine: a box edit after a run without it loads
+SAM first (:attr:`SegmentController.sam_ready`, :meth:`SegmentController.load_sam`).
+
 Also here, for the view to show: :class:`ProgressTracker` (the pipeline's stage names with
 the slice count and an ETA), :func:`gui_message` (the core's command-line wording turned
 into the widget's field names), :func:`matching_presets` and :func:`describe_settings` (the
@@ -57,7 +65,12 @@ from typing import Any
 
 import numpy as np
 
-from napari_medclipsam.core.config import FaithfulnessConfig, PipelineConfig, PromptConfig
+from napari_medclipsam.core.config import (
+    DEFAULT_VLSM_MODEL,
+    FaithfulnessConfig,
+    PipelineConfig,
+    PromptConfig,
+)
 from napari_medclipsam.core.errors import CancelledError, InputError
 from napari_medclipsam.core.faithfulness import Faithfulness, mean_faithfulness
 from napari_medclipsam.core.io import file_stem
@@ -81,6 +94,149 @@ def target_name(prompt_lines: Sequence[str]) -> str:
     if not lines:
         raise InputError("Type a prompt first (e.g. 'breast tumor'), or pick a preset.")
     return lines[0] if len(lines) == 1 else f"{lines[0]} +{len(lines) - 1}"
+
+
+# --------------------------------------------------------------------------- VLSM
+#: a trained VLSM folder's record (``vlsm.models.MODEL_FILE``; not imported: it loads torch)
+VLSM_RECORD = "vlsm.json"
+#: how the dock names each VLSM architecture
+VLSM_ARCH_NAMES: Mapping[str, str] = {"clipseg": "CLIPSeg", "biomedclipseg": "BiomedCLIPSeg"}
+
+
+def load_vlsm_model(source: str, device: str | None = None):
+    """:func:`napari_medclipsam.vlsm.models.load_vlsm`, imported when a VLSM is first needed
+    (the VLSM package imports torch and transformers): the loader every pipeline of the dock
+    is given (``ZeroShotPipeline(config, vlsm=load_vlsm_model)``)."""
+    from napari_medclipsam.vlsm.models import load_vlsm
+
+    return load_vlsm(source, device)
+
+
+def _vlsm_changed(pipeline: ZeroShotPipeline, config: PipelineConfig) -> bool:
+    """A VLSM is loaded in ``pipeline`` and ``config`` names another."""
+    return pipeline.vlsm_loaded and pipeline.config.vlsm.model != config.vlsm.model
+
+
+def vlsm_local_path(source: str) -> Path | None:
+    """The folder a VLSM Model value names (``local-dir:PATH``, an existing folder, or
+    anything written as a path: absolute, ``~``, ``./``), or None for a Hugging Face id
+    (``CIDAS/clipseg-rd64-refined``)."""
+    source = source.strip()
+    if source.startswith("local-dir:"):
+        return Path(source.removeprefix("local-dir:")).expanduser()
+    path = Path(source).expanduser()
+    if path.is_dir() or path.is_absolute() or source.startswith(("~", ".")) \
+            or source.count("/") != 1 or "\\" in source:
+        return path
+    return None
+
+
+def trained_vlsm_folder(source: str) -> Path | None:
+    """The folder when the Model value names a trained VLSM (it holds ``vlsm.json``)."""
+    path = vlsm_local_path(source)
+    return path if path is not None and (path / VLSM_RECORD).is_file() else None
+
+
+def vlsm_source_problem(source: str) -> str:
+    """``""``, or why the VLSM Model value cannot name a model (a folder that is not there),
+    in one line with what to choose instead. Reads no model file and downloads nothing."""
+    source = source.strip()
+    if not source:
+        return (f"Choose the VLSM model: a folder 'medclipsam vlsm train' wrote (Browse...), "
+                f"or released CLIPSeg weights ({DEFAULT_VLSM_MODEL}).")
+    path = vlsm_local_path(source)
+    if path is not None and not path.is_dir():
+        return (f"VLSM model folder not found: {path}. Choose the folder 'medclipsam vlsm "
+                f"train' wrote (Browse...), or released CLIPSeg weights "
+                f"({DEFAULT_VLSM_MODEL}).")
+    if path is not None and not (path / VLSM_RECORD).is_file() \
+            and not (path / "config.json").is_file():
+        return (f"{path} is neither a trained VLSM folder (no {VLSM_RECORD}) nor a CLIPSeg "
+                "model folder (no config.json): choose the folder 'medclipsam vlsm train' "
+                "wrote.")
+    return ""
+
+
+def vlsm_model_label(source: str) -> str:
+    """A VLSM Model value, short: a hub id as it is, a folder by its name."""
+    path = vlsm_local_path(source)
+    return source.strip() if path is None else (path.name or str(path))
+
+
+@dataclass(frozen=True)
+class VlsmSource:
+    """What the VLSM Model field names, as the dock shows it under the field.
+
+    Attributes
+    ----------
+    text : str
+        One line: a trained folder's architecture, classes and best validation Dice; released
+        CLIPSeg weights; or what is wrong.
+    error : bool
+        ``text`` is a problem (the run would fail).
+    arch : str or None
+        ``"clipseg"`` or ``"biomedclipseg"``; None when unknown.
+    classes : tuple of str
+        The classes a trained model learnt (what to type as the prompt).
+    """
+
+    text: str
+    error: bool = False
+    arch: str | None = None
+    classes: tuple[str, ...] = ()
+
+
+def describe_vlsm_record(record: Mapping[str, Any]) -> str:
+    """A trained VLSM's ``vlsm.json`` in one line: ``"CLIPSeg trained on 'disk', 'square'
+    (type one as the prompt) · best validation Dice 0.87 (epoch 12 of 40)"``."""
+    arch = VLSM_ARCH_NAMES.get(str(record.get("arch")), str(record.get("arch")))
+    classes = [str(c) for c in record.get("classes") or ()]
+    if len(classes) == 1:
+        head = f"{arch} trained on {classes[0]!r} (type it as the prompt)"
+    elif classes:
+        head = (f"{arch} trained on {', '.join(repr(c) for c in classes)} (type one as the "
+                "prompt)")
+    else:
+        head = f"{arch} (no classes recorded)"
+    parts = [head]
+    training = record.get("training") or {}
+    dice = training.get("best_val_dice")
+    if isinstance(dice, (int, float)):
+        line = f"best validation Dice {dice:.2f}"
+        epoch, run = training.get("best_epoch"), training.get("epochs_run")
+        if epoch:
+            line += f" (epoch {epoch}" + (f" of {run}" if run else "") + ")"
+        parts.append(line)
+    return " · ".join(parts)
+
+
+def vlsm_source_info(source: str) -> VlsmSource:
+    """The line under the VLSM Model field for ``source``.
+
+    A trained folder is read (:func:`napari_medclipsam.vlsm.models.read_vlsm_record`, which
+    imports torch the first time: off the GUI thread then); released CLIPSeg weights and
+    problems (:func:`vlsm_source_problem`) need no import. Never raises.
+    """
+    source = source.strip() or DEFAULT_VLSM_MODEL
+    problem = vlsm_source_problem(source)
+    if problem:
+        return VlsmSource(problem, error=True)
+    folder = trained_vlsm_folder(source)
+    if folder is not None:
+        from napari_medclipsam.vlsm.models import read_vlsm_record
+
+        try:
+            record = read_vlsm_record(folder)
+        except InputError as exc:
+            return VlsmSource(str(exc), error=True)
+        return VlsmSource(describe_vlsm_record(record), arch=str(record["arch"]),
+                          classes=tuple(str(c) for c in record.get("classes") or ()))
+    if vlsm_local_path(source) is not None:
+        return VlsmSource(f"CLIPSeg weights from {vlsm_model_label(source)}, zero-shot (not "
+                          "trained here: any prompt)", arch="clipseg")
+    return VlsmSource(f"Released CLIPSeg weights ({source}), zero-shot: downloaded once, then "
+                      "offline. Or choose a model trained with 'medclipsam vlsm train'.",
+                      arch="clipseg")
 
 
 @dataclass(frozen=True)
@@ -117,9 +273,11 @@ class Run:
         (``volume.completed``), the others are empty.
     seconds : float
         How long the run took (models' loading included).
-    method : {"medclipsamv2", "salip"}
+    method : {"medclipsamv2", "salip", "vlsm"}
         The chain it ran (``PipelineConfig.method``): a SaLIP run's ``result.saliency`` is
-        the retrieval map and ``result.extra["salip"]`` holds every proposal and its score.
+        the retrieval map and ``result.extra["salip"]`` holds every proposal and its score; a
+        VLSM run's is the VLSM's probability, and its ``mask`` the VLSM's (SAM's with
+        ``vlsm.refine``).
     slice_faithfulness : dict of int to Faithfulness
         A volume run's prompt-faithfulness check per finished slice (a single image's is
         ``result.faithfulness``); empty when the check is off.
@@ -490,22 +648,78 @@ class SegmentController:
         self.state = SegmentState()
         self.pipeline: ZeroShotPipeline | None = pipeline
         self.injected = pipeline is not None
+        self._given = pipeline  # the injected pipeline (its models are used for every run)
+        #: whether SAM is loaded: a VLSM run without SAM refinement does not load it, so a
+        #: box edit after one loads it first (:meth:`load_sam`, in a worker)
+        self.sam_ready = self.injected
 
     # -- models -----------------------------------------------------------------------
     def configure(self, config: PipelineConfig) -> ZeroShotPipeline:
         """The pipeline for the next run, with ``config``'s parameters; models are kept when
-        the model fields are unchanged (an injected pipeline always keeps its models)."""
+        the model fields (and, once a VLSM is loaded, the VLSM model) are unchanged.
+
+        Every pipeline built here takes its VLSM from :func:`load_vlsm_model` (loaded on first
+        use). An injected pipeline always keeps its models; in VLSM mode, unless it holds a
+        VLSM of its own, a pipeline on its SAM and the Model field's VLSM runs instead (and
+        is kept while that model is unchanged)."""
         old = self.pipeline
         if self.injected:
-            models = {k: getattr(old.config, k) for k in MODEL_FIELDS}
-            old.config = dataclasses.replace(config, **models)
-            return old
+            given = self._given
+            models = {k: getattr(given.config, k) for k in MODEL_FIELDS}
+            config = dataclasses.replace(config, **models)
+            if config.method != "vlsm" or given.vlsm_loaded:
+                if given.vlsm_loaded:
+                    config = dataclasses.replace(config, vlsm=dataclasses.replace(
+                        config.vlsm, model=given.config.vlsm.model))
+                given.config = config
+                self.pipeline = given
+                return given
+            if old is not given and not _vlsm_changed(old, config):
+                old.config = config
+                return old
+            self.pipeline = ZeroShotPipeline(config, sam=given.sam, vlsm=load_vlsm_model)
+            return self.pipeline
         if old is not None and all(getattr(old.config, k) == getattr(config, k)
-                                   for k in MODEL_FIELDS):
+                                   for k in MODEL_FIELDS) and not _vlsm_changed(old, config):
             old.config = config
             return old
-        self.pipeline = ZeroShotPipeline(config)
+        self.pipeline = ZeroShotPipeline(config, vlsm=load_vlsm_model)
+        self.sam_ready = False
         return self.pipeline
+
+    def load_sam(self, progress: ProgressFn | None = None) -> None:
+        """Check and load the pipeline's SAM if it is not loaded yet (a box edit after a VLSM
+        run without SAM refinement needs it); ``progress`` reports ``checking models`` and
+        ``loading SAM``. Call it in a worker: loading takes seconds."""
+        if self.pipeline is None:
+            raise InputError("No models configured: choose the SAM model first.")
+        if self.sam_ready:
+            return
+        from napari_medclipsam.core.models import check_model_sources
+
+        report = progress or (lambda stage, fraction: None)
+        config = self.pipeline.config
+        report("checking models", 0.0)
+        check_model_sources(sam_model=config.sam_model, sam_checkpoint=config.sam_checkpoint,
+                            device=config.device)
+        report("loading SAM", 0.5)
+        _ = self.pipeline.sam
+        self.sam_ready = True
+
+    def _check_vlsm_source(self) -> None:
+        """In VLSM mode, a Model field naming a folder that is not there: one line, before
+        any model loads."""
+        config = self.pipeline.config
+        if config.method == "vlsm" and not self.pipeline.vlsm_loaded:
+            problem = vlsm_source_problem(config.vlsm.model)
+            if problem:
+                raise InputError(problem)
+
+    def _note_sam_loaded(self) -> None:
+        """After ``prepare``: SAM is loaded unless this is a VLSM run without refinement."""
+        config = self.pipeline.config
+        if config.method != "vlsm" or config.vlsm.refine:
+            self.sam_ready = True
 
     # -- targets ----------------------------------------------------------------------
     def target_for(self, prompt_lines: Sequence[str], register: bool = True) -> Target:
@@ -546,7 +760,9 @@ class SegmentController:
             raise InputError("No models configured: choose the CLIP and SAM models first.")
         start = time.monotonic()
         target_name(prompt_lines)  # a missing prompt is reported before the models
+        self._check_vlsm_source()
         self.pipeline.prepare(progress)
+        self._note_sam_loaded()
         target = self.target_for(prompt_lines)
         text: str | list[str] = list(target.prompts)
         if len(text) == 1:
@@ -587,10 +803,21 @@ class SegmentController:
         self.state.run = run
         return run
 
-    def refine(self, prompts: Prompts) -> np.ndarray:
+    def refine(self, prompts: Prompts, *, progress: ProgressFn | None = None,
+               should_stop: StopFn | None = None) -> np.ndarray:
         """Re-run only SAM's decoder from the cached embedding with edited prompts; the new
-        HxW bool mask becomes the run's mask."""
+        HxW bool mask becomes the run's mask.
+
+        When SAM is not loaded yet (:attr:`sam_ready` False: after a VLSM run without SAM
+        refinement) it is loaded first (:meth:`load_sam`, reported through ``progress``;
+        call it in a worker then); ``should_stop`` after loading raises
+        :class:`CancelledError` and leaves the mask as it was."""
         run = self._editable_run()
+        if not self.sam_ready and not prompts.empty:
+            self.load_sam(progress)
+            if should_stop is not None and should_stop():
+                raise CancelledError("Cancelled; the mask is unchanged (SAM is loaded now: "
+                                     "edit a box again to re-run it).")
         mask = self.pipeline.refine(run.result.rgb, prompts)
         run.mask = mask
         self.state.refine_count += 1
@@ -743,7 +970,9 @@ class SegmentController:
             raise InputError(f"The image {volume.shape} does not fit the label map "
                              f"{plan.shape}: pick the label map of this image.")
         start = time.monotonic()
+        self._check_vlsm_source()
         self.pipeline.prepare(progress)
+        self._note_sam_loaded()
         by_text = plan.by_text
         text: str | list[str] = list(plan.target.prompts)
         if len(text) == 1:
@@ -763,6 +992,7 @@ class SegmentController:
                                      else "Cancelled; nothing changed.")
             stopped.partial = done
             raise stopped from exc
+        self.sam_ready = True  # propagation always runs SAM
         return self._propagation(plan, vol, start, by_text)
 
     @staticmethod
@@ -908,6 +1138,7 @@ class SegmentController:
         if self.pipeline is None:
             raise InputError("No models configured: choose the CLIP and SAM models first.")
         self.pipeline.prepare(progress)
+        self._note_sam_loaded()
         if should_stop is not None and should_stop():
             raise CancelledError("Tuning cancelled; nothing changed.")
         prompts = {f.name: plan.prompt for f in plan.files}
@@ -1289,6 +1520,9 @@ FIELD_LABELS: Mapping[str, str] = {
     "neutral_prompt": "Advanced > Neutral prompt",
     "contrast_prompts": "Advanced > Contrast prompts",
     "max_correlation": "Advanced > Warn at correlation",
+    "vlsm_model": "VLSM > Model",
+    "vlsm_threshold": "VLSM > Threshold",
+    "vlsm_refine": "VLSM > Refine with SAM",
 }
 
 #: the command line's phrases in the core's messages -> what to do in the widget
@@ -1296,6 +1530,9 @@ _GUI_PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), replacement) for pattern, replacement in (
         (r"pass\s+--clip-model\s+local-dir:\S*?(?=\.?(?:\s|$))",
          f"choose that folder in {FIELD_LABELS['clip_model']} (Browse...)"),
+        (r"pass\s+--clipseg-model\s+local-dir:\S*?(?=\.?(?:\s|$))",
+         f"choose that folder in {FIELD_LABELS['vlsm_model']} (Browse...)"),
+        (r"(?<![\w-])--clipseg-model\b", FIELD_LABELS["vlsm_model"]),
         (r"pass\s+--sam-checkpoint\s+PATH(?:\s+\(in napari: the SAM checkpoint field\))?",
          f"choose it in {FIELD_LABELS['sam_checkpoint']} (Browse...)"),
         (r"use\s+--device\s+cpu\s+\(or leave it out to choose automatically\)",
@@ -1313,6 +1550,8 @@ _SETTING_MESSAGE = re.compile(r"^(layer|beta|steps|top_k|threshold|eta_c|method|
                               r"|precision|max_correlation) must\b")
 #: SalipConfig's range errors ("SaLIP area_cap must be in ...")
 _SALIP_MESSAGE = re.compile(r"^SaLIP (\w+) must\b")
+#: VlsmConfig's errors ("VLSM threshold must be in (0, 1)", "VLSM model must name ...")
+_VLSM_MESSAGE = re.compile(r"^VLSM (model|threshold) must\b")
 
 
 def gui_message(message: str) -> str:
@@ -1331,6 +1570,9 @@ def gui_message(message: str) -> str:
     salip = _SALIP_MESSAGE.match(message)
     if salip is not None and f"salip_{salip.group(1)}" in FIELD_LABELS:
         message = f"{message} (field: {FIELD_LABELS['salip_' + salip.group(1)]})"
+    vlsm = _VLSM_MESSAGE.match(message)
+    if vlsm is not None:
+        message = f"{message} (field: {FIELD_LABELS['vlsm_' + vlsm.group(1)]})"
     return "\n".join(_name_model_field(block) for block in _problem_blocks(message))
 
 
@@ -1425,16 +1667,22 @@ def percent(fraction: float) -> str:
 
 
 def describe_settings(config: PipelineConfig, *, preset: str | None = None,
-                      where: str = "", auto_sam: str | None = None) -> str:
+                      where: str = "", auto_sam: str | None = None,
+                      vlsm_arch: str | None = None) -> str:
     """The settings in force, in one line: where it runs, saliency, coarse mask, prompts,
     SAM and whether they are a preset's, e.g. ``"'scan', slice z=2 of 8 · saliency layer 9,
     beta 1, 10 steps · kmeans mask, best 1 · one box · SAM sam2_t (auto) · preset: breast
     tumor (ultrasound)"``. In SaLIP mode (``config.method == "salip"``) the SaLIP generator's
     settings replace the saliency, coarse mask and prompts: ``"'scan' · SaLIP · 16
     points/side, 1 crop layer · IoU > 0.5, stability > 0.5 · area cap 60% · mask crops, best
-    1 · SAM vit_b · custom settings"``. The prompt-faithfulness check is named only when it
-    is off (``"no faithfulness check"``) or not the default (``"faithfulness vs 'a photo', 1
-    contrast, warn at r 0.8"``).
+    1 · SAM vit_b · custom settings"``. In VLSM mode the model, its threshold (with the
+    regions kept) and whether SAM refines its mask: ``"'scan' · VLSM clipseg
+    (CIDAS/clipseg-rd64-refined) · threshold 0.5, best 1 · SAM refinement off · custom
+    settings"`` (``vlsm_arch``: the architecture when the caller read it from a trained
+    folder; released CLIPSeg weights are ``clipseg``; SAM is named only when it refines).
+    The prompt-faithfulness check is named only when it is off (``"no faithfulness
+    check"``) or not the default (``"faithfulness vs 'a photo', 1 contrast, warn at r
+    0.8"``).
 
     A SAM model ``auto`` shows what it resolves to on ``config.device``: ``auto_sam`` when
     the caller knows it (``""``: not known yet, shown as ``auto``), else resolved here
@@ -1442,16 +1690,16 @@ def describe_settings(config: PipelineConfig, *, preset: str | None = None,
     sal, coarse, prompts = config.saliency, config.coarse, config.prompts
     method = {"otsu": "Otsu", "kmeans": "KMeans", "fixed": f"threshold {coarse.threshold:g}",
               "crf": "DenseCRF"}
-    mask = f"{method.get(coarse.method, coarse.method)} mask"
-    if coarse.eta_c > 0:
-        mask += f", confidence > {coarse.eta_c:g}"
-    mask += ", all regions" if coarse.top_k is None else f", best {coarse.top_k}"
+    kept = f", confidence > {coarse.eta_c:g}" if coarse.eta_c > 0 else ""
+    kept += ", all regions" if coarse.top_k is None else f", best {coarse.top_k}"
+    mask = f"{method.get(coarse.method, coarse.method)} mask{kept}"
     boxes = "one box per region" if prompts.box_mode == "per_component" else "one box"
     sam_prompt = {"boxes": boxes, "points": f"{prompts.n_positive} points",
                   "both": f"{boxes} + points"}.get(prompts.mode, prompts.mode)
     parts = [where] if where else []
+    uses_sam = config.method != "vlsm" or config.vlsm.refine
     sam = config.sam_model
-    if sam in ("", "auto"):
+    if sam in ("", "auto") and uses_sam:
         if auto_sam is None:
             from napari_medclipsam.core.models import resolve_sam_model
 
@@ -1459,6 +1707,13 @@ def describe_settings(config: PipelineConfig, *, preset: str | None = None,
         sam = f"{auto_sam} (auto)" if auto_sam else "auto"
     if config.method == "salip":
         parts += _describe_salip(config)
+    elif config.method == "vlsm":
+        v = config.vlsm
+        if vlsm_arch is None and trained_vlsm_folder(v.model) is None:
+            vlsm_arch = "clipseg"  # released CLIPSeg weights
+        model = f"VLSM {vlsm_arch}" if vlsm_arch else "VLSM"
+        parts += [f"{model} ({vlsm_model_label(v.model)})", f"threshold {v.threshold:g}{kept}",
+                  f"SAM refinement from {sam_prompt}" if v.refine else "SAM refinement off"]
     else:
         if sal.method == "m2ib":
             saliency = f"saliency layer {sal.layer}, beta {sal.beta:g}, {sal.steps} steps"
@@ -1469,7 +1724,9 @@ def describe_settings(config: PipelineConfig, *, preset: str | None = None,
     faithfulness = describe_faithfulness_settings(config.faithfulness)
     if faithfulness:
         parts.append(faithfulness)
-    parts += [f"SAM {sam}", f"preset: {preset}" if preset else "custom settings"]
+    if uses_sam:
+        parts.append(f"SAM {sam}")
+    parts.append(f"preset: {preset}" if preset else "custom settings")
     return " · ".join(parts)
 
 
