@@ -196,9 +196,13 @@ def test_picking_salip_greys_out_medclipsamv2_fields_and_back(widget):
     _choose(w.chain_combo, "salip")
     assert w.chain_combo.currentText() == "SaLIP"
     for field in (w.layer_spin, w.beta_spin, w.steps_spin, w.saliency_combo,
-                  w.method_combo, w.eta_spin, w.mode_combo, w.box_mode_combo):
+                  w.method_combo):
         assert not field.isEnabled()
         assert field.toolTip().startswith("MedCLIP-SAMv2 only: not used while Method is SaLIP")
+    for field in (w.eta_spin, w.mode_combo, w.box_mode_combo):  # the VLSM's mask uses them
+        assert not field.isEnabled()
+        assert field.toolTip().startswith(
+            "MedCLIP-SAMv2 and VLSM only: not used while Method is SaLIP")
     for field in (w.salip_points_spin, w.salip_iou_spin, w.salip_stability_spin,
                   w.salip_area_spin, w.salip_crop_combo, w.topk_spin, w.proposals_check):
         assert field.isEnabled()

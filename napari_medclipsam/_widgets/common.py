@@ -2,6 +2,8 @@
 
 - :func:`put_layer`: add an output layer aligned with its source (scale, translate), or update
   the one of that name in place, so a rerun does not pile up layers;
+- :data:`MAP_KINDS` and :func:`is_map_layer`: the segment dock's map layers (saliency, SaLIP's
+  retrieval map, a VLSM's probability), which no dock offers as an image to segment or train on;
 - :func:`slice_index`: the slice of a (Z, Y, X) layer that is on screen, through the layer's
   own world-to-data mapping (never the viewer's raw step, which belongs to the tallest layer);
 - :class:`Outcome` and :func:`run_guarded`: a worker's result, an error message or a
@@ -41,6 +43,17 @@ USER_ERRORS: tuple[type[BaseException], ...] = (InputError, ValueError, OSError,
 
 
 # --------------------------------------------------------------------------- layers
+#: the first layer of each chain's run in the segment dock, ``"<kind> [<target>]"``, by
+#: ``PipelineConfig.method``: maps of the image, not images to segment or train on
+MAP_KINDS = {"medclipsamv2": "saliency", "salip": "retrieval map", "vlsm": "VLSM probability"}
+
+
+def is_map_layer(name: str) -> bool:
+    """True for a map layer of the segment dock (``"saliency [breast tumor]"``, ``"retrieval
+    map [...]"``, ``"VLSM probability [...]"``)."""
+    return name.startswith(tuple(f"{kind} [" for kind in MAP_KINDS.values()))
+
+
 def geometry_of(source, ndim: int) -> dict[str, tuple[float, ...]]:
     """``{"scale", "translate"}`` of ``source``'s last ``ndim`` axes, for aligned outputs."""
     return {"scale": tuple(source.scale[-ndim:]),

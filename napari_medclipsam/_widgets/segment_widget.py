@@ -21,7 +21,12 @@ The Method field chooses the chain: MedCLIP-SAMv2 (above) or SaLIP (SAM's automa
 the one CLIP scores best against the text -> its box -> SAM). A SaLIP run shows the retrieval
 map (``retrieval map [prompt]``, in the saliency's place), every proposal under the area cap
 as a ``proposals [prompt]`` Labels layer (its features: CLIP score, area, retrieved rank) and
-the retrieved boxes, editable as above.
+the retrieved boxes, editable as above. VLSM (CLIPSeg / BiomedCLIPSeg: a released CLIPSeg, or
+a model trained with ``medclipsam vlsm train``, chosen in the VLSM box under the Method) gives
+the text's foreground probability (``VLSM probability [prompt]``, in the saliency's place),
+its pixels above the threshold are the mask (largest regions, as top-k says) and, with
+"Refine with SAM", SAM segments the mask's boxes; without it SAM is not loaded, until a box
+is edited (then SAM loads once, in a worker, and re-runs from the edited box).
 
 Every run also checks whether the text steered the result (the prompt's map against a
 neutral prompt's, :mod:`napari_medclipsam.core.faithfulness`): its score shows under the
@@ -64,6 +69,7 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QFrame,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -80,10 +86,12 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from napari_medclipsam._widgets.common import (
+    MAP_KINDS,
     Outcome,
     SettingsStore,
     find_layer,
     geometry_of,
+    is_map_layer,
     is_stack,
     layer_names,
     put_layer,
@@ -112,6 +120,7 @@ from napari_medclipsam._widgets.segment_controller import (
     SegmentController,
     Target,
     Tuning,
+    VlsmSource,
     auto_choice,
     cancel_message,
     describe_settings,
@@ -125,9 +134,12 @@ from napari_medclipsam._widgets.segment_controller import (
     slice_list,
     split_contrast_prompts,
     target_name,
+    trained_vlsm_folder,
+    vlsm_source_info,
 )
 from napari_medclipsam.core.config import (
     DEFAULT_CLIP_MODEL,
+    DEFAULT_VLSM_MODEL,
     PRECISIONS,
     CoarseMaskConfig,
     FaithfulnessConfig,
@@ -135,6 +147,7 @@ from napari_medclipsam.core.config import (
     PromptConfig,
     SaliencyConfig,
     SalipConfig,
+    VlsmConfig,
 )
 from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.core.models import SAM_MODELS
@@ -154,9 +167,12 @@ KINDS = ("saliency", "coarse mask", "boxes", "points", "SAM mask")
 #: the layers of the steps before SAM, hidden once SAM has run
 STEP_KINDS = ("saliency", "coarse mask")
 #: SaLIP's layers: its retrieval map (in the saliency's place) and every proposal
-RETRIEVAL = "retrieval map"
+RETRIEVAL = MAP_KINDS["salip"]
 PROPOSALS = "proposals"
 SALIP = "salip"
+#: the VLSM chain and its probability layer (in the saliency's place)
+VLSM = "vlsm"
+VLSM_PROBABILITY = MAP_KINDS[VLSM]
 
 # (value, what the menu shows) of the choice fields
 THRESHOLD_CHOICES = (("otsu", "Otsu (paper)"), ("kmeans", "KMeans (authors' code)"),
@@ -166,7 +182,10 @@ SALIENCY_CHOICES = (("m2ib", "M2IB"), ("gscorecam", "gScoreCAM"), ("gradcam", "G
 PROMPT_CHOICES = (("boxes", "boxes"), ("points", "points"), ("both", "boxes + points"))
 BOX_CHOICES = (("single", "one box for all"), ("per_component", "one box per region"))
 # The chain (PipelineConfig.method); short names, the tooltip names the papers.
-METHOD_CHOICES = (("medclipsamv2", "MedCLIP-SAMv2"), (SALIP, "SaLIP"))
+METHOD_CHOICES = (("medclipsamv2", "MedCLIP-SAMv2"), (SALIP, "SaLIP"),
+                  (VLSM, "VLSM (CLIPSeg/BiomedCLIPSeg)"))  # fits a 1366x768 dock
+#: how the tooltips name each method
+METHOD_NAMES = {"medclipsamv2": "MedCLIP-SAMv2", SALIP: "SaLIP", VLSM: "VLSM"}
 CROP_CHOICES = (("mask", "mask (SaLIP)"), ("box", "box"))
 # Tune on my corrections: the calibration grids (core.calibrate.SearchSpace.named)
 GRID_CHOICES = (("small", "quick"), ("default", "full"))
@@ -174,15 +193,36 @@ GRID_CHOICES = (("small", "quick"), ("default", "full"))
 #: dark and light themes)
 FAITH_STYLE = "font-size: 11px;"
 FAITH_WARNING_STYLE = "color: #f08c00;"
+#: what the progress line says while SAM loads for a box edit (after a VLSM run without it)
+BOX_EDIT = "Box edit"
+#: the line under the VLSM Model field, and when it names no usable model
+VLSM_INFO_STYLE = "color: gray; font-size: 11px;"
+VLSM_ERROR_STYLE = "color: #e5534b; font-size: 11px;"
 
-#: Advanced fields of one chain only (greyed out while the other is chosen)
-MEDCLIP_KEYS = ("saliency_method", "layer", "beta", "steps", "method", "eta_c", "mode",
-                "box_mode")
+#: Advanced fields of some chains only (greyed out while another is chosen); top-k serves all
+MEDCLIP_KEYS = ("saliency_method", "layer", "beta", "steps", "method")
 SALIP_KEYS = ("salip_points_per_side", "salip_pred_iou_thresh", "salip_stability_thresh",
               "salip_area_cap", "salip_crop", "salip_box_nms_thresh", "salip_crop_n_layers",
               "salip_crop_nms_thresh", "salip_min_region_area")
-NOT_FOR_SALIP = "MedCLIP-SAMv2 only: not used while Method is SaLIP."
-NOT_FOR_MEDCLIP = "SaLIP only: not used while Method is MedCLIP-SAMv2."
+#: the VLSM's mask goes through the coarse mask's confidence filter and prompts as M2IB's does
+SHARED_KEYS = ("eta_c", "mode", "box_mode")
+FIELD_METHODS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(MEDCLIP_KEYS, ("medclipsamv2",)),
+    **dict.fromkeys(SALIP_KEYS, (SALIP,)),
+    **dict.fromkeys(SHARED_KEYS, ("medclipsamv2", VLSM)),
+}
+
+
+def not_used_tip(methods: tuple[str, ...], method: str) -> str:
+    """``"SaLIP only: not used while Method is VLSM."``: the tooltip of a greyed field."""
+    owners = " and ".join(METHOD_NAMES[m] for m in methods)
+    return f"{owners} only: not used while Method is {METHOD_NAMES[method]}."
+
+
+def topk_key(method: str) -> str:
+    """Whose top-k the Regions kept field holds: SaLIP's own, else the coarse mask's (the
+    VLSM chain keeps its mask's regions by it too)."""
+    return SALIP if method == SALIP else "medclipsamv2"
 
 TIPS = {
     "image": "The image to segment. On a 3-D stack: this layer's slice on screen, or every "
@@ -239,8 +279,26 @@ TIPS = {
     "pipeline_method": "The chain.\nMedCLIP-SAMv2 (Koleilat et al., 2024): the text's "
                        "saliency map in BiomedCLIP -> a rough mask -> its boxes -> SAM.\n"
                        "SaLIP (Aleem et al., CVPRW 2024): SAM proposes the image's parts, "
-                       "CLIP picks the part the text names -> its box -> SAM.\nEach has its "
-                       "own settings in Advanced; the other's are greyed out.",
+                       "CLIP picks the part the text names -> its box -> SAM.\nVLSM "
+                       "(CLIPSeg, Lüddecke and Ecker 2022; BiomedCLIPSeg, Poudel et al. "
+                       "2023): a vision-language segmentation model gives the text's "
+                       "probability per pixel -> the mask above its threshold (-> its boxes "
+                       "-> SAM with Refine with SAM). Released CLIPSeg works zero-shot; a "
+                       "model trained on your corrected labels (medclipsam vlsm train) knows "
+                       "your data.\nEach has its own settings (VLSM: under the Method; the "
+                       "others in Advanced); the others' are greyed out.",
+    "vlsm_model": "The VLSM: a folder 'medclipsam vlsm train' wrote (vlsm.json and the "
+                  "decoder; Browse...), released CLIPSeg weights by their Hugging Face id "
+                  f"({DEFAULT_VLSM_MODEL}, downloaded once) or a CLIPSeg folder as "
+                  "local-dir:PATH. The line below says what it is; a trained model names "
+                  "the classes it learnt: type one of them as the prompt.",
+    "vlsm_threshold": "Probability (0 to 1) above which a pixel belongs to the mask (0.5, "
+                      "medvlsm's). Lower finds more, higher less.",
+    "vlsm_refine": "Give the VLSM mask's boxes (or points: Advanced > SAM prompt) to SAM and "
+                   "keep SAM's mask, usually sharper at the edges. Off: the VLSM's own mask, "
+                   "and SAM is not loaded (until you edit a box).",
+    "vlsm_clip": "Not used while Method is VLSM: CLIPSeg has its own CLIP, and a "
+                 "BiomedCLIPSeg folder names the CLIP it was trained on.",
     "salip_points_per_side": "SaLIP: the grid of points SAM proposes masks from, per side. "
                              "More finds smaller structures and takes longer (16: 256 "
                              "points).",
@@ -272,7 +330,8 @@ TIPS = {
                     "and shows the score 1 - r (r: the maps' correlation; higher is better) "
                     "under the status line, with a warning when the text is not guiding the "
                     "result. Costs one more saliency optimisation per extra prompt (SaLIP: "
-                    "next to nothing). Both methods.",
+                    "next to nothing; VLSM: one more prompt in the same pass). Every "
+                    "method.",
     "neutral_prompt": "A prompt that names nothing (default 'an image'); empty: the empty "
                       "prompt. A map much like its map was not steered by your text.",
     "contrast_prompts": "Prompts your result must differ from, e.g. 'normal breast "
@@ -301,9 +360,19 @@ TIPS = {
 }
 
 
+#: what Run all does, per method (its tooltip)
+RUN_TIPS = {
+    "medclipsamv2": "Saliency, coarse mask, boxes and SAM on the chosen image.",
+    SALIP: "SAM's proposals, CLIP's pick among them, its box and SAM on the chosen image.",
+    VLSM: "The VLSM's probability for the prompt, its mask above the threshold (and SAM on "
+          "its boxes with Refine with SAM) on the chosen image.",
+}
+
+
 def map_kind(method: str) -> str:
-    """The kind of a run's first layer: ``saliency``, or ``retrieval map`` for SaLIP."""
-    return RETRIEVAL if method == SALIP else "saliency"
+    """The kind of a run's first layer: ``saliency``, ``retrieval map`` for SaLIP, ``VLSM
+    probability`` for a VLSM."""
+    return MAP_KINDS.get(method, MAP_KINDS["medclipsamv2"])
 
 
 def output_name(kind: str, target: str) -> str:
@@ -410,6 +479,11 @@ class SegmentWidget(QWidget):
         self.last_faithfulness: FaithfulnessView | None = None
         self.auto: AutoChoice | None = None  # what "auto" means on the chosen device
         self._auto_worker = None
+        #: what the VLSM Model field names (the line under it) and for which text
+        self.vlsm_info: VlsmSource | None = None
+        self._vlsm_info_source: str | None = None
+        self._vlsm_worker = None
+        self._edited_while_loading = False  # a box edit while SAM loaded for an earlier one
         self._activity = "Running"  # what the progress line says: Running, Tuning
         self.last_tuning: Tuning | None = None
         #: the settings before the last applied tuning (Undo tuning), and its preset title
@@ -457,6 +531,7 @@ class SegmentWidget(QWidget):
         method_label = QLabel("Method")
         method_label.setToolTip(TIPS["pipeline_method"])
         form.addRow(method_label, self.chain_combo)
+        form.addRow(self._build_vlsm_box())
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([CUSTOM, *(p.title for p in list_presets())])
         self.preset_combo.setToolTip(
@@ -579,7 +654,8 @@ class SegmentWidget(QWidget):
         self.clip_browse_button = QPushButton("Browse...")
         self.clip_browse_button.setToolTip("Choose a CLIP model folder on this computer.")
         self.clip_browse_button.clicked.connect(self._browse_clip)
-        mform.addRow("CLIP model", _with_button(self.clip_edit, self.clip_browse_button))
+        self.clip_label = QLabel("CLIP model")
+        mform.addRow(self.clip_label, _with_button(self.clip_edit, self.clip_browse_button))
         self.sam_combo = QComboBox()
         for name in SAM_MODELS:  # "auto" first; its text says what it resolves to
             self.sam_combo.addItem("auto (by device)" if name == "auto" else name, name)
@@ -719,6 +795,50 @@ class SegmentWidget(QWidget):
             combo.setMinimumContentsLength(8)
         self.set_fields_from_config(PipelineConfig())
 
+    def _build_vlsm_box(self) -> QGroupBox:
+        """The VLSM's fields, under the Method (shown while VLSM is chosen): the Model (a
+        trained folder, a hub id or local-dir:, with Browse...) and the line saying what it
+        is, the Threshold and Refine with SAM."""
+        box = QGroupBox("VLSM")
+        box.setToolTip(TIPS["vlsm_model"])
+        vform = QFormLayout(box)
+        self.vlsm_model_edit = QLineEdit(DEFAULT_VLSM_MODEL)
+        self.vlsm_model_edit.setPlaceholderText(f"{DEFAULT_VLSM_MODEL} or a trained folder")
+        self.vlsm_browse_button = QPushButton("Browse...")
+        self.vlsm_browse_button.setToolTip("Choose a model folder 'medclipsam vlsm train' "
+                                           "wrote (or a CLIPSeg folder).")
+        self.vlsm_browse_button.clicked.connect(self._browse_vlsm)
+        model_label = QLabel("Model")
+        for widget in (model_label, self.vlsm_model_edit):
+            widget.setToolTip(TIPS["vlsm_model"])
+        vform.addRow(model_label, _with_button(self.vlsm_model_edit, self.vlsm_browse_button))
+        self.vlsm_info_label = QLabel("")  # what the Model names: arch, classes, Dice
+        self.vlsm_info_label.setWordWrap(True)
+        self.vlsm_info_label.setTextFormat(Qt.PlainText)
+        self.vlsm_info_label.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Minimum)
+        self.vlsm_info_label.setStyleSheet(VLSM_INFO_STYLE)
+        vform.addRow(self.vlsm_info_label)
+        row = QHBoxLayout()
+        self.vlsm_threshold_spin = QDoubleSpinBox()
+        self.vlsm_threshold_spin.setRange(0.01, 0.99)
+        self.vlsm_threshold_spin.setDecimals(2)
+        self.vlsm_threshold_spin.setSingleStep(0.05)
+        self.vlsm_threshold_spin.setToolTip(TIPS["vlsm_threshold"])
+        self.vlsm_refine_check = QCheckBox("Refine with SAM")
+        self.vlsm_refine_check.setToolTip(TIPS["vlsm_refine"])
+        row.addWidget(self.vlsm_threshold_spin)
+        row.addWidget(self.vlsm_refine_check)
+        row.addStretch()
+        threshold_label = QLabel("Threshold")
+        threshold_label.setToolTip(TIPS["vlsm_threshold"])
+        vform.addRow(threshold_label, row)
+        self.vlsm_model_edit.textChanged.connect(self._update_vlsm_info)
+        self.vlsm_threshold_spin.valueChanged.connect(self._update_settings_line)
+        self.vlsm_refine_check.toggled.connect(self._update_settings_line)
+        self.vlsm_box = box
+        box.setVisible(False)
+        return box
+
     def _build_tuning(self, layout: QVBoxLayout) -> None:
         """Tune on my corrections: the button, its grid and folds, and under them the last
         tuning's result line, its warning (orange) and Undo tuning."""
@@ -807,9 +927,7 @@ class SegmentWidget(QWidget):
             max_correlation=self.max_correlation_spin.value())
 
     def _refresh_layers(self, event=None) -> None:
-        set_combo_items(self.image_combo, layer_names(
-            self.viewer, "image",
-            skip=lambda name: name.startswith(("saliency [", f"{RETRIEVAL} ["))))
+        set_combo_items(self.image_combo, layer_names(self.viewer, "image", skip=is_map_layer))
         self._update_settings_line()
         self._update_propagate_button()
 
@@ -832,9 +950,9 @@ class SegmentWidget(QWidget):
         """Apply the preset with this title (see :mod:`napari_medclipsam.core.presets`): its
         prompts (unless ``keep_prompt``), and every setting it fixes, shown ones and hidden
         ones (seed, readout, KMeans size, ranking) alike. ``(custom)`` keeps the fields and
-        drops the hidden settings. The presets are MedCLIP-SAMv2's: the Method, the SaLIP
-        fields and the faithfulness check stay as they are (in SaLIP mode a preset gives its
-        prompts and SAM model)."""
+        drops the hidden settings. The presets are MedCLIP-SAMv2's: the Method, the SaLIP and
+        VLSM fields and the faithfulness check stay as they are (in SaLIP mode a preset gives
+        its prompts and SAM model; in VLSM mode also its regions kept and boxes)."""
         preset = next((p for p in list_presets() if p.title == title), None)
         if preset is None:
             self._preset_config = None
@@ -845,6 +963,7 @@ class SegmentWidget(QWidget):
         self._preset_config = preset.apply(dataclasses.replace(
             PipelineConfig(), method=self.chosen_method(),
             salip=self._salip_from_fields(SalipConfig()),
+            vlsm=self._vlsm_from_fields(VlsmConfig()),
             faithfulness=self._faithfulness_from_fields(FaithfulnessConfig())))
         self._preset_title = preset.title
         if not keep_prompt:
@@ -912,8 +1031,12 @@ class SegmentWidget(QWidget):
         preset = self._preset_in_force()
         if preset is None and self._preset_title is not None:
             preset = f"{self._preset_title}, edited"
+        info = self.vlsm_info
+        arch = (info.arch if info is not None and self._vlsm_info_source
+                == config.vlsm.model else None)
         return describe_settings(config, preset=preset, where=self._where(),
-                                 auto_sam=self.auto.sam_model if self.auto else "")
+                                 auto_sam=self.auto.sam_model if self.auto else "",
+                                 vlsm_arch=arch)
 
     def _where(self) -> str:
         layer = find_layer(self.viewer, self.image_combo.currentText())
@@ -951,6 +1074,10 @@ class SegmentWidget(QWidget):
         self.salip_crop_nms_spin.setValue(salip.crop_nms_thresh)
         self.salip_min_region_spin.setValue(100.0 * salip.min_region_area)
         self._top_k = {"medclipsamv2": config.coarse.top_k or 0, SALIP: salip.top_k}
+        if self.vlsm_model_edit.isEnabled():  # not a VLSM the injected pipeline holds
+            self.vlsm_model_edit.setText(config.vlsm.model)
+        self.vlsm_threshold_spin.setValue(config.vlsm.threshold)
+        self.vlsm_refine_check.setChecked(config.vlsm.refine)
         faith = config.faithfulness
         self.faithfulness_check.setChecked(faith.enabled)
         self._on_faithfulness_toggled(faith.enabled)
@@ -964,40 +1091,45 @@ class SegmentWidget(QWidget):
 
     # ----------------------------------------------------------------------- method
     def chosen_method(self) -> str:
-        """The Method field's value: ``"medclipsamv2"`` or ``"salip"``."""
+        """The Method field's value: ``"medclipsamv2"``, ``"salip"`` or ``"vlsm"``."""
         return combo_value(self.chain_combo)
 
     def _on_topk_changed(self, value: int) -> None:
         self._top_k[self._top_k_method] = value
 
     def _on_method_changed(self, *args) -> None:
-        """Show the chosen method's top-k and grey out the other method's fields (each
-        field's tooltip says why)."""
+        """Show the chosen method's top-k and fields (VLSM: its box under the Method) and
+        grey out the other methods' fields (each field's tooltip says why)."""
         method = self.chosen_method()
-        salip = method == SALIP
+        salip, vlsm = method == SALIP, method == VLSM
+        key = topk_key(method)
         spin = self.topk_spin
         spin.blockSignals(True)  # a clamp on the new range must not store into either
         spin.setSpecialValueText("" if salip else "all")
         spin.setMinimum(1 if salip else 0)
-        spin.setValue(max(self._top_k[method], spin.minimum()))
+        spin.setValue(max(self._top_k[key], spin.minimum()))
         spin.blockSignals(False)
-        self._top_k_method = method
-        self._top_k[method] = spin.value()
+        self._top_k_method = key
+        self._top_k[key] = spin.value()
         for key, (widget, field_label) in self._fields.items():
-            other = NOT_FOR_SALIP if key in MEDCLIP_KEYS else (
-                NOT_FOR_MEDCLIP if key in SALIP_KEYS else None)
-            enabled = other is None or (key in SALIP_KEYS) == salip
+            methods = FIELD_METHODS.get(key)
+            enabled = methods is None or method in methods
             tip = TIPS["salip_top_k" if key == "top_k" and salip else key]
-            tip = tip if enabled else f"{other}\n\n{tip}"
+            tip = tip if enabled else f"{not_used_tip(methods, method)}\n\n{tip}"
             for item in (widget, field_label):
                 item.setEnabled(enabled)
                 item.setToolTip(tip)
         self.salip_header.setEnabled(salip)
+        self.vlsm_box.setVisible(vlsm)
+        if not self.controller.injected:  # an injected pipeline's fields stay as set
+            for widget in (self.clip_edit, self.clip_browse_button, self.clip_label):
+                widget.setEnabled(not vlsm)
+            self.clip_edit.setToolTip(TIPS["vlsm_clip"] if vlsm else TIPS["clip"])
         self._update_proposals_check()
         self.steps_check.setText(f"Show {map_kind(method)} and coarse mask")
-        self.run_button.setToolTip(
-            "SAM's proposals, CLIP's pick among them, its box and SAM on the chosen image."
-            if salip else "Saliency, coarse mask, boxes and SAM on the chosen image.")
+        self.run_button.setToolTip(RUN_TIPS[method])
+        if vlsm:
+            self._update_vlsm_info()
         self._update_settings_line()
 
     # ----------------------------------------------------------------------- models
@@ -1005,6 +1137,11 @@ class SegmentWidget(QWidget):
         """Use this pipeline's models (e.g. tiny test models, or models already loaded)
         instead of loading them from the model fields."""
         self.controller = SegmentController(pipeline)
+        own_vlsm = pipeline.vlsm_loaded
+        for widget in (self.vlsm_model_edit, self.vlsm_browse_button):
+            widget.setEnabled(True)
+        if own_vlsm:
+            self.vlsm_model_edit.setText(pipeline.config.vlsm.model)
         self.set_fields_from_config(pipeline.config)
         set_combo_value(self.sam_combo, pipeline.config.sam_model)
         set_combo_value(self.precision_combo, pipeline.config.precision)
@@ -1013,6 +1150,10 @@ class SegmentWidget(QWidget):
                        self.checkpoint_browse_button):
             widget.setEnabled(False)
             widget.setToolTip("Set by the pipeline given to the widget (set_pipeline).")
+        if own_vlsm:
+            for widget in (self.vlsm_model_edit, self.vlsm_browse_button):
+                widget.setEnabled(False)
+                widget.setToolTip("Set by the pipeline given to the widget (set_pipeline).")
         self._update_settings_line()
 
     def _resolve_auto(self, *args) -> None:
@@ -1057,6 +1198,45 @@ class SegmentWidget(QWidget):
         if folder:
             self.clip_edit.setText(f"local-dir:{folder}")
 
+    def _browse_vlsm(self) -> None:
+        current = self.vlsm_model_edit.text().strip().removeprefix("local-dir:")
+        folder = QFileDialog.getExistingDirectory(
+            self, "VLSM model folder ('medclipsam vlsm train' output, or CLIPSeg weights)",
+            current if Path(current).is_dir() else "")
+        if folder:  # a trained folder as it is; a CLIPSeg folder as local-dir:, like CLIP's
+            self.vlsm_model_edit.setText(
+                folder if trained_vlsm_folder(folder) is not None else f"local-dir:{folder}")
+
+    def _update_vlsm_info(self, *args) -> None:
+        """The line under the VLSM Model field: what it names (a trained folder's
+        architecture, classes and validation Dice; released CLIPSeg) or, in red, what is
+        wrong with it. Reading a trained folder needs torch: its first import runs in a
+        worker, as "auto" does."""
+        source = self.vlsm_model_edit.text().strip() or DEFAULT_VLSM_MODEL
+        if "torch" not in sys.modules and trained_vlsm_folder(source) is not None:
+            if self._vlsm_worker is None:  # the running one re-checks the field when it ends
+                self.vlsm_info_label.setText("reading the model folder...")
+                self._vlsm_worker = start_worker(vlsm_source_info, source,
+                                                 on_done=self._on_vlsm_info)
+            return
+        self._show_vlsm_info(source, vlsm_source_info(source))
+
+    def _on_vlsm_info(self, outcome: Outcome) -> None:
+        self._vlsm_worker = None
+        with contextlib.suppress(RuntimeError):  # the dock was closed meanwhile
+            if outcome.ok:  # torch is loaded now: read the field as it is now
+                self._update_vlsm_info()
+            else:
+                source = self.vlsm_model_edit.text().strip() or DEFAULT_VLSM_MODEL
+                self._show_vlsm_info(source, VlsmSource(outcome.error or "", error=True))
+
+    def _show_vlsm_info(self, source: str, info: VlsmSource) -> None:
+        self.vlsm_info, self._vlsm_info_source = info, source
+        self.vlsm_info_label.setText(info.text)
+        self.vlsm_info_label.setStyleSheet(VLSM_ERROR_STYLE if info.error else VLSM_INFO_STYLE)
+        self.vlsm_info_label.setToolTip(info.text)
+        self._update_settings_line()
+
     def _browse_checkpoint(self) -> None:
         current = self.checkpoint_edit.text().strip()
         path, _ = QFileDialog.getOpenFileName(
@@ -1090,14 +1270,23 @@ class SegmentWidget(QWidget):
             min_region_area=round(self.salip_min_region_spin.value() / 100.0, 6),
             top_k=max(self._top_k[SALIP], 1))
 
+    def _vlsm_from_fields(self, base: VlsmConfig) -> VlsmConfig:
+        """``base`` with the VLSM fields' values (an empty Model: released CLIPSeg)."""
+        return dataclasses.replace(
+            base, model=self.vlsm_model_edit.text().strip() or DEFAULT_VLSM_MODEL,
+            threshold=round(self.vlsm_threshold_spin.value(), 6),
+            refine=self.vlsm_refine_check.isChecked())
+
     def build_config(self, base: PipelineConfig | None = None) -> PipelineConfig:
         """A PipelineConfig from the fields: the Method, and the Top-K field into the chosen
-        method's setting (the other method's top-k as it was last shown)."""
+        method's setting (the other method's top-k as it was last shown; the VLSM's is the
+        coarse mask's)."""
         base = base or PipelineConfig()
         top_k = self._top_k["medclipsamv2"] or None
         return dataclasses.replace(
             base, **self._model_config(), method=self.chosen_method(),
             salip=self._salip_from_fields(base.salip or SalipConfig()),
+            vlsm=self._vlsm_from_fields(base.vlsm or VlsmConfig()),
             faithfulness=self._faithfulness_from_fields(
                 base.faithfulness or FaithfulnessConfig()),
             saliency=dataclasses.replace(base.saliency or SaliencyConfig(),
@@ -1216,6 +1405,8 @@ class SegmentWidget(QWidget):
         self._refine_timer.stop()
         if self.running and self._activity == "Tuning":
             self._report("Cancelling the tuning (at the next step; nothing will change)...")
+        elif self.running and self._activity == BOX_EDIT:
+            self._report("Cancelling (once SAM has loaded; the mask stays as it is)...")
         elif self.running:
             self._report("Cancelling (at the next step; finished slices are kept)...")
 
@@ -1223,7 +1414,8 @@ class SegmentWidget(QWidget):
         update = self._tracker.update(stage, fraction)
         self.progress_bar.setValue(int(round(100 * update.fraction)))
         self.progress_bar.setFormat(f"{stage} %p%")
-        if self.running and not self._stop.is_set() and stage != "done":
+        if self.running and not self._stop.is_set() and stage != "done" \
+                and self._activity != BOX_EDIT:  # its status line says it all; the bar moves
             self._report(f"{self._activity}: {update.text}")
 
     def _on_done(self, outcome: Outcome) -> None:
@@ -1333,10 +1525,11 @@ class SegmentWidget(QWidget):
 
     def _drop_other_method_layers(self, target: str, method: str, volume: bool) -> None:
         """Remove the target's layers a run of this method does not rewrite: the other
-        method's first layer (``saliency`` / ``retrieval map``) and, unless this is a
-        single-image SaLIP run, its ``proposals`` (they would show an older run)."""
-        stale = [output_name(map_kind("medclipsamv2" if method == SALIP else SALIP),
-                             target)]
+        methods' first layers (``saliency`` / ``retrieval map`` / ``VLSM probability``) and,
+        unless this is a single-image SaLIP run, its ``proposals`` (they would show an older
+        run)."""
+        stale = [output_name(kind, target) for kind in MAP_KINDS.values()
+                 if kind != map_kind(method)]
         if volume or method != SALIP:
             stale.append(output_name(PROPOSALS, target))
         for name in stale:
@@ -1419,7 +1612,7 @@ class SegmentWidget(QWidget):
         run = self.controller.state.run
         if run is None:
             return
-        for kind in (*STEP_KINDS, RETRIEVAL):
+        for kind in (*STEP_KINDS, RETRIEVAL, VLSM_PROBABILITY):
             layer = find_layer(self.viewer, output_name(kind, run.target.name))
             if layer is not None:
                 layer.visible = checked
@@ -1427,10 +1620,12 @@ class SegmentWidget(QWidget):
     def _update_proposals_check(self) -> None:
         """"Show proposals" is for SaLIP: chosen, or the run on screen is SaLIP's."""
         run = self.controller.state.run
-        salip = self.chosen_method() == SALIP or (run is not None and run.method == SALIP)
+        method = self.chosen_method()
+        salip = method == SALIP or (run is not None and run.method == SALIP)
         self.proposals_check.setEnabled(salip)
-        self.proposals_check.setToolTip(TIPS["show_proposals"] if salip else
-                                        f"{NOT_FOR_MEDCLIP}\n\n{TIPS['show_proposals']}")
+        self.proposals_check.setToolTip(
+            TIPS["show_proposals"] if salip else
+            f"{not_used_tip((SALIP,), method)}\n\n{TIPS['show_proposals']}")
 
     def _on_proposals_toggled(self, checked: bool) -> None:
         run = self.controller.state.run
@@ -1529,21 +1724,76 @@ class SegmentWidget(QWidget):
             points.features if points is not None else None, run.result.rgb.shape[:2])
 
     def refine_from_layers(self) -> None:
-        """Re-run only SAM (cached embedding) from the edited prompt layers."""
+        """Re-run only SAM (cached embedding) from the edited prompt layers. After a VLSM
+        run without SAM refinement SAM is not loaded yet: it loads first, in a worker (the
+        bar and the status line say so; Cancel keeps the mask as it is)."""
         run = self._current_run()
-        if run is None or self.running:
+        if run is None:
+            return
+        if self.running:
+            if self._activity == BOX_EDIT:  # SAM is loading: re-run with this edit after
+                self._edited_while_loading = True
             return
         try:
             prompts = self.prompts_from_layers()
+            if not self.controller.sam_ready and not prompts.empty:
+                self._load_sam_and_refine(run, prompts)
+                return
             mask = self.controller.refine(prompts)
         except (InputError, ValueError) as exc:
             self._report(str(exc), error=True)
             return
+        self._show_refined(run, prompts, mask)
+
+    def _show_refined(self, run: Run, prompts: Prompts, mask: np.ndarray,
+                      loaded: bool = False) -> None:
         name = output_name("SAM mask", run.target.name)
         if name in self.viewer.layers:
             self.viewer.layers[name].data = mask.astype(np.int32)
-        self._report(f"SAM re-run from {len(prompts.boxes)} box(es) and "
-                     f"{len(prompts.points)} point(s): mask of {int(mask.sum())} pixels.")
+        self._report(f"{'SAM loaded; ' if loaded else ''}SAM re-run from "
+                     f"{len(prompts.boxes)} box(es) and {len(prompts.points)} point(s): mask "
+                     f"of {int(mask.sum())} pixels.")
+
+    def _load_sam_and_refine(self, run: Run, prompts: Prompts) -> None:
+        """The first box edit after a run that did not load SAM: load it in a worker, then
+        re-run it from the edited prompts."""
+        self._activity = BOX_EDIT
+        self._stop.clear()
+        self._tracker = ProgressTracker()
+        self.progress_log = self._tracker.updates
+        self._edited_while_loading = False
+        self._set_running(True)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("loading SAM %p%")
+        self._report("Loading SAM for the edited box (the VLSM run did not need it; once), "
+                     "then SAM re-runs from it...")
+        self._worker = start_worker(
+            self.controller.refine, prompts, progress=self._progress_signal.emit,
+            should_stop=self._stop.is_set,
+            on_done=lambda outcome: self._on_sam_refined(run, prompts, outcome),
+            on_finished=self._on_sam_edit_finished)
+
+    def _on_sam_refined(self, run: Run, prompts: Prompts, outcome: Outcome) -> None:
+        if outcome.cancelled:
+            self._stop_bar("cancelled")
+            self._report("Cancelled; the mask is unchanged (SAM is loaded now: edit a box "
+                         "again to re-run it).")
+            self._edited_while_loading = False
+            return
+        if not outcome.ok:
+            self._report_failure(outcome.error)
+            self._edited_while_loading = False
+            return
+        self.progress_bar.setValue(100)
+        self.progress_bar.setFormat("done %p%")
+        if self.controller.state.run is run:
+            self._show_refined(run, prompts, outcome.value, loaded=True)
+
+    def _on_sam_edit_finished(self) -> None:
+        self._set_running(False)
+        if self._edited_while_loading:  # edits made while SAM loaded: re-run with them
+            self._edited_while_loading = False
+            self._refine_timer.start()
 
     def prompts_from_mask(self) -> None:
         """Regenerate boxes and points from the (edited) ``coarse mask`` layer, then run SAM.

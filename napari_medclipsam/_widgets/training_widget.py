@@ -72,6 +72,7 @@ from napari_medclipsam._widgets.common import (
     SettingsStore,
     find_layer,
     geometry_of,
+    is_map_layer,
     is_stack,
     layer_names,
     put_layer,
@@ -689,7 +690,7 @@ class TrainingWidget(QWidget):
     def _refresh_layers(self, event=None) -> None:
         set_combo_items(self.image_combo, layer_names(
             self.viewer, "image",
-            skip=lambda n: n in OUTPUT_LAYERS or n.startswith(("saliency [", "retrieval map ["))))
+            skip=lambda n: n in OUTPUT_LAYERS or is_map_layer(n)))
         labels = layer_names(self.viewer, "labels", skip=lambda n: n == MASK)
         # the label map (several targets) and the SAM masks are what one trains on
         labels.sort(key=lambda n: (n != LABEL_MAP, not n.startswith("SAM mask [")))
