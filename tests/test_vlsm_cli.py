@@ -554,15 +554,7 @@ def test_help_names_the_flags(argv, flags, capsys):
         assert flag in text, flag
 
 
-def test_parser_names_agree_with_the_vlsm_package_and_stay_light():
-    from napari_medclipsam.cli import vlsm as cli_vlsm
-    from napari_medclipsam.vlsm import models, train
-
-    assert cli_vlsm.ARCH_CHOICES == models.ARCHS
-    assert cli_vlsm.DECODER_INIT_CHOICES == models.DECODER_INITS
-    assert cli_vlsm.MODEL_RECORD == models.MODEL_FILE
-    defaults = train.VlsmTrainConfig().to_dict()
-    assert {k: defaults[k] for k in cli_vlsm.TRAIN_DEFAULTS} == cli_vlsm.TRAIN_DEFAULTS
+def test_the_parser_stays_light():
     code = ("import sys; from napari_medclipsam.cli import build_parser; build_parser(); "
             "sys.exit(1 if {'torch', 'transformers'} & set(sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

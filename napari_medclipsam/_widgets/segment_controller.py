@@ -78,6 +78,7 @@ from napari_medclipsam.core.pipeline import SegmentationResult, VolumeResult, Ze
 from napari_medclipsam.core.postprocess import Prompts, prompts_from_mask
 from napari_medclipsam.core.presets import Preset, list_presets
 from napari_medclipsam.nnunet.job import format_eta
+from napari_medclipsam.vlsm.config import MODEL_FILE, local_source_path, read_vlsm_record
 
 ProgressFn = Callable[[str, float], None]
 StopFn = Callable[[], bool]
@@ -97,8 +98,7 @@ def target_name(prompt_lines: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- VLSM
-#: a trained VLSM folder's record (``vlsm.models.MODEL_FILE``; not imported: it loads torch)
-VLSM_RECORD = "vlsm.json"
+VLSM_RECORD = MODEL_FILE  #: a trained VLSM folder's record
 #: how the dock names each VLSM architecture
 VLSM_ARCH_NAMES: Mapping[str, str] = {"clipseg": "CLIPSeg", "biomedclipseg": "BiomedCLIPSeg"}
 
@@ -118,17 +118,9 @@ def _vlsm_changed(pipeline: ZeroShotPipeline, config: PipelineConfig) -> bool:
 
 
 def vlsm_local_path(source: str) -> Path | None:
-    """The folder a VLSM Model value names (``local-dir:PATH``, an existing folder, or
-    anything written as a path: absolute, ``~``, ``./``), or None for a Hugging Face id
-    (``CIDAS/clipseg-rd64-refined``)."""
-    source = source.strip()
-    if source.startswith("local-dir:"):
-        return Path(source.removeprefix("local-dir:")).expanduser()
-    path = Path(source).expanduser()
-    if path.is_dir() or path.is_absolute() or source.startswith(("~", ".")) \
-            or source.count("/") != 1 or "\\" in source:
-        return path
-    return None
+    """:func:`napari_medclipsam.vlsm.config.local_source_path`: the folder a Model value
+    names, or None for a Hugging Face id."""
+    return local_source_path(source)
 
 
 def trained_vlsm_folder(source: str) -> Path | None:
@@ -213,9 +205,8 @@ def describe_vlsm_record(record: Mapping[str, Any]) -> str:
 def vlsm_source_info(source: str) -> VlsmSource:
     """The line under the VLSM Model field for ``source``.
 
-    A trained folder is read (:func:`napari_medclipsam.vlsm.models.read_vlsm_record`, which
-    imports torch the first time: off the GUI thread then); released CLIPSeg weights and
-    problems (:func:`vlsm_source_problem`) need no import. Never raises.
+    A trained folder's ``vlsm.json`` is read
+    (:func:`napari_medclipsam.vlsm.config.read_vlsm_record`, no torch). Never raises.
     """
     source = source.strip() or DEFAULT_VLSM_MODEL
     problem = vlsm_source_problem(source)
@@ -223,8 +214,6 @@ def vlsm_source_info(source: str) -> VlsmSource:
         return VlsmSource(problem, error=True)
     folder = trained_vlsm_folder(source)
     if folder is not None:
-        from napari_medclipsam.vlsm.models import read_vlsm_record
-
         try:
             record = read_vlsm_record(folder)
         except InputError as exc:

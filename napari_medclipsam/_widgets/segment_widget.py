@@ -482,7 +482,6 @@ class SegmentWidget(QWidget):
         #: what the VLSM Model field names (the line under it) and for which text
         self.vlsm_info: VlsmSource | None = None
         self._vlsm_info_source: str | None = None
-        self._vlsm_worker = None
         self._edited_while_loading = False  # a box edit while SAM loaded for an earlier one
         self._activity = "Running"  # what the progress line says: Running, Tuning
         self.last_tuning: Tuning | None = None
@@ -1210,25 +1209,9 @@ class SegmentWidget(QWidget):
     def _update_vlsm_info(self, *args) -> None:
         """The line under the VLSM Model field: what it names (a trained folder's
         architecture, classes and validation Dice; released CLIPSeg) or, in red, what is
-        wrong with it. Reading a trained folder needs torch: its first import runs in a
-        worker, as "auto" does."""
+        wrong with it (reading ``vlsm.json`` needs no torch)."""
         source = self.vlsm_model_edit.text().strip() or DEFAULT_VLSM_MODEL
-        if "torch" not in sys.modules and trained_vlsm_folder(source) is not None:
-            if self._vlsm_worker is None:  # the running one re-checks the field when it ends
-                self.vlsm_info_label.setText("reading the model folder...")
-                self._vlsm_worker = start_worker(vlsm_source_info, source,
-                                                 on_done=self._on_vlsm_info)
-            return
         self._show_vlsm_info(source, vlsm_source_info(source))
-
-    def _on_vlsm_info(self, outcome: Outcome) -> None:
-        self._vlsm_worker = None
-        with contextlib.suppress(RuntimeError):  # the dock was closed meanwhile
-            if outcome.ok:  # torch is loaded now: read the field as it is now
-                self._update_vlsm_info()
-            else:
-                source = self.vlsm_model_edit.text().strip() or DEFAULT_VLSM_MODEL
-                self._show_vlsm_info(source, VlsmSource(outcome.error or "", error=True))
 
     def _show_vlsm_info(self, source: str, info: VlsmSource) -> None:
         self.vlsm_info, self._vlsm_info_source = info, source

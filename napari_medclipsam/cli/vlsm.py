@@ -57,6 +57,7 @@ from typing import Any
 
 from ..core.config import DEFAULT_VLSM_MODEL, PRECISIONS
 from ..core.models import SAM_MODELS
+from ..vlsm.config import ARCHS, DECODER_INITS, MODEL_FILE, VlsmTrainConfig
 from ..vlsm.prompts import PROMPT_SETS
 from .common import (
     CLIError,
@@ -72,19 +73,15 @@ from .common import (
 __all__ = ["ARCH_CHOICES", "DECODER_INIT_CHOICES", "MODEL_RECORD", "TRAIN_DEFAULTS",
            "add_parser", "run_evaluate", "run_predict", "run_train", "run_vlsm"]
 
-# What the parser needs from vlsm.models and vlsm.train, written out because those modules
-# import torch and the parser is built on every ``medclipsam`` call (a test checks they agree).
-#: :data:`napari_medclipsam.vlsm.models.ARCHS`
-ARCH_CHOICES = ("clipseg", "biomedclipseg")
-#: :data:`napari_medclipsam.vlsm.models.DECODER_INITS`
-DECODER_INIT_CHOICES = ("random", "clipseg")
-#: :data:`napari_medclipsam.vlsm.models.MODEL_FILE`
-MODEL_RECORD = "vlsm.json"
-#: :class:`napari_medclipsam.vlsm.train.VlsmTrainConfig`'s defaults (medvlsm's settings)
+# vlsm.config is torch-free: the parser is built on every ``medclipsam`` call.
+ARCH_CHOICES = ARCHS
+DECODER_INIT_CHOICES = DECODER_INITS
+MODEL_RECORD = MODEL_FILE
+#: :class:`~napari_medclipsam.vlsm.config.VlsmTrainConfig`'s defaults (medvlsm's settings)
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "prompt_sets": ("p1", "p6"), "epochs": 100, "min_epochs": 10, "patience": 20,
-    "batch_size": 16, "lr": 2e-4, "weight_decay": 1e-3, "val_fraction": 0.15,
-    "threshold": 0.5, "amp": True, "cache_gb": 2.0, "seed": 0}
+    k: v for k, v in VlsmTrainConfig().to_dict().items()
+    if k in ("prompt_sets", "epochs", "min_epochs", "patience", "batch_size", "lr",
+             "weight_decay", "val_fraction", "threshold", "amp", "cache_gb", "seed")}
 #: The flag of each training setting, for messages.
 _FLAGS = {"prompt_sets": "--prompt-set", "epochs": "--epochs", "min_epochs": "--min-epochs",
           "patience": "--patience", "batch_size": "--batch-size", "lr": "--lr",
@@ -243,7 +240,7 @@ def _add_predict_flags(p: argparse.ArgumentParser, masks: bool = False) -> None:
                         "the one recorded in the model folder, else 0.5).")
     p.add_argument("--top-k", type=int, metavar="K",
                    help="keep the K most confident components of the mask; 0 keeps all "
-                        "(default 1).")
+                        "(default 0: the whole thresholded mask, as medvlsm scores it).")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs in OUT (default: refuse).")
     p.add_argument("--resume", action="store_true",
@@ -676,7 +673,8 @@ def _segment_args(args: argparse.Namespace) -> argparse.Namespace:
         slices=args.slices, window=args.window, method="vlsm", vlsm_model=args.model,
         vlsm_threshold=threshold, vlsm_refine=bool(args.refine_sam),
         sam_model=args.sam_model, sam_checkpoint=args.sam_checkpoint, device=args.device,
-        precision=args.precision, top_k=args.top_k, neutral_prompt=args.neutral_prompt,
+        precision=args.precision, top_k=0 if args.top_k is None else args.top_k,
+        neutral_prompt=args.neutral_prompt,
         contrast_prompt=args.contrast_prompt,
         faithfulness_threshold=args.faithfulness_threshold,
         no_faithfulness=args.no_faithfulness, debug=getattr(args, "debug", False))

@@ -73,13 +73,13 @@ class Faithfulness:
             return (f"This prompt's map is {self.correlation:.2f} correlated with the map of "
                     f"the neutral prompt {neutral}: the text is not guiding the result. Try "
                     "naming the finding and the organ (e.g. 'hypoechoic breast tumor'), a "
-                    "prompt ensemble, or another saliency layer.")
+                    "prompt ensemble, or another saliency method or model.")
         close = [(c, r) for c, r in self.contrasts if r >= self.max_correlation]
         if close:
             c, r = max(close, key=lambda item: item[1])
             return (f"This prompt's map is {r:.2f} correlated with the map of the contrast "
                     f"prompt {c!r}: the text does not tell them apart here. Try a more "
-                    "specific prompt or another saliency layer.")
+                    "specific prompt, or another saliency method or model.")
         return ""
 
     def summary(self) -> str:

@@ -55,21 +55,22 @@ from ..core.models import (
     load_clip,
     resolve_device,
 )
+from .config import (
+    ARCHS,
+    DECODER_FILE,
+    DECODER_INITS,
+    DEFAULT_CLIPSEG_MODEL,
+    DEFAULT_EXTRACT_LAYERS,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    RD64_REFINED,
+    is_vlsm_folder,
+    local_source_path,
+    read_vlsm_record,
+)
 
 logger = logging.getLogger(__name__)
 
-ARCHS = ("clipseg", "biomedclipseg")
-DEFAULT_CLIPSEG_MODEL = "CIDAS/clipseg-rd64-refined"
-DEFAULT_EXTRACT_LAYERS = (3, 6, 9)
-MODEL_FILE = "vlsm.json"
-DECODER_FILE = "decoder.safetensors"
-FORMAT_VERSION = 1
-DECODER_INITS = ("random", "clipseg")
-#: CLIPSeg rd64-refined's decoder settings, used for a BiomedCLIPSeg decoder built without a
-#: CLIPSeg config at hand (``decoder_init="random"`` offline).
-RD64_REFINED = {"reduce_dim": 64, "decoder_num_attention_heads": 4,
-                "decoder_intermediate_size": 2048, "conditional_layer": 0,
-                "use_complex_transposed_convolution": True}
 _CLIPSEG_FILES = ["*.json", "*.txt", "*.safetensors"]
 
 _CACHE: dict[tuple[str, str], Any] = {}
@@ -354,9 +355,21 @@ def copy_decoder_weights(target, source) -> tuple[list[str], list[str]]:
     return copied, skipped
 
 
+def _is_local(source: str) -> bool:
+    return local_source_path(source) is not None
+
+
+def absolute_source(source: str) -> str:
+    """A local source as ``local-dir:ABSOLUTE_PATH`` (so a model folder that records it loads
+    from anywhere); a hub id unchanged."""
+    if not _is_local(source):
+        return source
+    return "local-dir:" + str(Path(source.removeprefix("local-dir:")).expanduser().resolve())
+
+
 def _clipseg_folder(source: str) -> Path:
     """A local folder holding a CLIPSeg model and processor (a hub id is downloaded)."""
-    if source.startswith("local-dir:") or Path(source).expanduser().is_dir():
+    if _is_local(source):
         folder = Path(source.removeprefix("local-dir:")).expanduser()
         if not folder.is_dir():
             raise ModelUnavailableError(f"CLIPSeg folder not found: {folder}.")
@@ -379,7 +392,7 @@ def _offline_clipseg_message(source: str, error: BaseException) -> str:
     repo = source.removeprefix("hf-hub:")
     return (f"Could not download the CLIPSeg model {source!r} ({type(error).__name__}: "
             f"{error}). Offline: on a connected machine run  hf download {repo} --local-dir "
-            "clipseg  then copy the folder here and pass  --clipseg-model local-dir:PATH  (or "
+            "clipseg  then copy the folder here and give it as the model: local-dir:PATH (or "
             f"copy a filled cache folder and point ${CACHE_ENV} at it).")
 
 
@@ -422,12 +435,19 @@ def _pretrained_clipseg(source: str, device: str):
     problems = check_clipseg_source(str(folder)) if folder.is_dir() else []
     if problems:
         raise ModelUnavailableError(problems[0])
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its per-tensor "Loading weights" bar says nothing
     try:
         processor = CLIPSegProcessor.from_pretrained(folder, local_files_only=True)
         net = CLIPSegForImageSegmentation.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - a broken folder, in one line
         raise ModelUnavailableError(f"Cannot load the CLIPSeg model from {folder} "
                                     f"({type(exc).__name__}: {exc}).") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     net.eval().requires_grad_(False).to(device)
     weights = _clipseg_weights(folder)
     base = {"clipseg_model": source,
@@ -447,7 +467,7 @@ def load_clipseg(source: str = DEFAULT_CLIPSEG_MODEL, device: str | None = None)
         written by ``save_pretrained`` / ``hf download`` (config, weights, processor files).
     """
     device = resolve_device(device)
-    net, processor, base = _pretrained_clipseg(source, device)
+    net, processor, base = _pretrained_clipseg(absolute_source(source), device)
     return ClipSegVlsm(net, processor, device, base).to(device)
 
 
@@ -477,12 +497,13 @@ def build_biomedclipseg(clip_source: str, device: str | None = None, *,
         raise InputError(f"decoder_init must be one of {', '.join(DECODER_INITS)}; got "
                          f"{decoder_init!r}.")
     device = resolve_device(device)
+    clip_source = absolute_source(clip_source)
     clip = load_clip(clip_source, device)
     if extract_layers is None:
         extract_layers = default_extract_layers(len(_trunk(clip).blocks))
     base: dict[str, Any] = {"clip_model": clip_source, "clip_sha256": clip.weights_sha256}
     if decoder_init == "clipseg":
-        net, _, clipseg_base = _pretrained_clipseg(clipseg_source, device)
+        net, _, clipseg_base = _pretrained_clipseg(absolute_source(clipseg_source), device)
         decoder = biomedclipseg_decoder(clip, extract_layers, net.config, seed)
         copied, skipped = copy_decoder_weights(decoder, net.decoder)
         logger.info("BiomedCLIPSeg decoder: %d tensors copied from CLIPSeg, %d random (%s)",
@@ -523,11 +544,6 @@ def clear_vlsm_cache() -> None:
 # --------------------------------------------------------------------------- saving, loading
 
 
-def is_vlsm_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a trained model folder (it holds ``vlsm.json``)."""
-    return (Path(path).expanduser() / MODEL_FILE).is_file()
-
-
 def save_vlsm(model: VlsmModel, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s decoder and description into ``folder`` (each file atomically).
 
@@ -551,29 +567,6 @@ def save_vlsm(model: VlsmModel, folder: str | Path, info: dict[str, Any] | None 
     return folder / MODEL_FILE
 
 
-def read_vlsm_record(folder: str | Path) -> dict[str, Any]:
-    """``vlsm.json`` of a model folder, checked (one-line :class:`InputError` otherwise)."""
-    path = Path(folder).expanduser() / MODEL_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the model record ({exc.strerror or exc}).") \
-            from exc
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); the model folder is damaged.") \
-            from exc
-    if not isinstance(record, dict) or record.get("arch") not in ARCHS:
-        raise InputError(f"{path}: not a VLSM model record (no arch among "
-                         f"{', '.join(ARCHS)}).")
-    if int(record.get("format", 0)) > FORMAT_VERSION:
-        raise InputError(f"{path}: written by a newer napari-medclipsam (format "
-                         f"{record.get('format')}); update the package to read it.")
-    if not (path.parent / DECODER_FILE).is_file():
-        raise InputError(f"{path.parent}: no {DECODER_FILE}; the model folder is incomplete "
-                         "(was training stopped before the first epoch ended?).")
-    return record
-
-
 def load_vlsm(source: str, device: str | None = None) -> VlsmModel:
     """A trained model folder (``vlsm.json`` + decoder) or released CLIPSeg weights
     (zero-shot) as a ready model.
@@ -590,6 +583,9 @@ def load_vlsm(source: str, device: str | None = None) -> VlsmModel:
 
     device = resolve_device(device)
     path = Path(source.removeprefix("local-dir:")).expanduser()
+    if _is_local(source) and not path.exists():
+        raise ModelUnavailableError(f"VLSM model folder not found: {path} (a folder written "
+                                    "by 'medclipsam vlsm train', or CLIPSeg weights).")
     if not is_vlsm_folder(path):
         return load_clipseg(source, device)
     record = read_vlsm_record(path)

@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -40,75 +39,19 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import CancelledError, InputError
+from .config import MODEL_FILE, VlsmTrainConfig
 from .data import Sample, TrainingCase, load_samples, split_by_name
-from .models import MODEL_FILE, VlsmModel, save_vlsm
-from .prompts import PROMPT_SETS, build_prompts, definitions_for, mask_attributes
+from .models import VlsmModel, save_vlsm
+from .prompts import build_prompts, definitions_for, mask_attributes
+
+__all__ = ["CHECKPOINT", "VlsmTrainConfig", "VlsmTrainResult", "caption_maker",
+           "check_output", "dice_bce_loss", "hard_dice", "load_checkpoint", "train_vlsm"]
 
 CHECKPOINT = "checkpoint.pt"
 OWNED = (MODEL_FILE, "decoder.safetensors", CHECKPOINT)
 Log = Callable[[str], None]
 ProgressFn = Callable[[int, int], None]
 StopFn = Callable[[], bool]
-
-
-@dataclass(frozen=True)
-class VlsmTrainConfig:
-    """Settings of :func:`train_vlsm` (defaults: medvlsm's; see the module docstring).
-
-    Attributes
-    ----------
-    prompt_sets : tuple of str
-        Prompt levels whose captions are drawn from (``("p1", "p6")``: the class name, and
-        the class with count, size, colour, shape and location words from the mask).
-    epochs : int
-        At most this many epochs.
-    min_epochs, patience : int
-        Early stopping: never before ``min_epochs``; after ``patience`` epochs without a
-        better validation Dice.
-    cache_gb : float
-        Memory for the frozen encoders' outputs (0: recompute every batch).
-    """
-
-    prompt_sets: tuple[str, ...] = ("p1", "p6")
-    epochs: int = 100
-    min_epochs: int = 10
-    patience: int = 20
-    batch_size: int = 16
-    lr: float = 2e-4
-    weight_decay: float = 1e-3
-    dice_weight: float = 1.0
-    bce_weight: float = 0.2
-    grad_clip: float = 0.5
-    lr_factor: float = 0.1
-    lr_patience: int = 5
-    val_fraction: float = 0.15
-    threshold: float = 0.5
-    amp: bool = True
-    cache_gb: float = 2.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        sets = (self.prompt_sets,) if isinstance(self.prompt_sets, str) else self.prompt_sets
-        sets = tuple(s.strip().lower() for p in sets for s in str(p).split(",") if s.strip())
-        object.__setattr__(self, "prompt_sets", sets)
-        bad = [s for s in sets if s not in PROMPT_SETS]
-        if not sets or bad:
-            raise ValueError(f"prompt set must be among {', '.join(PROMPT_SETS)} (several "
-                             f"comma-separated); got {', '.join(bad) or 'nothing'}.")
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}.")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("lr must be positive and weight_decay non-negative.")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1); got {self.val_fraction}.")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1); got {self.threshold}.")
-        if self.min_epochs < 0 or self.patience < 1 or self.cache_gb < 0:
-            raise ValueError("min_epochs and cache_gb must be >= 0, patience >= 1.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -296,6 +239,11 @@ def train_vlsm(model: VlsmModel, cases: Sequence[TrainingCase], out_dir: str | P
     train_names, val_names = split_by_name(names, config.val_fraction)
     fingerprint = {"cases": names, "classes": sorted({n for c in cases for n, _ in c.classes}),
                    "arch": model.arch, "base": model.base}
+    if any(level in ("p7", "p8", "p9") for level in config.prompt_sets):
+        lacking = [n for n in fingerprint["classes"] if not definitions_for(n, definitions)]
+        if lacking:
+            raise InputError(f"prompt sets p7-p9 need a definition of {lacking[0]!r}: give a "
+                             "definitions file (JSON: class name -> list of sentences).")
     if state is not None:
         _check_resume(state, config, fingerprint, out)
 
@@ -428,9 +376,15 @@ def _check_resume(state: dict[str, Any], config: VlsmTrainConfig, fingerprint: d
                          "resume with the same ones (only --epochs may change) or "
                          "--overwrite.")
     data = json.loads(json.dumps(fingerprint, default=str))
+
+    def weights(base) -> dict:  # a base model moved elsewhere is the same model
+        return {k: v for k, v in (base or {}).items() if k.endswith("sha256")}
+
+    data["base"], then_data = weights(data["base"]), {**state["data"]}
+    then_data["base"] = weights(then_data.get("base"))
     for key, what in (("arch", "architecture"), ("base", "base model"),
                       ("classes", "classes"), ("cases", "cases")):
-        if state["data"].get(key) != data.get(key):
+        if then_data.get(key) != data.get(key):
             raise InputError(f"{out} was trained with other {what}; resume with the same "
                              "data and model, or --overwrite.")
 
