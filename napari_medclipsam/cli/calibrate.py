@@ -266,7 +266,7 @@ def _base_config(args: argparse.Namespace, sams: list[tuple[str, str | None]]):
     config = config_from_args(args)
     if config.method != "medclipsamv2":
         raise CLIError("calibrate tunes the MedCLIP-SAMv2 chain (saliency, coarse mask, SAM); "
-                       "leave out --method salip.")
+                       f"leave out --method {config.method}.")
     if sams and args.sam_model is None:
         name, path = sams[0]
         config = dataclasses.replace(config, sam_model=name,
