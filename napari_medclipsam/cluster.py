@@ -33,6 +33,8 @@ from .core.errors import InputError
 
 #: ``--scheduler`` value that starts a cluster on this machine
 LOCAL = "local"
+#: how long to try reaching a running scheduler
+CONNECT_TIMEOUT = "20s"
 
 
 def check_scheduler(value: str | None) -> str | None:
@@ -100,7 +102,7 @@ def open_client(scheduler: str, workers: int | None = None,
             cluster.close()
         return
     try:
-        client = Client(scheduler, timeout="20s")
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT)
     except Exception as exc:  # OSError, TimeoutError: the address is wrong or nothing listens
         raise InputError(f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}:"
                          f" {exc}); start one with 'dask scheduler' and workers with 'dask "

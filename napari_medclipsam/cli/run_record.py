@@ -269,11 +269,46 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def model_records(plan: Plan, pipeline) -> dict[str, Any]:
+    """What identifies the models ``pipeline`` loaded for ``plan`` (its ``models`` for the
+    manifest, ``models_sha256`` per image, ``precision``): the VLSM and, when it refines,
+    SAM in the VLSM chain (never CLIP); CLIP and SAM otherwise. Plain values, so a Dask
+    worker can send them to the client."""
+    models_sha256: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    config = plan.config
+    if config.method == "vlsm":  # the VLSM, and SAM only to refine: never CLIP
+        vlsm = pipeline.vlsm
+        models_sha256["vlsm"] = vlsm.model_id
+        models["vlsm"] = {"source": config.vlsm.model, "id": vlsm.model_id,
+                          "arch": getattr(vlsm, "arch", None),
+                          "base": dict(getattr(vlsm, "base", {}) or {}),
+                          "decoder_sha256": (getattr(vlsm, "info", {}) or {}).get(
+                              "decoder_sha256")}
+    else:
+        clip = pipeline.clip
+        models_sha256["clip"] = clip.weights_sha256
+        models["clip"] = {"source": config.clip_model, "id": clip.model_id,
+                          "sha256": clip.weights_sha256}
+    if config.method != "vlsm" or config.vlsm.refine:
+        sam = pipeline.sam
+        models_sha256["sam"] = sam.checkpoint_sha256
+        models["sam"] = {"name": sam.name, "requested": config.sam_model,
+                         "family": sam.family, "id": sam.model_id,
+                         "checkpoint": sam.checkpoint, "sha256": sam.checkpoint_sha256}
+    models["device"] = str(pipeline.device)
+    return {"models_sha256": models_sha256, "models": models,
+            "precision": {"resolved": pipeline.precision, "requested": config.precision}}
+
+
 class Run:
     """The manifest of one run: entries per image, written atomically, at most every ``every``
-    seconds unless forced (``segment.MANIFEST_SECONDS``)."""
+    seconds unless forced (``segment.MANIFEST_SECONDS``). The models are read from
+    ``pipeline`` (:func:`model_records`), or given as ``records`` (a Dask run: a worker
+    loaded them)."""
 
-    def __init__(self, plan: Plan, pipeline, started: str, every: float):
+    def __init__(self, plan: Plan, pipeline, started: str, every: float,
+                 records: dict[str, Any] | None = None):
         self.plan = plan
         self.every = every  # seconds between manifest writes (forced writes aside)
         self.pipeline = pipeline
@@ -285,32 +320,11 @@ class Run:
                          if isinstance(e, dict) and isinstance(e.get("name"), str)}
         self.last_save = 0.0
         self.versions = _versions()
+        records = records if records is not None else model_records(plan, pipeline)
         #: what identifies each model used (weights' SHA-256; the VLSM's id), per image too
-        self.models_sha256: dict[str, Any] = {}
-        self.models: dict[str, Any] = {}
-        config = plan.config
-        if config.method == "vlsm":  # the VLSM, and SAM only to refine: never CLIP
-            vlsm = pipeline.vlsm
-            self.models_sha256["vlsm"] = vlsm.model_id
-            self.models["vlsm"] = {"source": config.vlsm.model, "id": vlsm.model_id,
-                                   "arch": getattr(vlsm, "arch", None),
-                                   "base": dict(getattr(vlsm, "base", {}) or {}),
-                                   "decoder_sha256": (getattr(vlsm, "info", {}) or {}).get(
-                                       "decoder_sha256")}
-        else:
-            clip = pipeline.clip
-            self.models_sha256["clip"] = clip.weights_sha256
-            self.models["clip"] = {"source": config.clip_model, "id": clip.model_id,
-                                   "sha256": clip.weights_sha256}
-        if config.method != "vlsm" or config.vlsm.refine:
-            sam = pipeline.sam
-            self.models_sha256["sam"] = sam.checkpoint_sha256
-            self.models["sam"] = {"name": sam.name, "requested": config.sam_model,
-                                  "family": sam.family, "id": sam.model_id,
-                                  "checkpoint": sam.checkpoint,
-                                  "sha256": sam.checkpoint_sha256}
-        self.models["device"] = pipeline.device
-        self.precision = {"resolved": pipeline.precision, "requested": plan.config.precision}
+        self.models_sha256: dict[str, Any] = records["models_sha256"]
+        self.models: dict[str, Any] = records["models"]
+        self.precision = records["precision"]
 
     def check_models(self) -> None:
         """On --resume, refuse other model weights than the resumed run's (unless

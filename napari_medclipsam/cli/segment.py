@@ -200,6 +200,23 @@ def add_parser(sub) -> None:
                    help="stop propagating in a direction after K consecutive empty slices "
                         "(the object has ended); 0 runs every slice (default "
                         f"{SamConfig().stop_after_empty}).")
+    g = seg.add_argument_group(
+        "many images on a Dask cluster",
+        "Each worker loads the models once; each image (a volume with all its slices) is one "
+        "task that writes its outputs into OUT, which every worker must see (a shared file "
+        "system; checked first). The outputs and the manifest are those of a run without "
+        "--scheduler; --resume works alike.")
+    g.add_argument("--scheduler", metavar="local|tcp://HOST:8786",
+                   help="'local': a cluster of --workers processes on this machine; or the "
+                        "address of a running Dask scheduler ('dask scheduler' on one "
+                        "machine, 'dask worker tcp://HOST:8786' on each GPU box, or "
+                        "dask-jobqueue on SLURM/PBS). Without it, nothing changes.")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="with --scheduler local: worker processes (default: one per GPU, "
+                        "else 2).")
+    g.add_argument("--threads-per-worker", type=int, metavar="T",
+                   help="torch threads of each worker (default: the CPU cores shared between "
+                        "the workers of a local cluster; a running cluster's own setting).")
     add_model_flags(seg)
     add_chain_flags(seg)
     add_vlsm_flags(seg)
@@ -571,8 +588,11 @@ def _shape_probe(path: Path) -> str | None:
 # --------------------------------------------------------------------------- the plan
 
 
-def _plan(args: argparse.Namespace) -> Plan:
-    """Every check that needs no model: flags, files, prompts, output folder, resume."""
+def _plan(args: argparse.Namespace, resolve: bool = True) -> Plan:
+    """Every check that needs no model: flags, files, prompts, output folder, resume.
+    ``resolve=False`` (a remote Dask cluster): the device, the "auto" SAM backend and the
+    precision are resolved on a worker, and the output folder checked then
+    (:func:`resolve_plan`)."""
     from ..core.io import Window, file_stem
 
     propagate = _propagate_options(args)
@@ -617,14 +637,11 @@ def _plan(args: argparse.Namespace) -> Plan:
                  debug=getattr(args, "debug", False),
                  preset=getattr(args, "preset", None), window_text=args.window,
                  propagate=propagate)
-    check_device(config.device)
-    plan.sam_model, plan.precision = _resolved_models(config)
-    if config.method == "vlsm" and not config.vlsm.refine:
-        plan.sam_model = "none"  # the VLSM's own mask: no SAM in this chain
-    if propagate is not None and plan.sam_model == "none":
-        raise CLIError("--propagate needs SAM: with --method vlsm add --vlsm-refine (the VLSM "
-                       "finds the seed slices, SAM propagates their masks).")
-    check_existing(plan)
+    if resolve:
+        check_device(config.device)
+        resolve_plan(plan, resolved_models(config))
+    elif propagate is not None and config.method == "vlsm" and not config.vlsm.refine:
+        resolve_plan(plan, ("none", ""))  # its error, before any cluster starts
     for f in files:
         problem = _shape_probe(f)
         if problem is not None:
@@ -645,7 +662,20 @@ def _plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
-def _resolved_models(config: PipelineConfig) -> tuple[str, str]:
+def resolve_plan(plan: Plan, resolved: tuple[str, str]) -> None:
+    """Set the SAM backend and precision the run uses (``resolved``: from
+    :func:`resolved_models` here or on a Dask worker), then check the output folder against
+    them (``--resume``, ``--overwrite``)."""
+    plan.sam_model, plan.precision = resolved
+    if plan.config.method == "vlsm" and not plan.config.vlsm.refine:
+        plan.sam_model = "none"  # the VLSM's own mask: no SAM in this chain
+    if plan.propagate is not None and plan.sam_model == "none":
+        raise CLIError("--propagate needs SAM: with --method vlsm add --vlsm-refine (the VLSM "
+                       "finds the seed slices, SAM propagates their masks).")
+    check_existing(plan)
+
+
+def resolved_models(config: PipelineConfig) -> tuple[str, str]:
     """The SAM backend and precision ``config`` gives on this machine ("auto" resolved)."""
     from ..core.models import resolve_device, resolve_sam_model
     from ..core.precision import resolve_precision
@@ -757,12 +787,17 @@ def _is_tty() -> bool:
 
 def run_segment(args: argparse.Namespace) -> int:
     """``medclipsam segment``: see the module docstring."""
+    from ..cluster import LOCAL
     from ..core.pipeline import ZeroShotPipeline
+    from .segment_dask import check_flags, run_distributed
 
-    plan = _plan(args)
+    check_flags(args)
+    plan = _plan(args, resolve=args.scheduler in (None, LOCAL))
     vlsm = plan.config.method == "vlsm"
     for f, problem in plan.probe_errors.items():
         print(f"{f.name}: error: {problem.removeprefix(f.name + ': ')}", file=sys.stderr)
+    if args.scheduler is not None:  # the models are checked and loaded on the workers
+        return run_distributed(plan, args)
     if plan.config.sam_model in (None, "", "auto") and plan.sam_model != "none":
         from ..core.models import resolve_device
 
@@ -831,99 +866,107 @@ def _missing_path(source: str) -> bool:
     return looks_local and not Path(text).expanduser().exists()
 
 
-def _run_all(plan: Plan, pipeline, run: Run) -> int:
-    from tqdm import tqdm
+@dataclasses.dataclass
+class Tally:
+    """What a batch did so far (for its last lines)."""
 
-    from ..core.io import file_stem, remove_stale_temporaries
+    failed: list[str] = dataclasses.field(default_factory=list)
+    n_found: int = 0
+    n_done: int = 0
+    n_kept: int = 0
+
+
+def record_probe_errors(plan: Plan, run: Run, tally: Tally) -> list[Path]:
+    """Record the inputs that failed the header probe; return the files to segment."""
+    from ..core.io import file_stem
+
+    for f, problem in plan.probe_errors.items():
+        tally.failed.append(f.name)
+        run.record(file_stem(f), {"image": str(f), "name": file_stem(f),
+                                  "prompt": plan.prompts[f], "status": "failed",
+                                  "error": problem, "error_type": "InputError"})
+    return [f for f in plan.files if f not in plan.probe_errors]
+
+
+def failed_entry(plan: Plan, f: Path, exc: BaseException) -> tuple[dict[str, Any], bool]:
+    """The manifest entry of an image that failed, and whether the batch must stop."""
+    from ..core.io import file_stem
+
+    message, fatal = failure_line(exc, f, plan.debug)
+    name = file_stem(f)
+    return ({"image": str(f), "name": name, "prompt": plan.prompts[f], "status": "failed",
+             "error": message, "error_type": type(exc).__name__, **partial_note(plan, name)},
+            fatal)
+
+
+def record_entry(plan: Plan, run: Run, f: Path, entry: dict[str, Any], tally: Tally,
+                 seconds: float | None = None) -> None:
+    """Record one image's entry (done or failed) and say what a user must know about it."""
+    from ..core.io import file_stem
+
+    name = file_stem(f)
+    if entry.get("status") == "failed":
+        tally.failed.append(f.name)
+        print(f"{f.name}: error: {entry['error']}", file=sys.stderr)
+        run.record(name, entry)
+        return
+    if entry.pop("kept", False):
+        tally.n_kept += 1
+    elif seconds is not None:
+        entry["seconds"] = round(seconds, 3)
+    tally.n_done += 1
+    tally.n_found += bool(entry["found"])
+    if not entry["found"]:
+        print(f"{f.name}: {entry['message']}", file=sys.stderr)
+    faith = entry.get("faithfulness") or {}
+    if faith.get("message"):
+        print(f"{f.name}: warning: {faith['message']}", file=sys.stderr)
+    run.record(name, entry)
+
+
+def stop_on_fatal(run: Run, f: Path, entry: dict[str, Any], exc: BaseException) -> None:
+    """A failure the next images would share (full disk, models gone): record it, write the
+    manifest, and re-raise ``exc``."""
+    from ..core.io import file_stem
+
+    run.entries[file_stem(f)] = entry
+    with contextlib.suppress(OSError):
+        run.save("failed", force=True)
+    raise exc
+
+
+def interrupted(plan: Plan, run: Run, tally: Tally, exc: KeyboardInterrupt,
+                current: Path | None) -> int:
+    """Record an interrupted run (``current``: the image being segmented, if known) and say
+    how to continue; the exit status."""
+    from ..core.io import file_stem
 
     out = plan.out
-    out.mkdir(parents=True, exist_ok=True)
-    with FolderLock(out):
-        removed = [p for sub in ("", *OUTPUT_FOLDERS)
-                   for p in remove_stale_temporaries(out / sub if sub else out)]
-        if removed:
-            print(f"Removed {len(removed)} temporary file(s) a stopped run left in {out}.",
-                  file=sys.stderr)
-        run.save("running", force=True)  # a killed run leaves a manifest to resume from
-        failed: list[str] = []
-        n_found = n_done = n_kept = 0
-        for f, problem in plan.probe_errors.items():
-            failed.append(f.name)
-            run.record(file_stem(f), {"image": str(f), "name": file_stem(f),
-                                      "prompt": plan.prompts[f], "status": "failed",
-                                      "error": problem, "error_type": "InputError"})
-        todo = [f for f in plan.files if f not in plan.probe_errors]
-        bar = tqdm(total=len(todo), desc="segment", unit="image", file=sys.stderr,
-                   disable=None)
-        current = None
-        try:
-            for f in todo:
-                current = f
-                name = file_stem(f)
-                bar.set_postfix_str(f.name)
-                t0 = time.perf_counter()
-                try:
-                    entry = _segment_one(plan, pipeline, run, f, bar)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as exc:  # one input must not stop the batch
-                    message, fatal = _failure(exc, f, plan.debug)
-                    failed.append(f.name)
-                    entry = {"image": str(f), "name": name, "prompt": plan.prompts[f],
-                             "status": "failed", "error": message,
-                             "error_type": type(exc).__name__, **_partial_note(plan, name)}
-                    if fatal:  # the next images would fail alike: stop, say it once
-                        run.entries[name] = entry
-                        with contextlib.suppress(OSError):
-                            run.save("failed", force=True)
-                        raise
-                    print(f"{f.name}: error: {message}", file=sys.stderr)
-                    run.record(name, entry)
-                    bar.update(1)
-                    continue
-                stop = entry.pop("stop", None)  # a stop asked for as the image finished
-                if entry.pop("kept", False):
-                    n_kept += 1
-                else:
-                    entry["seconds"] = round(time.perf_counter() - t0, 3)
-                n_done += 1
-                n_found += bool(entry["found"])
-                if not entry["found"]:
-                    print(f"{f.name}: {entry['message']}", file=sys.stderr)
-                faith = entry.get("faithfulness") or {}
-                if faith.get("message"):
-                    print(f"{f.name}: warning: {faith['message']}", file=sys.stderr)
-                run.record(name, entry)
-                bar.update(1)
-                if stop is not None:
-                    current = None
-                    raise stop
-            current = None
-        except KeyboardInterrupt as exc:
-            bar.close()
-            if current is not None:
-                name = file_stem(current)
-                run.record(name, {"image": str(current), "name": name,
-                                  "prompt": plan.prompts[current], "status": "interrupted",
-                                  **_partial_note(plan, name)})
-            run.save("interrupted", force=True)
-            kind = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
-            note = ""
-            record = None if current is None else read_json_or_none(
-                partial_paths(out, file_stem(current))["record"])
-            if isinstance(record, dict) and record.get("mode") == "propagate":
-                note = (f"; the partial mask of {current.name} is kept in {out / 'partial'} "
-                        "(a stopped propagation is redone from the start by --resume)")
-            elif isinstance(record, dict):
-                note = f"; the finished slices of {current.name} are kept in {out / 'partial'}"
-            print(f"{kind}: {n_done} of {len(plan.files)} image(s) done{note}; manifest.json "
-                  "written. Continue with the same command and --resume.", file=sys.stderr)
-            return 143 if isinstance(exc, Terminated) else 130
-        finally:
-            bar.close()
-        run.save("finished", force=True)
-    kept = f" ({n_kept} kept from the run resumed)" if n_kept else ""
-    print(f"Segmented {n_done} image(s){kept}, something found in {n_found}; results in {out}")
+    if current is not None:
+        name = file_stem(current)
+        run.record(name, {"image": str(current), "name": name,
+                          "prompt": plan.prompts[current], "status": "interrupted",
+                          **partial_note(plan, name)})
+    run.save("interrupted", force=True)
+    kind = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
+    note = ""
+    record = None if current is None else read_json_or_none(
+        partial_paths(out, file_stem(current))["record"])
+    if isinstance(record, dict) and record.get("mode") == "propagate":
+        note = (f"; the partial mask of {current.name} is kept in {out / 'partial'} "
+                "(a stopped propagation is redone from the start by --resume)")
+    elif isinstance(record, dict):
+        note = f"; the finished slices of {current.name} are kept in {out / 'partial'}"
+    print(f"{kind}: {tally.n_done} of {len(plan.files)} image(s) done{note}; manifest.json "
+          "written. Continue with the same command and --resume.", file=sys.stderr)
+    return 143 if isinstance(exc, Terminated) else 130
+
+
+def summary(plan: Plan, run: Run, tally: Tally) -> int:
+    """The run's last lines; the exit status (1 when an image failed)."""
+    kept = f" ({tally.n_kept} kept from the run resumed)" if tally.n_kept else ""
+    print(f"Segmented {tally.n_done} image(s){kept}, something found in {tally.n_found}; "
+          f"results in {plan.out}")
     checks = [e["faithfulness"] for e in run.entries.values() if e.get("faithfulness")]
     if checks:  # one image's correlation is noisy; the run's mean is the steadier figure
         flagged = sum(not c["steers"] for c in checks)
@@ -931,14 +974,72 @@ def _run_all(plan: Plan, pipeline, run: Run) -> int:
         print(f"Prompt faithfulness: maps {mean_r:.2f} correlated with the neutral prompt's on "
               f"average over {len(checks)} image(s); {flagged} flagged as not steered by the "
               "text.")
-    if failed:
-        print(f"{len(failed)} image(s) failed (see the errors above and manifest.json): "
-              f"{', '.join(failed[:10])}", file=sys.stderr)
+    if tally.failed:
+        print(f"{len(tally.failed)} image(s) failed (see the errors above and manifest.json): "
+              f"{', '.join(tally.failed[:10])}", file=sys.stderr)
         return 1
     return 0
 
 
-def _partial_note(plan: Plan, name: str) -> dict[str, Any]:
+def start_output(plan: Plan, run: Run) -> None:
+    """Remove a stopped run's temporaries and write the first manifest (a killed run leaves
+    one to resume from). Call inside the folder lock."""
+    from ..core.io import remove_stale_temporaries
+
+    out = plan.out
+    removed = [p for sub in ("", *OUTPUT_FOLDERS)
+               for p in remove_stale_temporaries(out / sub if sub else out)]
+    if removed:
+        print(f"Removed {len(removed)} temporary file(s) a stopped run left in {out}.",
+              file=sys.stderr)
+    run.save("running", force=True)
+
+
+def _run_all(plan: Plan, pipeline, run: Run) -> int:
+    from tqdm import tqdm
+
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):
+        start_output(plan, run)
+        tally = Tally()
+        todo = record_probe_errors(plan, run, tally)
+        bar = tqdm(total=len(todo), desc="segment", unit="image", file=sys.stderr,
+                   disable=None)
+        current = None
+        try:
+            for f in todo:
+                current = f
+                bar.set_postfix_str(f.name)
+                t0 = time.perf_counter()
+                try:
+                    entry = segment_one(plan, pipeline, run, f, bar)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # one input must not stop the batch
+                    entry, fatal = failed_entry(plan, f, exc)
+                    if fatal:  # the next images would fail alike: stop, say it once
+                        stop_on_fatal(run, f, entry, exc)
+                    record_entry(plan, run, f, entry, tally)
+                    bar.update(1)
+                    continue
+                stop = entry.pop("stop", None)  # a stop asked for as the image finished
+                record_entry(plan, run, f, entry, tally, time.perf_counter() - t0)
+                bar.update(1)
+                if stop is not None:
+                    current = None
+                    raise stop
+            current = None
+        except KeyboardInterrupt as exc:
+            bar.close()
+            return interrupted(plan, run, tally, exc, current)
+        finally:
+            bar.close()
+        run.save("finished", force=True)
+    return summary(plan, run, tally)
+
+
+def partial_note(plan: Plan, name: str) -> dict[str, Any]:
     record = read_json_or_none(partial_paths(plan.out, name)["record"])
     if not isinstance(record, dict):
         return {}
@@ -949,7 +1050,7 @@ def _partial_note(plan: Plan, name: str) -> dict[str, Any]:
     return note
 
 
-def _failure(exc: BaseException, f: Path, debug: bool) -> tuple[str, bool]:
+def failure_line(exc: BaseException, f: Path, debug: bool) -> tuple[str, bool]:
     """One line for a failed image, and whether the batch must stop (full disk, read-only
     file system, models gone)."""
     from ..core.models import ModelUnavailableError
@@ -970,7 +1071,7 @@ def _failure(exc: BaseException, f: Path, debug: bool) -> tuple[str, bool]:
             "traceback and please report it."), False
 
 
-def _segment_one(plan: Plan, pipeline, run: Run, f: Path, bar) -> dict[str, Any]:
+def segment_one(plan: Plan, pipeline, run: Run, f: Path, bar) -> dict[str, Any]:
     from ..core.io import (
         file_stem,
         read_image,
