@@ -548,6 +548,87 @@ class _EmbeddingCache:
         with self._lock:
             return key in self._cache
 
+    # -- moving an embedding between sessions (another machine computed it) -------------
+    def export_embedding(self, key: str | None = None) -> dict[str, Any]:
+        """The cached embedding of ``key`` (default: the current image) as plain CPU data.
+
+        What :meth:`import_embedding` of a session on the same weights (another process or
+        machine) needs to answer prompts on that image without running the image encoder:
+        ``{"family": "sam" | "sam2", "model_id", "key", "original_size": (H, W), ...}``
+        plus, for SAM, ``"input_size"`` (h, w after ``ResizeLongestSide``) and
+        ``"features"`` (1, C, h', w') float32; for SAM 2, ``"image_embed"`` (1, C, h', w')
+        and ``"high_res_feats"``, its two (1, C/8, 4h', 4w') and (1, C/4, 2h', 2w')
+        float32 maps. Arrays are ``np.ndarray`` (picklable, no torch needed to read them):
+        about 4 MiB for SAM ViT-B/L/H, 16 MiB for SAM 2.1 at 1024x1024 input.
+
+        Raises
+        ------
+        KeyError, RuntimeError
+            As :meth:`SamSession.predict` for a key not cached, or no image set.
+        """
+        with self._lock:
+            key = self._current if key is None else key
+            payload = self._export(self._entry(key))
+        return {"family": self._family, "model_id": self.model_id, "key": key, **payload}
+
+    def import_embedding(self, key: str, payload: dict[str, Any]) -> str:
+        """Cache an embedding :meth:`export_embedding` gave (here or on another machine)
+        under ``key`` and make it the current image; later prompts on that image (and
+        :meth:`set_image` of its pixels) use it without running the image encoder.
+
+        Raises
+        ------
+        InputError
+            The payload belongs to another model (family, ``model_id`` or key prefix), or its
+            arrays do not have the sizes this model's decoder takes.
+        """
+        key = str(key)
+        family, model_id = payload.get("family"), payload.get("model_id")
+        if family != self._family or model_id != self.model_id \
+                or not key.startswith(f"{self.model_id}:"):
+            raise InputError(f"This image embedding was computed by {family} {model_id!r}; "
+                             f"it cannot be used with {self._family} {self.model_id!r} "
+                             "(other weights). Encode the image here instead (set_image).")
+        with self._lock:
+            entry = self._import(payload)
+            self._cache[key] = entry
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            self._current = key
+            self._made_current(entry)
+        return key
+
+    def _embedding_size(self) -> tuple[int, tuple[int, int]]:
+        """(channels, (h, w)) of this model's image embedding."""
+        encoder = getattr(self.sam, "sam_prompt_encoder", None) or self.sam.prompt_encoder
+        return int(encoder.embed_dim), tuple(int(s) for s in encoder.image_embedding_size)
+
+    def _tensor(self, array: Any, shape: tuple[int | None, ...], what: str):
+        """``array`` as a float32 tensor on the model's device, checked against ``shape``
+        (None: any size on that axis)."""
+        import torch
+
+        if array is None:
+            raise InputError(f"The image embedding has no {what}.")
+        array = np.asarray(array)
+        if array.ndim != len(shape) or any(want is not None and got != want for got, want
+                                           in zip(array.shape, shape, strict=True)):
+            raise InputError(f"The image embedding's {what} has shape {array.shape}; this "
+                             f"model's decoder takes {shape} (other weights or input size).")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(
+            self.sam.device)
+
+    @staticmethod
+    def _size(value: Any, what: str) -> tuple[int, int]:
+        size = tuple(int(v) for v in np.asarray(value).reshape(-1))
+        if len(size) != 2 or min(size) < 1:
+            raise InputError(f"The image embedding's {what} must be (H, W); got {value!r}.")
+        return size
+
+    def _made_current(self, entry: Any) -> None:
+        """Hook: an imported entry became the current image."""
+
     def _entry(self, image_key: str | None) -> Any:
         """What the cache holds for ``image_key`` (the current image's key when predict got
         none); the errors :meth:`SamSession.predict` documents otherwise."""
@@ -647,6 +728,28 @@ class SamSession(_EmbeddingCache):
                 self._restore(entry)
             self._current = key
         return key
+
+    _family = "sam"
+
+    def _export(self, entry: _Embedding) -> dict[str, Any]:
+        return {"original_size": tuple(entry.original_size),
+                "input_size": tuple(entry.input_size),
+                "features": entry.features.detach().float().cpu().numpy()}
+
+    def _import(self, payload: dict[str, Any]) -> _Embedding:
+        channels, (h, w) = self._embedding_size()
+        original = self._size(payload.get("original_size"), "original_size")
+        input_size = self._size(payload.get("input_size"), "input_size")
+        expected = self.predictor.transform.get_preprocess_shape(
+            original[0], original[1], self.predictor.transform.target_length)
+        if tuple(input_size) != tuple(expected):
+            raise InputError(f"The image embedding's input_size {input_size} is not what this "
+                             f"model makes of a {original} image ({tuple(expected)}).")
+        features = self._tensor(payload.get("features"), (1, channels, h, w), "features")
+        return _Embedding(features, original, input_size)
+
+    def _made_current(self, entry: _Embedding) -> None:
+        self._restore(entry)
 
     def _restore(self, entry: _Embedding) -> None:
         """Put a cached embedding into the predictor, as ``SamPredictor.set_image`` would."""
@@ -872,6 +975,31 @@ class Sam2Session(_EmbeddingCache):
                     self._cache.popitem(last=False)
             self._current = key
         return key
+
+    _family = "sam2"
+
+    def _export(self, predictor: Any) -> dict[str, Any]:
+        features = predictor._features
+        return {"original_size": tuple(int(s) for s in predictor._orig_hw[-1]),
+                "image_embed": features["image_embed"].detach().float().cpu().numpy(),
+                "high_res_feats": [f.detach().float().cpu().numpy()
+                                   for f in features["high_res_feats"]]}
+
+    def _import(self, payload: dict[str, Any]) -> Any:
+        channels, (h, w) = self._embedding_size()
+        original = self._size(payload.get("original_size"), "original_size")
+        embed = self._tensor(payload.get("image_embed"), (1, channels, h, w), "image_embed")
+        high = list(payload.get("high_res_feats") or ())
+        if len(high) != 2:
+            raise InputError(f"The image embedding needs SAM 2's two high-resolution feature "
+                             f"maps; got {len(high)}.")
+        feats = [self._tensor(high[0], (1, None, 4 * h, 4 * w), "high_res_feats[0]"),
+                 self._tensor(high[1], (1, None, 2 * h, 2 * w), "high_res_feats[1]")]
+        predictor = sam2_image_predictor(self.sam)
+        predictor._features = {"image_embed": embed, "high_res_feats": feats}
+        predictor._orig_hw = [original]
+        predictor._is_image_set = True
+        return predictor
 
     def clear_cache(self) -> None:
         with self._lock:
