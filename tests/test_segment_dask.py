@@ -134,3 +134,29 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err, err
     assert len(err.splitlines()) == 1
+
+
+def test_a_run_killed_between_manifest_writes_loses_no_finished_image(
+        tmp_path, model_flags, worker_env, one_thread, capsys, monkeypatch):
+    from napari_medclipsam.cli import segment_dask
+
+    images = _images(tmp_path / "images", n=3)
+    out = tmp_path / "out"
+    base = ["segment", str(images), "--prompt", "bright disk", *model_flags, "-o", str(out),
+            "--scheduler", "local", "--workers", "1", "--threads-per-worker", "1"]
+    # the state a SIGKILL leaves: every task wrote its outputs and its entry file, the
+    # manifest was last written before any image finished
+    with monkeypatch.context() as patch:
+        patch.setattr(segment_dask, "_remove_entries", lambda out: None)
+        assert main(base) == 0
+    entries = sorted(p.name for p in (out / "entries").glob("*.json"))
+    assert entries == ["case_0.json", "case_1.json", "case_2.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(status="running", images=[], done=[])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 0
+    assert "(3 kept from the run resumed)" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["done"] == [
+        "case_0", "case_1", "case_2"]
+    assert not (out / "entries").exists()  # all in manifest.json now

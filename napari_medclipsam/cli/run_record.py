@@ -229,6 +229,7 @@ def check_existing(plan: Plan) -> None:
         raise CLIError(f"--resume: {out} was made with other parameters ({'; '.join(diffs)}); "
                        "rerun with the same ones to continue it, or add --overwrite to redo "
                        "it.")
+    merge_entry_files(previous, out)
     entries = {e.get("name"): e for e in previous.get("images", []) if isinstance(e, dict)}
     changed = []
     for f in plan.files:
@@ -251,6 +252,31 @@ def check_existing(plan: Plan) -> None:
                        f"input file or slice selection ({' | '.join(changed[:3])}); rerun with "
                        "the same ones, or add --overwrite to redo them.")
     plan.previous = previous
+
+
+#: a Dask run's per-image entries, written by each task beside its outputs (a run killed
+#: between two manifest writes loses no finished image)
+ENTRIES = "entries"
+
+
+def entry_path(out: Path, name: str) -> Path:
+    return out / ENTRIES / f"{name}.json"
+
+
+def merge_entry_files(previous: dict[str, Any], out: Path) -> None:
+    """Add to a resumed manifest the finished images it does not list as done but whose
+    entry a Dask task wrote (``OUT/entries/NAME.json``)."""
+    folder = out / ENTRIES
+    if not folder.is_dir():
+        return
+    images = [e for e in previous.get("images", []) if isinstance(e, dict)]
+    done = {e.get("name") for e in images if e.get("status", "done") == "done"}
+    for path in sorted(folder.glob("*.json")):
+        entry = read_json_or_none(path)
+        if isinstance(entry, dict) and entry.get("status") == "done" and \
+                isinstance(entry.get("name"), str) and entry["name"] not in done:
+            images = [e for e in images if e.get("name") != entry["name"]] + [entry]
+    previous["images"] = images
 
 
 # --------------------------------------------------------------------------- the manifest

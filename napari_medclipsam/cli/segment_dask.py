@@ -8,7 +8,10 @@ the image's outputs atomically into OUT (a shared file system on a cluster: chec
 work, :func:`~napari_medclipsam.cluster.check_shared_folder`). The client records each entry
 as its task ends and writes ``manifest.json`` (throttled, and at the end), so the outputs and
 the manifest are those of a run on this machine: the same parameters and seeds per image give
-the same files (``tests/test_segment_dask.py`` compares them byte for byte).
+the same files (``tests/test_segment_dask.py`` compares them byte for byte). Each task also
+writes its entry to ``OUT/entries/NAME.json``, so a run killed between two manifest writes
+(even by SIGKILL, workers and all) loses no finished image: ``--resume`` merges them; they are
+removed once the run's manifest holds them all.
 
 A failure on one image is recorded and the others go on; a failure every image would share
 (a full disk, the models missing on a worker) stops the run, said once. ``--resume`` works as
@@ -22,6 +25,8 @@ not): one task asks a worker for the record of its models before any image is se
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -38,7 +43,7 @@ from ..cluster import (
     worker_plugin,
 )
 from .common import CLIError, Terminated, sigterm_as_interrupt
-from .run_record import FolderLock, Plan, Run, model_records
+from .run_record import ENTRIES, FolderLock, Plan, Run, entry_path, model_records
 from .segment import (
     MANIFEST_SECONDS,
     Tally,
@@ -117,6 +122,8 @@ def segment_task(path: str) -> dict[str, Any]:
     entry, with ``fatal`` when every image would fail alike, rather than an exception)."""
     from distributed import get_worker
 
+    from ..core.io import write_text
+
     plugin = worker_plugin(PLUGIN)
     state: WorkerState = plugin.model
     f = Path(path)
@@ -130,7 +137,9 @@ def segment_task(path: str) -> dict[str, Any]:
         entry.pop("stop", None)
         if not entry.get("kept"):
             entry["seconds"] = round(time.perf_counter() - t0, 3)
-        entry["worker"] = str(get_worker().name)
+            entry["worker"] = str(get_worker().name)
+            write_text(entry_path(state.plan.out, entry["name"]),
+                       json.dumps(entry, indent=2, default=str))
         return entry
 
 
@@ -193,6 +202,8 @@ def _run_tasks(client, plan: Plan, run: Run, files: list[Path]) -> int:
 
     with FolderLock(plan.out):
         start_output(plan, run)
+        if not plan.resume:  # a killed run's entries belong to that run
+            _remove_entries(plan.out)
         tally = Tally()
         record_probe_errors(plan, run, tally)
         bar = tqdm(total=len(files), desc="segment", unit="image", file=sys.stderr,
@@ -223,7 +234,20 @@ def _run_tasks(client, plan: Plan, run: Run, files: list[Path]) -> int:
         finally:
             bar.close()
         run.save("finished", force=True)
+        _remove_entries(plan.out)  # all in manifest.json now
     return summary(plan, run, tally)
+
+
+def _remove_entries(out: Path) -> None:
+    """Remove the per-image entry files (our own: ``OUT/entries/*.json``) and the folder
+    when nothing else is in it."""
+    folder = out / ENTRIES
+    if not folder.is_dir():
+        return
+    for path in folder.glob("*.json"):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _stderr(line: str) -> None:
