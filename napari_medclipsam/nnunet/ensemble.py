@@ -24,6 +24,11 @@ and ``uncertainty/`` (entropy over all C classes, in [0, ln C]); with C > 2 also
 ``ensemble.json``'s ``"classes"``. ``ensemble.json`` names the classes (``"classes"``, and
 ``"labels"``: name -> value in the masks).
 
+:func:`predict_folder` is made of parts that also run apart: :func:`list_cases` and
+:func:`check_output_folder` (before any work), :func:`predict_case` (one image: its maps
+written, its ranking row returned; ``medclipsam nnunet predict --scheduler`` runs it on Dask
+workers), then :func:`rank_rows`, :func:`write_ranking` and :func:`write_ensemble_json`.
+
 :class:`EnsemblePredictor` (a subclass of nnU-Net's ``nnUNetPredictor``) loads the G checkpoints
 once (``weights_only=True``), preprocesses each case once, runs every checkpoint on it and
 averages the softmax in the network's space, then resamples the mean probabilities back to the
@@ -221,6 +226,36 @@ def list_checkpoints(model_dir: str | Path) -> list[Path]:
     return found
 
 
+def read_model_folder(model_dir: str | Path,
+                      checkpoints: Sequence[str | Path] | None = None
+                      ) -> tuple[dict, dict, list[Path]]:
+    """What a trained model folder holds, read without torch: (dataset.json, plans.json,
+    the checkpoints to use: ``checkpoints`` as given, else :func:`list_checkpoints`).
+
+    Raises
+    ------
+    InputError
+        plans.json or dataset.json missing or not JSON; no ensemble checkpoint yet.
+    """
+    model_dir = Path(model_dir)
+    for f in ("plans.json", "dataset.json"):
+        if not (model_dir / f).is_file():
+            raise InputError(f"{model_dir} is not a trained nnU-Net model folder "
+                             f"({f} missing): train first, or point at the folder "
+                             "that holds plans.json and fold_all/.")
+    paths = [Path(c) for c in checkpoints] if checkpoints else list_checkpoints(model_dir)
+    if not paths:
+        raise InputError(f"No ensemble checkpoints in {model_dir}/fold_all/ensemble: "
+                         "the training has not reached the end of a cycle yet.")
+    try:
+        dataset_json = json.loads((model_dir / "dataset.json").read_text())
+        plans = json.loads((model_dir / "plans.json").read_text())
+    except ValueError as exc:
+        raise InputError(f"{model_dir}: dataset.json or plans.json is not valid JSON "
+                         f"({exc}): the model folder is damaged; train again.") from None
+    return dataset_json, plans, paths
+
+
 def _make_predictor_class():
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -244,19 +279,9 @@ def _make_predictor_class():
             from .trainer import nnUNetTrainerCheckpointEnsemble
 
             model_dir = Path(model_dir)
-            for f in ("plans.json", "dataset.json"):
-                if not (model_dir / f).is_file():
-                    raise InputError(f"{model_dir} is not a trained nnU-Net model folder "
-                                     f"({f} missing): train first, or point at the folder "
-                                     "that holds plans.json and fold_all/.")
-            paths = [Path(c) for c in checkpoints] if checkpoints else list_checkpoints(
-                model_dir)
-            if not paths:
-                raise InputError(f"No ensemble checkpoints in {model_dir}/fold_all/ensemble: "
-                                 "the training has not reached the end of a cycle yet.")
+            dataset_json, plans, paths = read_model_folder(model_dir, checkpoints)
             try:
-                dataset_json = json.loads((model_dir / "dataset.json").read_text())
-                plans_manager = PlansManager(json.loads((model_dir / "plans.json").read_text()))
+                plans_manager = PlansManager(plans)
             except ValueError as exc:
                 raise InputError(f"{model_dir}: dataset.json or plans.json is not valid JSON "
                                  f"({exc}): the model folder is damaged; train again.") from None
@@ -495,7 +520,8 @@ def load_ensemble(model_dir: str | Path, checkpoints: Sequence[str | Path] | Non
 # --------------------------------------------------------------------------- folders
 
 
-def _case_name(path: Path, file_ending: str) -> str:
+def case_name(path: Path, file_ending: str) -> str:
+    """The case of an input file: its name without ``file_ending`` and nnU-Net's ``_0000``."""
     name = path.name[: -len(file_ending)]
     return re.sub(r"_0000$", "", name)
 
@@ -515,6 +541,120 @@ def match_channels(data: np.ndarray, n_in: int, name: str = "image") -> np.ndarr
     raise InputError(f"{name} has {c} channel(s); the model takes {n_in}.")
 
 
+def list_cases(input_dir: str | Path, file_ending: str) -> list[tuple[Path, str]]:
+    """The images of ``input_dir`` with the dataset's ``file_ending`` and their case names,
+    sorted by file name (hidden files left out).
+
+    Raises
+    ------
+    InputError
+        No such image, or two files giving the same case name.
+    """
+    input_dir = Path(input_dir)
+    files = sorted(p for p in input_dir.glob(f"*{file_ending}") if not p.name.startswith("."))
+    if not files:
+        raise InputError(f"No {file_ending} images in {input_dir}: the model was trained on "
+                         f"{file_ending} files; convert the images (or export them) first.")
+    names = [case_name(p, file_ending) for p in files]
+    if len(set(names)) != len(names):
+        raise InputError(f"Two files in {input_dir} give the same case name.")
+    return list(zip(files, names, strict=True))
+
+
+def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse a non-empty ``out_dir`` unless ``overwrite``.
+
+    Raises
+    ------
+    InputError
+        ``out_dir`` holds files and ``overwrite`` is False.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"{out_dir} is not empty: choose a new folder or pass --overwrite.")
+
+
+def predict_case(predictor, path: str | Path, case: str, out_dir: str | Path) -> dict:
+    """Predict one image file and write its maps into ``out_dir`` (each file atomically):
+    ``masks/``, ``probability/``, ``uncertainty/`` and, with several targets,
+    ``class_probabilities/`` (see :func:`predict_folder`).
+
+    Returns
+    -------
+    dict
+        The case's row of the ranking: :func:`rank_by_uncertainty`'s fields for its entropy
+        map and ``"foreground_fraction"`` (the share of the mask's pixels/voxels > 0).
+    """
+    from ..core.io import atomic_path, write_float_tiff, write_mask_png
+
+    path, out_dir = Path(path), Path(out_dir)
+    ending = predictor.dataset_json["file_ending"]
+    reader = predictor.plans_manager.image_reader_writer_class()
+    n_in = len(predictor.dataset_json["channel_names"])
+    multi = predictor.n_classes > 2
+    data, props = reader.read_images([str(path)])
+    out = predictor.predict_nnunet_array(match_channels(data, n_in, path.name),
+                                         props["spacing"])
+    fg, mask, h, probs = out.foreground, out.mask, out.entropy, out.probabilities
+    if fg.shape[0] == 1:   # a 2-D image is (1, Y, X) in nnU-Net's layout
+        fg, mask, h, probs = fg[0], mask[0], h[0], probs[:, 0]
+    if mask.ndim == 2 and not multi:
+        write_mask_png(out_dir / "masks" / f"{case}.png", mask)
+    elif mask.ndim == 2:
+        _write_label_png(out_dir / "masks" / f"{case}.png", mask)
+    else:
+        with atomic_path(out_dir / "masks" / f"{case}{ending}") as tmp:
+            reader.write_seg(mask, str(tmp), props)
+    write_float_tiff(out_dir / "probability" / f"{case}.tif", fg)
+    if multi:
+        write_float_tiff(out_dir / "class_probabilities" / f"{case}.tif", probs)
+    write_float_tiff(out_dir / "uncertainty" / f"{case}.tif", h)
+    row = rank_by_uncertainty({case: h})[0]
+    row["foreground_fraction"] = float((mask > 0).mean())
+    return row
+
+
+def rank_rows(rows: Sequence[dict]) -> list[dict]:
+    """Case rows (in the order of the input files) sorted as :func:`rank_by_uncertainty`
+    sorts: by mean entropy, most uncertain first, ties in the given order."""
+    return sorted(rows, key=lambda r: r["mean_entropy"], reverse=True)
+
+
+def write_ranking(out_dir: str | Path, rows: Sequence[dict]) -> None:
+    """``OUT/uncertainty_ranking.csv`` (atomically): one line per row, columns in the rows'
+    key order."""
+    from ..core.io import atomic_path
+
+    with atomic_path(Path(out_dir) / "uncertainty_ranking.csv") as tmp, open(
+            tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def ensemble_info(predictor) -> dict:
+    """What ``ensemble.json`` records of a predictor (all but ``"created"``): checkpoints,
+    threshold, mirroring, the mask rule, classes, labels and the entropy's range."""
+    multi = predictor.n_classes > 2
+    return {
+        "checkpoints": [str(p) for p in predictor.checkpoint_paths],
+        "threshold": predictor.threshold, "mirroring": predictor.use_mirroring,
+        "mask": "argmax over the classes" if multi else "p(target) > threshold",
+        "classes": list(predictor.class_names),
+        "labels": predictor.labels,
+        "entropy": {"units": "nats", "min": 0.0,
+                    "max": max_entropy(predictor.n_classes), "n_classes": predictor.n_classes}}
+
+
+def write_ensemble_json(out_dir: str | Path, info: dict, **extra) -> None:
+    """``OUT/ensemble.json`` (atomically): ``info`` (see :func:`ensemble_info`), then
+    ``extra`` fields, then ``"created"``."""
+    from ..core.io import write_text
+
+    write_text(Path(out_dir) / "ensemble.json", json.dumps({
+        **info, **extra, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+
+
 def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
                    overwrite: bool = False,
                    progress: Callable[[int, int], None] | None = None) -> list[dict]:
@@ -528,64 +668,20 @@ def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
         OUT/uncertainty_ranking.csv           cases by mean entropy, most uncertain first
         OUT/ensemble.json                     checkpoints, threshold, entropy units, class names
 
-    Returns the ranking rows.
+    One case after the other (:func:`predict_case`); the first that fails stops the run
+    (``medclipsam nnunet predict --scheduler`` records it and goes on). Returns the ranking
+    rows.
     """
-    from ..core.io import atomic_path, write_float_tiff, write_mask_png, write_text
-
-    input_dir, out_dir = Path(input_dir), Path(out_dir)
-    ending = predictor.dataset_json["file_ending"]
-    files = sorted(p for p in input_dir.glob(f"*{ending}") if not p.name.startswith("."))
-    if not files:
-        raise InputError(f"No {ending} images in {input_dir}: the model was trained on "
-                         f"{ending} files; convert the images (or export them) first.")
-    names = [_case_name(p, ending) for p in files]
-    if len(set(names)) != len(names):
-        raise InputError(f"Two files in {input_dir} give the same case name.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"{out_dir} is not empty: choose a new folder or pass --overwrite.")
-    reader = predictor.plans_manager.image_reader_writer_class()
-    n_in = len(predictor.dataset_json["channel_names"])
-    multi = predictor.n_classes > 2
-    entropies, foregrounds = {}, {}
-    for i, (path, case) in enumerate(zip(files, names, strict=True)):
-        data, props = reader.read_images([str(path)])
-        out = predictor.predict_nnunet_array(match_channels(data, n_in, path.name),
-                                             props["spacing"])
-        fg, mask, h, probs = out.foreground, out.mask, out.entropy, out.probabilities
-        if fg.shape[0] == 1:   # a 2-D image is (1, Y, X) in nnU-Net's layout
-            fg, mask, h, probs = fg[0], mask[0], h[0], probs[:, 0]
-        if mask.ndim == 2 and not multi:
-            write_mask_png(out_dir / "masks" / f"{case}.png", mask)
-        elif mask.ndim == 2:
-            _write_label_png(out_dir / "masks" / f"{case}.png", mask)
-        else:
-            with atomic_path(out_dir / "masks" / f"{case}{ending}") as tmp:
-                reader.write_seg(mask, str(tmp), props)
-        write_float_tiff(out_dir / "probability" / f"{case}.tif", fg)
-        if multi:
-            write_float_tiff(out_dir / "class_probabilities" / f"{case}.tif", probs)
-        write_float_tiff(out_dir / "uncertainty" / f"{case}.tif", h)
-        entropies[case] = h
-        foregrounds[case] = float((mask > 0).mean())
+    cases = list_cases(input_dir, predictor.dataset_json["file_ending"])
+    check_output_folder(out_dir, overwrite)
+    rows = []
+    for i, (path, case) in enumerate(cases):
+        rows.append(predict_case(predictor, path, case, out_dir))
         if progress:
-            progress(i + 1, len(files))
-    rows = rank_by_uncertainty(entropies)
-    for r in rows:
-        r["foreground_fraction"] = foregrounds[r["case"]]
-    with atomic_path(out_dir / "uncertainty_ranking.csv") as tmp, open(tmp, "w",
-                                                                        newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    write_text(out_dir / "ensemble.json", json.dumps({
-        "checkpoints": [str(p) for p in predictor.checkpoint_paths],
-        "threshold": predictor.threshold, "mirroring": predictor.use_mirroring,
-        "mask": "argmax over the classes" if multi else "p(target) > threshold",
-        "classes": list(predictor.class_names),
-        "labels": predictor.labels,
-        "entropy": {"units": "nats", "min": 0.0,
-                    "max": max_entropy(predictor.n_classes), "n_classes": predictor.n_classes},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+            progress(i + 1, len(cases))
+    rows = rank_rows(rows)
+    write_ranking(out_dir, rows)
+    write_ensemble_json(out_dir, ensemble_info(predictor))
     return rows
 
 
