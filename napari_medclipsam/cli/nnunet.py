@@ -2,6 +2,17 @@
 nnU-Net v2 (pseudo-label export, background training with checkpoint ensembling, ensemble
 prediction).
 
+``nnunet predict --scheduler local|tcp://HOST:8786 [--workers N] [--threads-per-worker T]``
+shards the prediction over a Dask cluster (:mod:`.nnunet_dask`): ``local`` starts N worker
+processes here (default one per GPU, else 2; T torch threads each), a ``tcp://`` address uses
+a running scheduler (``dask scheduler``; ``dask worker tcp://HOST:8786`` on each GPU box).
+Each worker loads the ensemble once (one GPU each on a machine with several); each image is
+one task writing its maps into OUT; this machine writes ``uncertainty_ranking.csv`` and
+``ensemble.json``. The files are those of a run without ``--scheduler``. The model folder,
+the inputs and OUT must be on a file system every worker sees (checked first). A case that
+fails is named, recorded in ensemble.json (``"failed"``) and the others go on (exit status 1;
+without ``--scheduler`` the first failure stops the run).
+
 Every error is one line (exit status 2): our own refusals, and the operating system's (a
 read-only or full disk, a file where a folder is expected) in words.
 """
@@ -114,7 +125,9 @@ def add_parser(sub) -> None:
                                      "first); with several targets the masks are the argmax "
                                      "in the exported label values and "
                                      "OUT/class_probabilities holds every class; "
-                                     "OUT/ensemble.json names the classes.")
+                                     "OUT/ensemble.json names the classes. With --scheduler "
+                                     "the images are shared out over a Dask cluster (same "
+                                     "files).")
     dataset(pr)
     pr.add_argument("--input", required=True, metavar="DIR",
                     help="images of the dataset's file type (case.png or case_0000.png).")
@@ -130,6 +143,7 @@ def add_parser(sub) -> None:
                     help="no mirroring test-time augmentation (4x faster in 2-D).")
     pr.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT.")
     folders(pr)
+    _add_cluster_flags(pr)
 
     st = nsub.add_parser("status", help="phase, epoch, cycle, loss, ETA and log tail.")
     dataset(st)
@@ -155,6 +169,54 @@ def add_parser(sub) -> None:
     dataset(rp)
     rp.add_argument("--out", "--raw", dest="raw", metavar="RAW_DIR",
                     help="nnU-Net raw folder (default $nnUNet_raw).")
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """``--scheduler``, ``--workers`` and ``--threads-per-worker`` of ``nnunet predict``."""
+    g = p.add_argument_group(
+        "many images on a Dask cluster",
+        "Each worker loads the ensemble once; each image is one task that writes its maps "
+        "into OUT, which every worker must see, as the inputs and the model folder (a shared "
+        "file system; checked first). The files are those of a run without --scheduler; a "
+        "case that fails is recorded in ensemble.json and the others go on (exit status 1).")
+    g.add_argument("--scheduler", metavar="local|tcp://HOST:8786",
+                   help="'local': a cluster of --workers processes on this machine; or the "
+                        "address of a running Dask scheduler ('dask scheduler' on one "
+                        "machine, 'dask worker tcp://HOST:8786' on each GPU box, or "
+                        "dask-jobqueue on SLURM/PBS). Without it, one image after the other "
+                        "here.")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="with --scheduler local: worker processes (default: one per GPU, "
+                        "else 2).")
+    g.add_argument("--threads-per-worker", type=int, metavar="T",
+                   help="torch threads of each worker (default: the CPU cores shared between "
+                        "the workers of a local cluster; a running cluster's own setting).")
+
+
+def _check_cluster_flags(args: argparse.Namespace) -> None:
+    """``--scheduler`` is valid; ``--workers`` and ``--threads-per-worker`` are positive and
+    come with ``--scheduler`` (``--workers`` with ``local`` only).
+
+    Raises
+    ------
+    CLIError
+        In one line.
+    """
+    from ..cluster import LOCAL, check_scheduler
+
+    try:
+        args.scheduler = check_scheduler(args.scheduler)
+    except Exception as exc:
+        raise CLIError(str(exc)) from None
+    for flag, value in (("--workers", args.workers),
+                        ("--threads-per-worker", args.threads_per_worker)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} {value}: give at least 1.")
+        if value is not None and args.scheduler is None:
+            raise CLIError(f"{flag} applies with --scheduler.")
+    if args.workers is not None and args.scheduler != LOCAL:
+        raise CLIError("--workers applies to --scheduler local (a running cluster has the "
+                       "workers it has).")
 
 
 def _folders(args: argparse.Namespace, raw: str | None = None):
@@ -248,25 +310,7 @@ def run_nnunet(args: argparse.Namespace) -> int:
             return _follow(job_dir)
         return 0
     if cmd == "predict":
-        from ..nnunet.ensemble import load_ensemble, predict_folder
-        from ..nnunet.export import format_label_table
-
-        model_dir = job.model_dir_for(folders, args.dataset_id, args.configuration)
-        predictor = load_ensemble(model_dir, args.checkpoints, device=args.device,
-                                  threshold=args.threshold,
-                                  use_mirroring=not args.no_mirroring)
-        rows = predict_folder(predictor, args.input, args.out, overwrite=args.overwrite,
-                              progress=tqdm_progress("predicting"))
-        print(f"Predicted {len(rows)} images with {len(predictor.checkpoint_paths)} "
-              f"checkpoints into {args.out}.")
-        print(f"Classes in the masks (value=name, also in ensemble.json): "
-              f"{format_label_table(predictor.labels)}"
-              + ("; per-class probabilities in class_probabilities/"
-                 if predictor.n_classes > 2 else "") + ".")
-        print("Most uncertain first (mean entropy, nats, 0..ln C):")
-        for r in rows[:5]:
-            print(f"  {r['case']}: {r['mean_entropy']:.4f}")
-        return 0
+        return _predict(args, folders)
     job_dir = job.job_dir_for(folders, args.dataset_id)
     if cmd == "status":
         status = job.read_status(job_dir, log_lines=args.lines)
@@ -292,6 +336,46 @@ def run_nnunet(args: argparse.Namespace) -> int:
                   + (f"; {report.note}." if report.note else "."))
         return 0
     raise CLIError(f"unknown action {cmd}")
+
+
+def _predict(args: argparse.Namespace, folders) -> int:
+    """``nnunet predict``: here, one case after the other, or with ``--scheduler`` on a
+    Dask cluster (:mod:`.nnunet_dask`); the same files and summary."""
+    from ..nnunet import job
+    from ..nnunet.ensemble import ensemble_info, load_ensemble, predict_folder
+    from ..nnunet.export import format_label_table
+
+    _check_cluster_flags(args)
+    model_dir = job.model_dir_for(folders, args.dataset_id, args.configuration)
+    failed: dict[str, str] = {}
+    if args.scheduler is not None:
+        from .nnunet_dask import predict_distributed
+
+        outcome = predict_distributed(args, model_dir)
+        rows, info, failed = outcome.rows, outcome.info, outcome.failed
+    else:
+        predictor = load_ensemble(model_dir, args.checkpoints, device=args.device,
+                                  threshold=args.threshold,
+                                  use_mirroring=not args.no_mirroring)
+        rows = predict_folder(predictor, args.input, args.out, overwrite=args.overwrite,
+                              progress=tqdm_progress("predicting"))
+        info = ensemble_info(predictor)
+    n_classes = info["entropy"]["n_classes"]
+    print(f"Predicted {len(rows)} images with {len(info['checkpoints'])} "
+          f"checkpoints into {args.out}.")
+    print(f"Classes in the masks (value=name, also in ensemble.json): "
+          f"{format_label_table(info['labels'])}"
+          + ("; per-class probabilities in class_probabilities/"
+             if n_classes > 2 else "") + ".")
+    if rows:
+        print("Most uncertain first (mean entropy, nats, 0..ln C):")
+    for r in rows[:5]:
+        print(f"  {r['case']}: {r['mean_entropy']:.4f}")
+    if failed:
+        print(f"{len(failed)} case(s) failed (each named above; listed in ensemble.json's "
+              f"\"failed\"): {', '.join(failed)}.")
+        return 1
+    return 0
 
 
 def _follow(job_dir) -> int:
