@@ -98,3 +98,100 @@ def test_an_embedding_of_other_weights_or_sizes_is_refused():
     assert here.cached_keys() == []
     with pytest.raises(KeyError):
         here.export_embedding("tiny@abc:nothing")
+
+
+# --------------------------------------------------------------------------- remote.py
+def test_compute_on_values_and_one_plugin_per_set_of_models():
+    from napari_medclipsam.core.config import PipelineConfig
+    from napari_medclipsam.remote import compute_address, plugin_name
+
+    assert compute_address("") is None and compute_address(" this machine ") is None
+    assert compute_address("tcp://gpu-box:8786") == "tcp://gpu-box:8786"
+    assert compute_address("gpu-box:8786") == "tcp://gpu-box:8786"
+    for bad in ("gpu box", "local", "http://gpu-box:8786", "gpu-box"):
+        with pytest.raises(InputError, match="Dask scheduler address such as"):
+            compute_address(bad)
+    base = PipelineConfig(sam_model="vit_b")
+    other_settings = PipelineConfig(sam_model="vit_b", method="salip")
+    assert plugin_name(base) == plugin_name(other_settings)  # the same models
+    assert plugin_name(base) != plugin_name(PipelineConfig(sam_model="vit_l"))
+    assert plugin_name(base).startswith("medclipsam-models-")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A scheduler and one worker in this process, over TCP (tasks and results pickled)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  protocol="tcp", dashboard_address=":0",
+                                  silence_logs=40) as local:
+        yield local
+
+
+@pytest.fixture
+def tiny_builders(monkeypatch):
+    """The worker (this process) builds the tiny SAMs."""
+    from tiny_clip import register_tiny_vit
+    from tiny_sam2 import tiny_builder
+
+    from napari_medclipsam.core import models
+
+    register_tiny_vit()
+    monkeypatch.setattr(models, "build_sam", tiny_builder)
+
+
+def test_a_sam2_run_there_is_decoded_here_from_its_embedding(tiny_sam2_pipeline, cluster,
+                                                            tiny_builders):
+    """The controller on an injected SAM 2.1 pipeline sends Run all there; a box edit
+    decodes the embedding that came back (no encoder here) as a run here would."""
+    from napari_medclipsam._widgets.segment_controller import SegmentController
+    from napari_medclipsam.core.pipeline import ZeroShotPipeline
+    from napari_medclipsam.core.postprocess import Prompts
+
+    image = random_image(5, (48, 64, 3))
+    ctl = SegmentController(tiny_sam2_pipeline)
+    ctl.set_remote(cluster.scheduler_address)
+    run = ctl.run_all(image, ["a disk"])
+    assert run.where and ctl.sam_ready
+    here = ZeroShotPipeline(tiny_sam2_pipeline.config, clip=tiny_sam2_pipeline.clip,
+                            sam=tiny_sam2_pipeline.sam)
+    ref = here.segment(image, "a disk")
+    np.testing.assert_array_equal(run.result.saliency, ref.saliency)
+    np.testing.assert_array_equal(run.mask, ref.mask)
+    box = Prompts(boxes=np.array([[8.0, 6.0, 40.0, 30.0]]))
+    np.testing.assert_array_equal(ctl.refine(box), here.refine(ref.rgb, box))
+    assert tiny_sam2_pipeline.session.encoder_calls == 0 and ctl.embedding_problem == ""
+    ctl.remote.close()
+
+
+def test_propagation_there_and_all_slices_cancelled_there(tiny_pipeline, cluster,
+                                                         tiny_builders):
+    """Propagation there equals propagation here; Cancel during All slices stops the
+    worker, which sends back the slices it finished."""
+    from napari_medclipsam.core.errors import CancelledError
+    from napari_medclipsam.remote import RemoteCompute
+
+    rng = np.random.default_rng(0)
+    volume = (40 + 10 * rng.standard_normal((4, 32, 32))).clip(0, 255).astype(np.uint8)
+    volume[:, 8:20, 10:24] = 220
+    seed = np.zeros((32, 32), bool)
+    seed[8:20, 10:24] = True
+    remote = RemoteCompute(cluster.scheduler_address)
+    config = tiny_pipeline.config
+    there = remote.propagate(config, volume, seeds={1: seed}).volume
+    here = tiny_pipeline.propagate_volume(volume, seeds={1: seed})
+    np.testing.assert_array_equal(there.mask, here.mask)
+    assert there.propagation.propagated == here.propagation.propagated
+
+    import dataclasses
+
+    slow = dataclasses.replace(config, saliency=dataclasses.replace(config.saliency,
+                                                                    steps=300))
+    stages: list[str] = []
+    with pytest.raises(CancelledError) as caught:
+        remote.segment_volume(slow, volume, "a disk", progress=lambda s, f: stages.append(s),
+                              should_stop=lambda: any(s.startswith("slice 2/4") for s in stages))
+    partial, checks = caught.value.partial
+    assert partial.completed == [0] and 0 in checks
+    assert stages[-1] == f"stopping on {remote.address}"
+    remote.close()

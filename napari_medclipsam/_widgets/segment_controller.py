@@ -42,6 +42,12 @@ Dice, from its ``vlsm.json``) and :func:`vlsm_source_problem` catches a folder t
 there before any work. SAM is loaded only to refine: a box edit after a run without it loads
 SAM first (:attr:`SegmentController.sam_ready`, :meth:`SegmentController.load_sam`).
 
+Another machine (Models > Compute on, issue 16): :meth:`SegmentController.set_remote` points
+the controller at a Dask scheduler (:class:`~napari_medclipsam.remote.RemoteCompute`); Run
+all, All slices and propagation then run on its worker and come back as the same results. A
+single image's SAM embedding comes back too: the first box edit loads SAM here (the one the
+worker ran) and imports it, so box and point edits run only SAM's decoder here.
+
 Also here, for the view to show: :class:`ProgressTracker` (the pipeline's stage names with
 the slice count and an ETA), :func:`gui_message` (the core's command-line wording turned
 into the widget's field names), :func:`matching_presets` and :func:`describe_settings` (the
@@ -78,6 +84,7 @@ from napari_medclipsam.core.pipeline import SegmentationResult, VolumeResult, Ze
 from napari_medclipsam.core.postprocess import Prompts, prompts_from_mask
 from napari_medclipsam.core.presets import Preset, list_presets
 from napari_medclipsam.nnunet.job import format_eta
+from napari_medclipsam.remote import RemoteCompute, RemoteReply, RemoteStatus, compute_address
 from napari_medclipsam.vlsm.config import MODEL_FILE, local_source_path, read_vlsm_record
 
 ProgressFn = Callable[[str, float], None]
@@ -115,6 +122,18 @@ def load_vlsm_model(source: str, device: str | None = None):
 def _vlsm_changed(pipeline: ZeroShotPipeline, config: PipelineConfig) -> bool:
     """A VLSM is loaded in ``pipeline`` and ``config`` names another."""
     return pipeline.vlsm_loaded and pipeline.config.vlsm.model != config.vlsm.model
+
+
+def _local_device(device: str | None) -> str | None:
+    """``device`` when this machine has it, else None (auto): the device a remote run's SAM
+    decodes on here (the run may have asked for the GPU box's ``cuda``)."""
+    from napari_medclipsam.core.models import resolve_device
+
+    try:
+        resolve_device(device)
+    except (ValueError, RuntimeError):
+        return None
+    return device
 
 
 def vlsm_local_path(source: str) -> Path | None:
@@ -270,6 +289,9 @@ class Run:
     slice_faithfulness : dict of int to Faithfulness
         A volume run's prompt-faithfulness check per finished slice (a single image's is
         ``result.faithfulness``); empty when the check is off.
+    where : str
+        The machine it ran on when not this one: its host and device (``"gpu-box (cuda:0,
+        NVIDIA H100 80GB HBM3)"``); ``""`` here.
     """
 
     target: Target
@@ -282,6 +304,7 @@ class Run:
     seconds: float = 0.0
     method: str = "medclipsamv2"
     slice_faithfulness: dict[int, Faithfulness] = field(default_factory=dict)
+    where: str = ""
 
     @property
     def editable(self) -> bool:
@@ -641,6 +664,13 @@ class SegmentController:
         #: whether SAM is loaded: a VLSM run without SAM refinement does not load it, so a
         #: box edit after one loads it first (:meth:`load_sam`, in a worker)
         self.sam_ready = self.injected
+        #: where runs compute: None here, else the Dask scheduler of another machine
+        self.remote: RemoteCompute | None = None
+        #: SAM's embedding of the current run's image as the remote machine sent it, until
+        #: it is imported into the local SAM session (once SAM is loaded here)
+        self._embedding: dict[str, Any] | None = None
+        #: why the last remote embedding could not be used here (``""``: it was)
+        self.embedding_problem = ""
 
     # -- models -----------------------------------------------------------------------
     def configure(self, config: PipelineConfig) -> ZeroShotPipeline:
@@ -675,6 +705,73 @@ class SegmentController:
         self.pipeline = ZeroShotPipeline(config, vlsm=load_vlsm_model)
         self.sam_ready = False
         return self.pipeline
+
+    # -- another machine ----------------------------------------------------------------
+    def set_remote(self, address: str | None) -> RemoteCompute | None:
+        """Where the next runs compute: None (or ``""``, ``"this machine"``) here, else the
+        Dask scheduler at ``address`` (``tcp://gpu-box:8786``). The connection is kept while
+        the address does not change; another address closes it (in the background).
+
+        Raises
+        ------
+        InputError
+            ``address`` is neither (:func:`~napari_medclipsam.remote.compute_address`).
+        """
+        address = compute_address(address)
+        if self.remote is not None and self.remote.address == address:
+            return self.remote
+        old, self.remote = self.remote, RemoteCompute(address) if address else None
+        if old is not None:
+            import threading
+
+            threading.Thread(target=old.close, name="medclipsam-remote-close",
+                             daemon=True).start()
+        return self.remote
+
+    def remote_status(self) -> RemoteStatus:
+        """Connect to the remote machine and say what it has (call it in a worker)."""
+        if self.remote is None:
+            raise InputError("Compute on is this machine: there is nothing to connect to.")
+        return self.remote.status()
+
+    def _adopt_embedding(self, reply: RemoteReply) -> None:
+        """After a remote single-image run: keep the image's SAM embedding for box edits.
+
+        The SAM for box edits here is the one the worker ran (``auto`` resolved there), on
+        this machine's device when the one asked for is not here (the GPU box's ``cuda``);
+        it loads on the first box edit (:meth:`load_sam`), which then imports the embedding
+        instead of encoding the image. Without an embedding (SAM did not run there) the
+        box edit's SAM is chosen here, as after a VLSM run here.
+        """
+        self._embedding = None
+        if not self.injected:
+            config = self.pipeline.config
+            name = reply.sam_name if reply.embedding is not None and reply.sam_name \
+                else config.sam_model
+            local = dataclasses.replace(config, sam_model=name,
+                                        device=_local_device(config.device))
+            if (local.sam_model, local.device) != (config.sam_model, config.device):
+                self.pipeline = ZeroShotPipeline(local, vlsm=load_vlsm_model)
+                self.sam_ready = False
+        if reply.embedding is None:
+            return
+        self._embedding = reply.embedding
+        if self.sam_ready:
+            self._import_embedding()
+
+    def _import_embedding(self) -> None:
+        """Put the remote run's SAM embedding into the local session (SAM loaded). One of
+        other weights than the local SAM's is dropped: the first box edit encodes here."""
+        payload, self._embedding = self._embedding, None
+        if payload is None:
+            return
+        try:
+            self.pipeline.session.import_embedding(payload["key"], payload)
+        except InputError as exc:  # the box edit still works: SAM encodes the image here
+            self.embedding_problem = (f"the remote machine's SAM embedding was not used "
+                                      f"({exc}); this machine encoded the image once")
+        else:
+            self.embedding_problem = ""
 
     def load_sam(self, progress: ProgressFn | None = None) -> None:
         """Check and load the pipeline's SAM if it is not loaded yet (a box edit after a VLSM
@@ -749,9 +846,12 @@ class SegmentController:
             raise InputError("No models configured: choose the CLIP and SAM models first.")
         start = time.monotonic()
         target_name(prompt_lines)  # a missing prompt is reported before the models
-        self._check_vlsm_source()
-        self.pipeline.prepare(progress)
-        self._note_sam_loaded()
+        remote = self.remote
+        if remote is None:  # on another machine, its worker checks and loads the models
+            self._check_vlsm_source()
+            self.pipeline.prepare(progress)
+            self._note_sam_loaded()
+        config = self.pipeline.config
         target = self.target_for(prompt_lines)
         text: str | list[str] = list(target.prompts)
         if len(text) == 1:
@@ -766,12 +866,22 @@ class SegmentController:
                 if on_slice is not None:
                     on_slice(z, one)
 
+            where = ""
             try:
-                vol = self.pipeline.segment_volume(image, text, progress=progress,
-                                                   should_stop=should_stop,
-                                                   on_slice=each_slice)
+                if remote is not None:
+                    reply = remote.segment_volume(config, image, text, progress=progress,
+                                                  should_stop=should_stop)
+                    vol, where = reply.volume, reply.device
+                    checks.update(reply.slice_faithfulness)
+                else:
+                    vol = self.pipeline.segment_volume(image, text, progress=progress,
+                                                       should_stop=should_stop,
+                                                       on_slice=each_slice)
             except CancelledError as exc:
                 partial: VolumeResult | None = getattr(exc, "partial", None)
+                if isinstance(partial, tuple):  # from another machine: with its checks
+                    partial, done_checks = partial
+                    checks.update(done_checks)
                 run = None
                 if partial is not None and partial.completed:
                     run = Run(target, source, None, volume=partial, mask=partial.mask,
@@ -782,12 +892,21 @@ class SegmentController:
                 stopped.partial = run
                 raise stopped from exc
             run = Run(target, source, None, volume=vol, mask=vol.mask, method=method,
-                      slice_faithfulness=checks)
+                      slice_faithfulness=checks, where=where)
+            self._embedding = None
+        elif remote is not None:
+            reply = remote.segment(config, image, text, progress=progress,
+                                   should_stop=should_stop)
+            result = reply.result
+            run = Run(target, source, slice_index, result=result, mask=result.mask,
+                      method=method, where=reply.device)
+            self._adopt_embedding(reply)
         else:
             result = self.pipeline.segment(image, text, progress=progress,
                                            should_stop=should_stop)
             run = Run(target, source, slice_index, result=result, mask=result.mask,
                       method=method)
+            self._embedding = None
         run.seconds = time.monotonic() - start
         self.state.run = run
         return run
@@ -807,6 +926,8 @@ class SegmentController:
             if should_stop is not None and should_stop():
                 raise CancelledError("Cancelled; the mask is unchanged (SAM is loaded now: "
                                      "edit a box again to re-run it).")
+        if self.sam_ready:  # a remote run's embedding: SAM's decoder only, here
+            self._import_embedding()
         mask = self.pipeline.refine(run.result.rgb, prompts)
         run.mask = mask
         self.state.refine_count += 1
@@ -959,19 +1080,28 @@ class SegmentController:
             raise InputError(f"The image {volume.shape} does not fit the label map "
                              f"{plan.shape}: pick the label map of this image.")
         start = time.monotonic()
-        self._check_vlsm_source()
-        self.pipeline.prepare(progress)
-        self._note_sam_loaded()
+        remote = self.remote
+        if remote is None:
+            self._check_vlsm_source()
+            self.pipeline.prepare(progress)
+            self._note_sam_loaded()
         by_text = plan.by_text
         text: str | list[str] = list(plan.target.prompts)
         if len(text) == 1:
             text = text[0]
         try:
-            vol = self.pipeline.propagate_volume(
-                volume, text=text if by_text else None,
-                seeds=None if by_text else plan.seeds,
-                locked=None if by_text else plan.locked,
-                progress=progress, should_stop=should_stop)
+            if remote is not None:
+                vol = remote.propagate(
+                    self.pipeline.config, volume, text=text if by_text else None,
+                    seeds=None if by_text else plan.seeds,
+                    locked=None if by_text else plan.locked,
+                    progress=progress, should_stop=should_stop).volume
+            else:
+                vol = self.pipeline.propagate_volume(
+                    volume, text=text if by_text else None,
+                    seeds=None if by_text else plan.seeds,
+                    locked=None if by_text else plan.locked,
+                    progress=progress, should_stop=should_stop)
         except CancelledError as exc:
             partial: VolumeResult | None = getattr(exc, "partial", None)
             done = None
@@ -981,7 +1111,8 @@ class SegmentController:
                                      else "Cancelled; nothing changed.")
             stopped.partial = done
             raise stopped from exc
-        self.sam_ready = True  # propagation always runs SAM
+        if remote is None:
+            self.sam_ready = True  # propagation always runs SAM
         return self._propagation(plan, vol, start, by_text)
 
     @staticmethod
