@@ -45,6 +45,16 @@ PNG) go to ``DATASET/medclipsam_tuned/`` (numbered, never over an earlier one), 
 under the button gives the cross-validated Dice, defaults -> tuned, with the calibration's
 warning in orange when the gain is within the folds' noise.
 
+**Models > Compute on** sends Run all, All slices and Propagate through volume to a GPU
+machine: a Dask scheduler's address (``tcp://gpu-box:8786``; the field's tooltip gives the
+commands that start one there) instead of this machine. The line under it says what is
+there once connected (Enter in the field, or the first run): its workers and their GPUs. The
+progress says ``sent to``, ``running on <host> (<device>)`` and the worker's stages; the
+layers are the same; a single image's SAM embedding comes back with it, so box and point
+edits run SAM's decoder here (SAM loads here once, on the first edit). Errors there (a model
+missing on that machine, no scheduler at the address) are the usual one-line error; Cancel
+stops the worker's run. The address is saved with the settings.
+
 napari opens this class from the Plugins menu and passes the viewer as ``napari_viewer``.
 """
 
@@ -153,6 +163,14 @@ from napari_medclipsam.core.errors import InputError
 from napari_medclipsam.core.models import SAM_MODELS
 from napari_medclipsam.core.postprocess import Prompts
 from napari_medclipsam.core.presets import Preset, list_presets
+from napari_medclipsam.remote import (
+    EXAMPLE_ADDRESS,
+    SCHEDULER_COMMAND,
+    THIS_MACHINE,
+    WORKER_COMMAND,
+    RemoteStatus,
+    compute_address,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -272,7 +290,17 @@ TIPS = {
                  "slices done.",
     "checkpoint": "A SAM checkpoint file (.pth) on this computer; empty: the official one is "
                   "downloaded once.",
-    "device": "auto picks a GPU when there is one, else the CPU.",
+    "device": "auto picks a GPU when there is one, else the CPU (with Compute on: there).",
+    "compute_on": (f"Where Run all, All slices and Propagate through volume compute:\n"
+                   f"{THIS_MACHINE} (empty), or the Dask scheduler of a GPU machine, e.g. "
+                   f"{EXAMPLE_ADDRESS}.\n\nOn that machine, in this package's environment:\n"
+                   f"    {SCHEDULER_COMMAND}\n"
+                   f"    {WORKER_COMMAND.format(address=EXAMPLE_ADDRESS)}\n"
+                   "(one worker per GPU; MEDCLIPSAM_HOME there names the folder its models\n"
+                   "are read from or downloaded to). The model and Device fields then name\n"
+                   "the models there.\n\nThe image goes there and the layers come back as "
+                   "usual, with SAM's\nimage embedding: box and point edits run SAM's decoder "
+                   "here\n(SAM loads here once, on the first edit)."),
     "all_slices": "Unchecked: only the slice on screen (its boxes can be edited). Checked: "
                   "every slice, written into the layers as each one finishes; Cancel keeps "
                   "the finished slices.",
@@ -479,6 +507,9 @@ class SegmentWidget(QWidget):
         self.last_faithfulness: FaithfulnessView | None = None
         self.auto: AutoChoice | None = None  # what "auto" means on the chosen device
         self._auto_worker = None
+        self._compute_worker = None  # the connection check of the Compute on field
+        #: the last Compute on check: the scheduler's workers, or None
+        self.compute_status: RemoteStatus | None = None
         #: what the VLSM Model field names (the line under it) and for which text
         self.vlsm_info: VlsmSource | None = None
         self._vlsm_info_source: str | None = None
@@ -685,6 +716,23 @@ class SegmentWidget(QWidget):
         self.auto_label.setStyleSheet("color: gray; font-size: 11px;")
         self.auto_label.setToolTip("What 'auto' means on the device chosen above.")
         mform.addRow(self.auto_label)
+        self.compute_edit = QLineEdit()
+        self.compute_edit.setPlaceholderText(f"{THIS_MACHINE} (or {EXAMPLE_ADDRESS})")
+        self.compute_edit.setToolTip(TIPS["compute_on"])
+        self.compute_edit.setClearButtonEnabled(True)
+        self.compute_edit.editingFinished.connect(self.check_compute_on)
+        self.compute_edit.textChanged.connect(self._update_settings_line)
+        self.compute_edit.textChanged.connect(lambda *args: self._describe_compute_on(True))
+        compute_label = QLabel("Compute on")
+        compute_label.setToolTip("This machine, or a GPU machine's Dask scheduler "
+                                 "(the field's tooltip says how to start one).")
+        mform.addRow(compute_label, self.compute_edit)
+        self.compute_label = QLabel(f"Runs on {THIS_MACHINE}.")
+        self.compute_label.setWordWrap(True)
+        self.compute_label.setStyleSheet(VLSM_INFO_STYLE)
+        self.compute_label.setToolTip("Where the next run computes: the scheduler's workers "
+                                      "and their GPUs.")
+        mform.addRow(self.compute_label)
         models.addWidget(mform_widget)
         layout.addWidget(models)
 
@@ -1033,9 +1081,14 @@ class SegmentWidget(QWidget):
         info = self.vlsm_info
         arch = (info.arch if info is not None and self._vlsm_info_source
                 == config.vlsm.model else None)
-        return describe_settings(config, preset=preset, where=self._where(),
-                                 auto_sam=self.auto.sam_model if self.auto else "",
-                                 vlsm_arch=arch)
+        try:
+            remote = self.compute_on()
+        except InputError:
+            remote = None
+        auto_sam = self.auto.sam_model if self.auto and remote is None else ""
+        line = describe_settings(config, preset=preset, where=self._where(),
+                                 auto_sam=auto_sam, vlsm_arch=arch)
+        return line + (f" · computed on {remote}" if remote else "")
 
     def _where(self) -> str:
         layer = find_layer(self.viewer, self.image_combo.currentText())
@@ -1135,7 +1188,9 @@ class SegmentWidget(QWidget):
     def set_pipeline(self, pipeline) -> None:
         """Use this pipeline's models (e.g. tiny test models, or models already loaded)
         instead of loading them from the model fields."""
+        remote = self.controller.remote
         self.controller = SegmentController(pipeline)
+        self.controller.remote = remote  # Compute on stays as it is
         own_vlsm = pipeline.vlsm_loaded
         for widget in (self.vlsm_model_edit, self.vlsm_browse_button):
             widget.setEnabled(True)
@@ -1188,6 +1243,76 @@ class SegmentWidget(QWidget):
             self.precision_combo.setToolTip(f"{TIPS['precision']}\n\nHere: "
                                             f"{choice.precision_label}.")
         self._update_settings_line()
+
+    # ----------------------------------------------------------------------- compute on
+    def compute_on(self) -> str | None:
+        """The Compute on field: None for this machine, else a scheduler address.
+
+        Raises
+        ------
+        InputError
+            Neither, in one line.
+        """
+        return compute_address(self.compute_edit.text())
+
+    def _use_compute_on(self) -> str | None:
+        """Point the controller at the Compute on field's machine; its address or None."""
+        return getattr(self.controller.set_remote(self.compute_on()), "address", None)
+
+    def _describe_compute_on(self, typing: bool = False) -> None:
+        """The line under Compute on, without connecting (connections wait for a run or
+        for the field's Enter); while ``typing``, an address not finished yet is no error."""
+        try:
+            address = self.compute_on()
+        except InputError as exc:
+            if typing:
+                self._show_compute(f"Not an address yet: a Dask scheduler such as "
+                                   f"{EXAMPLE_ADDRESS}, or empty for {THIS_MACHINE}.")
+            else:
+                self._show_compute(str(exc), error=True)
+            return
+        remote = self.controller.remote
+        if address is None:
+            self._show_compute(f"Runs on {THIS_MACHINE}.")
+        elif remote is None or remote.address != address or not remote.connected:
+            self._show_compute(f"Runs on {address} (connects at the next run; Enter in the "
+                               "field checks it now).")
+
+    def check_compute_on(self) -> None:
+        """Say under the field where runs compute: connect to the scheduler (in a worker)
+        and name its workers and their GPUs, or say why it cannot be reached."""
+        try:
+            address = self._use_compute_on()
+        except InputError as exc:
+            self._show_compute(str(exc), error=True)
+            return
+        self._update_settings_line()
+        if address is None:
+            self.compute_status = None
+            self._show_compute(f"Runs on {THIS_MACHINE}.")
+            return
+        if self._compute_worker is not None:
+            return  # the check running says it
+        self._show_compute(f"Connecting to {address}...")
+        self._compute_worker = start_worker(self.controller.remote_status,
+                                            on_done=self._on_compute_checked)
+
+    def _on_compute_checked(self, outcome: Outcome) -> None:
+        self._compute_worker = None
+        try:
+            if outcome.ok:
+                status: RemoteStatus = outcome.value
+                self.compute_status = status
+                self._show_compute(status.line)
+            elif outcome.error:
+                self.compute_status = None
+                self._show_compute(outcome.error, error=True)
+        except RuntimeError:  # the dock was closed meanwhile
+            pass
+
+    def _show_compute(self, text: str, error: bool = False) -> None:
+        self.compute_label.setText(text)
+        self.compute_label.setStyleSheet(VLSM_ERROR_STYLE if error else VLSM_INFO_STYLE)
 
     def _browse_clip(self) -> None:
         current = self.clip_edit.text().strip().removeprefix("local-dir:")
@@ -1345,21 +1470,29 @@ class SegmentWidget(QWidget):
         try:
             layer, image, z, volume = self._source()
             name = target_name(lines)
+            remote = self._use_compute_on()
             self.controller.configure(self.build_config(self._base_config()))
         except (InputError, ValueError) as exc:
             self._report(gui_message(str(exc)), error=True)
             return
         method = self.controller.pipeline.config.method
         self._begin_run(LiveVolume(name, layer.name, tuple(image.shape), method=method)
-                        if volume else None)
+                        if volume else None, activity=self._running(remote))
         what = f"all {image.shape[0]} slices of " if volume else (
             f"slice z={z} of " if z is not None else "")
-        self._report(f"Running '{name}' on {what}'{layer.name}'...")
+        self._report(f"Running '{name}' on {what}'{layer.name}'"
+                     + (f" on {remote}..." if remote else "..."))
         self._worker = start_worker(
             self.controller.run_all, image, lines, source=layer.name, slice_index=z,
             volume=volume, progress=self._progress_signal.emit, should_stop=self._stop.is_set,
             on_slice=self._slice_signal.emit if volume else None,
             on_done=self._on_done, on_finished=lambda: self._set_running(False))
+
+    @staticmethod
+    def _running(remote: str | None) -> str:
+        """What the progress line says while a run computes: ``Running`` here, ``Running on
+        tcp://gpu-box:8786`` there."""
+        return f"Running on {remote}" if remote else "Running"
 
     def _begin_run(self, live: LiveVolume | None, activity: str = "Running") -> None:
         """Reset the stop flag, progress tracker and bar, and show the run as started."""
@@ -1390,6 +1523,9 @@ class SegmentWidget(QWidget):
             self._report("Cancelling the tuning (at the next step; nothing will change)...")
         elif self.running and self._activity == BOX_EDIT:
             self._report("Cancelling (once SAM has loaded; the mask stays as it is)...")
+        elif self.running and self._activity.startswith("Running on "):
+            self._report(f"Cancelling on {self._activity.removeprefix('Running on ')} (at its "
+                         "next step; finished slices are kept)...")
         elif self.running:
             self._report("Cancelling (at the next step; finished slices are kept)...")
 
@@ -1423,8 +1559,9 @@ class SegmentWidget(QWidget):
             return
         self.progress_bar.setValue(100)
         self.progress_bar.setFormat("done %p%")
-        took = (f"Done in {format_duration(run.seconds)}: " if run.seconds >= 10
-                else f"Done in {max(run.seconds, 0.1):.1f} s: ")
+        took = (f"Done in {format_duration(run.seconds)}" if run.seconds >= 10
+                else f"Done in {max(run.seconds, 0.1):.1f} s")
+        took += f" on {run.where}: " if run.where else ": "
         if run.volume is not None:
             self._show_volume(run, source)
             self._report(f"{took}something found on {len(run.volume.found_slices)} of "
@@ -1433,6 +1570,12 @@ class SegmentWidget(QWidget):
         else:
             self._show_result(run, source)
             self._report(took + run.result.message)
+        if run.where and self.controller.remote is not None:
+            status = self.compute_status
+            known = (status.line if status is not None
+                     and status.address == self.controller.remote.address
+                     else f"Connected to {self.controller.remote.address}")
+            self._show_compute(f"{known}; the last run ran on {run.where}.")
         self._show_faithfulness(run)
         self.save_settings()
 
@@ -1733,9 +1876,10 @@ class SegmentWidget(QWidget):
         name = output_name("SAM mask", run.target.name)
         if name in self.viewer.layers:
             self.viewer.layers[name].data = mask.astype(np.int32)
+        problem = self.controller.embedding_problem
         self._report(f"{'SAM loaded; ' if loaded else ''}SAM re-run from "
                      f"{len(prompts.boxes)} box(es) and {len(prompts.points)} point(s): mask "
-                     f"of {int(mask.sum())} pixels.")
+                     f"of {int(mask.sum())} pixels" + (f" ({problem})." if problem else "."))
 
     def _load_sam_and_refine(self, run: Run, prompts: Prompts) -> None:
         """The first box edit after a run that did not load SAM: load it in a worker, then
@@ -1748,8 +1892,10 @@ class SegmentWidget(QWidget):
         self._set_running(True)
         self.progress_bar.setValue(0)
         self.progress_bar.setFormat("loading SAM %p%")
-        self._report("Loading SAM for the edited box (the VLSM run did not need it; once), "
-                     "then SAM re-runs from it...")
+        why = (f"the run was on {run.where}" if run.where
+               else "the VLSM run did not need it")
+        self._report(f"Loading SAM for the edited box ({why}; once), then SAM re-runs from "
+                     "it...")
         self._worker = start_worker(
             self.controller.refine, prompts, progress=self._progress_signal.emit,
             should_stop=self._stop.is_set,
@@ -1897,18 +2043,20 @@ class SegmentWidget(QWidget):
             plan = self.controller.plan_propagation(
                 label_map, self._prompt_lines(), source=layer.name,
                 run_mask=self._run_mask_as_left())
+            remote = self._use_compute_on()
             self.controller.configure(self.build_config(self._base_config()))
             volume = np.asarray(layer.data)
         except (InputError, ValueError) as exc:
             self._report(gui_message(str(exc)), error=True)
             return
-        self._begin_run(None)
+        self._begin_run(None, activity=self._running(remote))
         if plan.by_text:
             start = "no mask yet: the prompt chooses the seed slice"
         else:
             start = (f"seeds {slice_list(list(plan.seeds)) if plan.seeds else 'none'}, "
                      f"locked {slice_list(list(plan.locked)) if plan.locked else 'none'}")
-        self._report(f"Propagating '{plan.target.name}' through '{layer.name}' ({start})...")
+        self._report(f"Propagating '{plan.target.name}' through '{layer.name}' ({start})"
+                     + (f" on {remote}..." if remote else "..."))
         self._worker = start_worker(
             self.controller.propagate, volume, plan, progress=self._progress_signal.emit,
             should_stop=self._stop.is_set, on_done=self._on_propagated,
@@ -2096,6 +2244,7 @@ class SegmentWidget(QWidget):
         return {"prompt": self._prompt_lines(),
                 "config": self.build_config(self._base_config()).to_dict(),
                 "all_slices": self.all_slices_check.isChecked(),
+                "compute_on": self.compute_edit.text().strip(),
                 "napari_medclipsam": __version__}
 
     def apply_state(self, state: dict[str, Any]) -> None:
@@ -2109,6 +2258,8 @@ class SegmentWidget(QWidget):
         self.prompt_edit.setPlainText("\n".join(state.get("prompt", [])))
         self.set_fields_from_config(config)
         self.all_slices_check.setChecked(bool(state.get("all_slices", False)))
+        self.compute_edit.setText(str(state.get("compute_on") or ""))
+        self._describe_compute_on()
         if not self.controller.injected:
             self.clip_edit.setText(config.clip_model)
             set_combo_value(self.sam_combo, config.sam_model)
