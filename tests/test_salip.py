@@ -320,7 +320,7 @@ def test_help_lists_salip(capsys):
     with pytest.raises(SystemExit):
         main(["segment", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--method {medclipsamv2,salip}" in text
+    assert "--method {medclipsamv2,salip,vlsm}" in text
     for flag in ("--salip-points-per-side", "--salip-pred-iou", "--salip-stability",
                  "--salip-box-nms", "--salip-crop-nms", "--salip-crop-layers",
                  "--salip-min-region", "--salip-area-cap", "--salip-crop"):
