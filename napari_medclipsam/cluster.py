@@ -69,6 +69,18 @@ def default_workers(threads_per_worker: int | None = None) -> tuple[int, int]:
     return workers, threads
 
 
+def worker_device(device: str | None, worker_index: int) -> str | None:
+    """The device a worker's models go to: ``device`` as given, except CUDA chosen
+    automatically (None, ``auto`` or ``cuda``) on a machine with several GPUs, which spreads
+    the workers of a local cluster over them (``cuda:{worker_index % n}``)."""
+    if device not in (None, "", "auto", "cuda"):
+        return device
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"cuda:{worker_index % count}" if count > 1 else device
+
+
 @contextlib.contextmanager
 def open_client(scheduler: str, workers: int | None = None,
                 threads_per_worker: int | None = None,
@@ -87,6 +99,28 @@ def open_client(scheduler: str, workers: int | None = None,
     except ImportError as exc:  # pragma: no cover - a dependency; a broken install
         raise InputError("--scheduler needs the 'distributed' package: pip install "
                          "distributed") from exc
+    with _quiet_distributed():
+        yield from _client(scheduler, workers, threads_per_worker, say, Client, LocalCluster)
+
+
+@contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """distributed logs every worker's start and stop at INFO (and a slow shutdown at
+    WARNING) through handlers of its own: only errors show, unless the root logger is at
+    DEBUG (``medclipsam -v``)."""
+    import logging
+
+    logger = logging.getLogger("distributed")
+    before = logger.level
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+def _client(scheduler, workers, threads_per_worker, say, Client, LocalCluster):
     if scheduler == LOCAL:
         n, threads = default_workers(threads_per_worker)
         n = workers or n
@@ -207,8 +241,9 @@ class ModelPlugin(_WorkerPlugin):
             self.error = f"{type(exc).__name__}: {exc}"
 
 
-def worker_plugin(name: str) -> ModelPlugin:
-    """The :class:`ModelPlugin` ``name`` of the worker running the calling task.
+def worker_plugin(name: str, worker=None) -> ModelPlugin:
+    """The :class:`ModelPlugin` ``name`` of the worker running the calling task (or of
+    ``worker``: inside ``client.run``, which passes ``dask_worker``).
 
     Raises
     ------
@@ -217,7 +252,7 @@ def worker_plugin(name: str) -> ModelPlugin:
     """
     from distributed import get_worker
 
-    plugin = get_worker().plugins[name]
+    plugin = (worker or get_worker()).plugins[name]
     if plugin.error:
         raise RuntimeError(f"the models did not load on this worker ({plugin.error})")
     return plugin

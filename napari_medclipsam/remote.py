@@ -102,20 +102,6 @@ def plugin_name(config: PipelineConfig) -> str:
     return f"medclipsam-models-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def worker_device(device: str | None, worker_index: int) -> str | None:
-    """The device a worker's models go to: ``device`` as given, except CUDA chosen
-    automatically (None, ``auto`` or ``cuda``) on a machine with several GPUs, which spreads
-    the workers of a local cluster over them (``cuda:{worker_index % n}``)."""
-    if device not in (None, "", "auto", "cuda"):
-        return device
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count > 1:
-        return f"cuda:{worker_index % count}"
-    return device
-
-
 # --------------------------------------------------------------------------- the worker
 def worker_pipeline(worker_index: int, fields: dict[str, Any]):
     """The :class:`~napari_medclipsam.cluster.ModelPlugin` factory: a
@@ -126,6 +112,8 @@ def worker_pipeline(worker_index: int, fields: dict[str, Any]):
     fields = dict(fields)
     vlsm = PipelineConfig().vlsm
     vlsm = dataclasses.replace(vlsm, model=fields.pop("vlsm_model", vlsm.model))
+    from .cluster import worker_device
+
     fields["device"] = worker_device(fields.get("device"), worker_index)
     return ZeroShotPipeline(PipelineConfig(**fields, vlsm=vlsm), vlsm=load_vlsm_model)
 

@@ -40,6 +40,7 @@ from ..core.config import (
     SamConfig,
     VlsmConfig,
 )
+from ..core.errors import InputError
 from ..core.models import SAM_MODELS
 
 __all__ = ["CLIError", "StopRequest", "Terminated", "add_chain_flags",
@@ -254,6 +255,51 @@ def salip_config_from_args(base: SalipConfig, args: argparse.Namespace,
     if top_k is not None:
         changes["top_k"] = top_k
     return dataclasses.replace(base, **changes) if changes else base
+
+
+def add_scheduler_flags(p: argparse.ArgumentParser, description: str) -> None:
+    """``--scheduler``, ``--workers`` and ``--threads-per-worker`` (a Dask cluster; see
+    :mod:`napari_medclipsam.cluster`) in a group described by ``description``."""
+    g = p.add_argument_group("many images on a Dask cluster", description)
+    g.add_argument("--scheduler", metavar="local|tcp://HOST:8786",
+                   help="'local': a cluster of --workers processes on this machine; or the "
+                        "address of a running Dask scheduler ('dask scheduler' on one "
+                        "machine, 'dask worker tcp://HOST:8786' on each GPU box, or "
+                        "dask-jobqueue on SLURM/PBS). Without it, one image after the other "
+                        "here.")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="with --scheduler local: worker processes (default: one per GPU, "
+                        "else 2).")
+    g.add_argument("--threads-per-worker", type=int, metavar="T",
+                   help="torch threads of each worker (default: the CPU cores shared between "
+                        "the workers of a local cluster; a running cluster's own setting).")
+
+
+def check_scheduler_flags(args: argparse.Namespace) -> None:
+    """``--scheduler`` is valid (normalised in ``args``); ``--workers`` and
+    ``--threads-per-worker`` are positive and come with ``--scheduler`` (``--workers`` with
+    ``local`` only).
+
+    Raises
+    ------
+    CLIError
+        In one line.
+    """
+    from ..cluster import LOCAL, check_scheduler
+
+    try:
+        args.scheduler = check_scheduler(getattr(args, "scheduler", None))
+    except InputError as exc:
+        raise CLIError(str(exc)) from None
+    for flag, value in (("--workers", args.workers),
+                        ("--threads-per-worker", args.threads_per_worker)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} {value}: give at least 1.")
+        if value is not None and args.scheduler is None:
+            raise CLIError(f"{flag} applies with --scheduler.")
+    if args.workers is not None and args.scheduler != LOCAL:
+        raise CLIError("--workers applies to --scheduler local (a running cluster has the "
+                       "workers it has).")
 
 
 def tqdm_progress(desc: str) -> Callable[[int, int], None]:

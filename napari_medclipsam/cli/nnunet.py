@@ -26,7 +26,7 @@ import sys
 import time
 
 from ..nnunet.schedule import EnsembleSchedule
-from .common import CLIError, tqdm_progress
+from .common import CLIError, add_scheduler_flags, check_scheduler_flags, tqdm_progress
 
 __all__ = ["add_parser", "run_nnunet"]
 
@@ -143,7 +143,11 @@ def add_parser(sub) -> None:
                     help="no mirroring test-time augmentation (4x faster in 2-D).")
     pr.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT.")
     folders(pr)
-    _add_cluster_flags(pr)
+    add_scheduler_flags(pr, (
+        "Each worker loads the ensemble once; each image is one task that writes its maps "
+        "into OUT, which every worker must see, as the inputs and the model folder (a shared "
+        "file system; checked first). The files are those of a run without --scheduler; a "
+        "case that fails is recorded in ensemble.json and the others go on (exit status 1)."))
 
     st = nsub.add_parser("status", help="phase, epoch, cycle, loss, ETA and log tail.")
     dataset(st)
@@ -169,54 +173,6 @@ def add_parser(sub) -> None:
     dataset(rp)
     rp.add_argument("--out", "--raw", dest="raw", metavar="RAW_DIR",
                     help="nnU-Net raw folder (default $nnUNet_raw).")
-
-
-def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
-    """``--scheduler``, ``--workers`` and ``--threads-per-worker`` of ``nnunet predict``."""
-    g = p.add_argument_group(
-        "many images on a Dask cluster",
-        "Each worker loads the ensemble once; each image is one task that writes its maps "
-        "into OUT, which every worker must see, as the inputs and the model folder (a shared "
-        "file system; checked first). The files are those of a run without --scheduler; a "
-        "case that fails is recorded in ensemble.json and the others go on (exit status 1).")
-    g.add_argument("--scheduler", metavar="local|tcp://HOST:8786",
-                   help="'local': a cluster of --workers processes on this machine; or the "
-                        "address of a running Dask scheduler ('dask scheduler' on one "
-                        "machine, 'dask worker tcp://HOST:8786' on each GPU box, or "
-                        "dask-jobqueue on SLURM/PBS). Without it, one image after the other "
-                        "here.")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="with --scheduler local: worker processes (default: one per GPU, "
-                        "else 2).")
-    g.add_argument("--threads-per-worker", type=int, metavar="T",
-                   help="torch threads of each worker (default: the CPU cores shared between "
-                        "the workers of a local cluster; a running cluster's own setting).")
-
-
-def _check_cluster_flags(args: argparse.Namespace) -> None:
-    """``--scheduler`` is valid; ``--workers`` and ``--threads-per-worker`` are positive and
-    come with ``--scheduler`` (``--workers`` with ``local`` only).
-
-    Raises
-    ------
-    CLIError
-        In one line.
-    """
-    from ..cluster import LOCAL, check_scheduler
-
-    try:
-        args.scheduler = check_scheduler(args.scheduler)
-    except Exception as exc:
-        raise CLIError(str(exc)) from None
-    for flag, value in (("--workers", args.workers),
-                        ("--threads-per-worker", args.threads_per_worker)):
-        if value is not None and value < 1:
-            raise CLIError(f"{flag} {value}: give at least 1.")
-        if value is not None and args.scheduler is None:
-            raise CLIError(f"{flag} applies with --scheduler.")
-    if args.workers is not None and args.scheduler != LOCAL:
-        raise CLIError("--workers applies to --scheduler local (a running cluster has the "
-                       "workers it has).")
 
 
 def _folders(args: argparse.Namespace, raw: str | None = None):
@@ -345,7 +301,7 @@ def _predict(args: argparse.Namespace, folders) -> int:
     from ..nnunet.ensemble import ensemble_info, load_ensemble, predict_folder
     from ..nnunet.export import format_label_table
 
-    _check_cluster_flags(args)
+    check_scheduler_flags(args)
     model_dir = job.model_dir_for(folders, args.dataset_id, args.configuration)
     failed: dict[str, str] = {}
     if args.scheduler is not None:

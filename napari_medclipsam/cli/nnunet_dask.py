@@ -40,12 +40,13 @@ from ..cluster import (
     open_client,
     register,
     run_tasks,
+    worker_device,
     worker_plugin,
 )
 from .common import CLIError, oserror_line, sigterm_as_interrupt, tqdm_progress
 
 __all__ = ["PLUGIN", "Outcome", "load_worker_ensemble", "predict_distributed", "predict_task",
-           "worker_device", "worker_info"]
+           "worker_info"]
 
 PLUGIN = "medclipsam-nnunet-predict"
 
@@ -54,17 +55,6 @@ _SHARED_ERRNOS = (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", -1))
 
 
 # --------------------------------------------------------------------------- on the workers
-
-
-def worker_device(device: str, index: int) -> str:
-    """``cuda:{index % GPUs}`` when ``device`` is ``auto`` or ``cuda`` and this machine has
-    several CUDA GPUs; else ``device`` unchanged."""
-    if device not in ("auto", "cuda"):
-        return device
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return f"cuda:{index % count}" if count > 1 else device
 
 
 def load_worker_ensemble(index: int, model_dir: str, checkpoints: list[str] | None,

@@ -76,8 +76,10 @@ from .common import (
     Terminated,
     add_chain_flags,
     add_model_flags,
+    add_scheduler_flags,
     add_vlsm_flags,
     check_device,
+    check_scheduler_flags,
     check_writable_folder,
     logger,
     oserror_line,
@@ -200,23 +202,11 @@ def add_parser(sub) -> None:
                    help="stop propagating in a direction after K consecutive empty slices "
                         "(the object has ended); 0 runs every slice (default "
                         f"{SamConfig().stop_after_empty}).")
-    g = seg.add_argument_group(
-        "many images on a Dask cluster",
+    add_scheduler_flags(seg, (
         "Each worker loads the models once; each image (a volume with all its slices) is one "
         "task that writes its outputs into OUT, which every worker must see (a shared file "
         "system; checked first). The outputs and the manifest are those of a run without "
-        "--scheduler; --resume works alike.")
-    g.add_argument("--scheduler", metavar="local|tcp://HOST:8786",
-                   help="'local': a cluster of --workers processes on this machine; or the "
-                        "address of a running Dask scheduler ('dask scheduler' on one "
-                        "machine, 'dask worker tcp://HOST:8786' on each GPU box, or "
-                        "dask-jobqueue on SLURM/PBS). Without it, nothing changes.")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="with --scheduler local: worker processes (default: one per GPU, "
-                        "else 2).")
-    g.add_argument("--threads-per-worker", type=int, metavar="T",
-                   help="torch threads of each worker (default: the CPU cores shared between "
-                        "the workers of a local cluster; a running cluster's own setting).")
+        "--scheduler; --resume works alike."))
     add_model_flags(seg)
     add_chain_flags(seg)
     add_vlsm_flags(seg)
@@ -789,9 +779,9 @@ def run_segment(args: argparse.Namespace) -> int:
     """``medclipsam segment``: see the module docstring."""
     from ..cluster import LOCAL
     from ..core.pipeline import ZeroShotPipeline
-    from .segment_dask import check_flags, run_distributed
+    from .segment_dask import run_distributed
 
-    check_flags(args)
+    check_scheduler_flags(args)
     plan = _plan(args, resolve=args.scheduler in (None, LOCAL))
     vlsm = plan.config.method == "vlsm"
     for f, problem in plan.probe_errors.items():

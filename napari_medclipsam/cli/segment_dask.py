@@ -40,6 +40,7 @@ from ..cluster import (
     open_client,
     register,
     run_tasks,
+    worker_device,
     worker_plugin,
 )
 from .common import CLIError, Terminated, sigterm_as_interrupt
@@ -70,18 +71,6 @@ class WorkerState:
         self.plan, self.pipeline, self.run = plan, pipeline, run
 
 
-def _worker_device(device: str | None, index: int) -> str | None:
-    """One GPU per worker: ``cuda:i`` for worker ``i`` when there are several GPUs."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return device
-    if device not in (None, "cuda") or not torch.cuda.is_available():
-        return device
-    count = torch.cuda.device_count()
-    return f"cuda:{index % count}" if count > 1 else device
-
-
 def build_worker_state(index: int, plan: Plan) -> WorkerState:
     """The factory of the worker plugin: the pipeline of ``plan``'s settings, prepared."""
     import dataclasses
@@ -89,7 +78,7 @@ def build_worker_state(index: int, plan: Plan) -> WorkerState:
     from ..core.pipeline import ZeroShotPipeline
 
     config = plan.config
-    device = _worker_device(config.device, index)
+    device = worker_device(config.device, index)
     pinned = {"device": device}
     if plan.sam_model not in ("", "none"):  # every worker uses the backend the run records
         pinned["sam_model"] = plan.sam_model
@@ -141,26 +130,6 @@ def segment_task(path: str) -> dict[str, Any]:
             write_text(entry_path(state.plan.out, entry["name"]),
                        json.dumps(entry, indent=2, default=str))
         return entry
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """``--workers`` and ``--threads-per-worker`` make sense only with ``--scheduler``."""
-    from ..cluster import check_scheduler
-
-    scheduler = getattr(args, "scheduler", None)
-    try:
-        args.scheduler = check_scheduler(scheduler)
-    except Exception as exc:
-        raise CLIError(str(exc)) from None
-    for flag, value in (("--workers", args.workers),
-                        ("--threads-per-worker", args.threads_per_worker)):
-        if value is not None and value < 1:
-            raise CLIError(f"{flag} {value}: give at least 1.")
-        if value is not None and args.scheduler is None:
-            raise CLIError(f"{flag} applies with --scheduler local.")
-    if args.workers is not None and args.scheduler != LOCAL:
-        raise CLIError("--workers applies to --scheduler local (a running cluster has the "
-                       "workers it has).")
 
 
 def run_distributed(plan: Plan, args: argparse.Namespace) -> int:
