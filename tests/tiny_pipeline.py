@@ -28,7 +28,10 @@ def build_tiny_pipeline(clip_dir: str | Path, sam_checkpoint: str | Path, steps:
 
 
 RUNNER = """
-import sys, time
+import signal, sys, time
+# Ctrl-C acts as in a terminal, even when the tests run as a background job (a shell starts
+# those, and so this child, with SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from napari_medclipsam.cli import main, segment
 from napari_medclipsam.core import models
