@@ -120,7 +120,7 @@ def worker_pipeline(worker_index: int, fields: dict[str, Any]):
 
 def load_vlsm_model(source: str, device: str | None = None):
     """:func:`napari_medclipsam.vlsm.models.load_vlsm`, imported when a VLSM is first
-    needed on the worker (it imports transformers)."""
+    needed, on a Dask worker or in the dock (it imports torch and transformers)."""
     from napari_medclipsam.vlsm.models import load_vlsm
 
     return load_vlsm(source, device)

@@ -84,7 +84,13 @@ from napari_medclipsam.core.pipeline import SegmentationResult, VolumeResult, Ze
 from napari_medclipsam.core.postprocess import Prompts, prompts_from_mask
 from napari_medclipsam.core.presets import Preset, list_presets
 from napari_medclipsam.nnunet.job import format_eta
-from napari_medclipsam.remote import RemoteCompute, RemoteReply, RemoteStatus, compute_address
+from napari_medclipsam.remote import (
+    RemoteCompute,
+    RemoteReply,
+    RemoteStatus,
+    compute_address,
+    load_vlsm_model,
+)
 from napari_medclipsam.vlsm.config import MODEL_FILE, local_source_path, read_vlsm_record
 
 ProgressFn = Callable[[str, float], None]
@@ -108,15 +114,6 @@ def target_name(prompt_lines: Sequence[str]) -> str:
 VLSM_RECORD = MODEL_FILE  #: a trained VLSM folder's record
 #: how the dock names each VLSM architecture
 VLSM_ARCH_NAMES: Mapping[str, str] = {"clipseg": "CLIPSeg", "biomedclipseg": "BiomedCLIPSeg"}
-
-
-def load_vlsm_model(source: str, device: str | None = None):
-    """:func:`napari_medclipsam.vlsm.models.load_vlsm`, imported when a VLSM is first needed
-    (the VLSM package imports torch and transformers): the loader every pipeline of the dock
-    is given (``ZeroShotPipeline(config, vlsm=load_vlsm_model)``)."""
-    from napari_medclipsam.vlsm.models import load_vlsm
-
-    return load_vlsm(source, device)
 
 
 def _vlsm_changed(pipeline: ZeroShotPipeline, config: PipelineConfig) -> bool:

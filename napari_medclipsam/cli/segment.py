@@ -847,13 +847,13 @@ def _check_vlsm_sources(config: PipelineConfig) -> None:
 
 
 def _missing_path(source: str) -> bool:
-    """True for a model source written as a local path (``local-dir:``, absolute, relative
-    with ``./``, ``~``, or more than one ``/``) that does not exist; a Hugging Face id
-    (``ORG/NAME``) is not a path."""
-    text = source.removeprefix("local-dir:")
-    looks_local = source.startswith("local-dir:") or text.startswith(("/", ".", "~")) or \
-        text.strip("/").count("/") != 1
-    return looks_local and not Path(text).expanduser().exists()
+    """True for a model source written as a local path
+    (:func:`~napari_medclipsam.vlsm.config.local_source_path`) that does not exist; a Hugging
+    Face id (``ORG/NAME``) is not a path."""
+    from ..vlsm.config import local_source_path
+
+    path = local_source_path(source)
+    return path is not None and not path.exists()
 
 
 @dataclasses.dataclass

@@ -57,7 +57,7 @@ from typing import Any
 
 from ..core.config import DEFAULT_VLSM_MODEL, PRECISIONS
 from ..core.models import SAM_MODELS
-from ..vlsm.config import ARCHS, DECODER_INITS, MODEL_FILE, VlsmTrainConfig
+from ..vlsm.config import ARCHS, DECODER_INITS, MODEL_FILE, VlsmTrainConfig, absolute_source
 from ..vlsm.prompts import PROMPT_SETS
 from .common import (
     CLIError,
@@ -461,8 +461,9 @@ def _models_to_build(args: argparse.Namespace, previous: dict[str, Any] | None,
             raise CLIError(f"--resume: {out} was trained with --extract-layers "
                            f"{','.join(map(str, recorded_layers))}; resume with the same ones, "
                            "or start again with --overwrite.")
-    given = {"clipseg_model": _absolute_source(args.clipseg_model),
-             "clip_model": _absolute_source(args.clip_model), "decoder_init": args.decoder_init}
+    given = {"clipseg_model": args.clipseg_model and absolute_source(args.clipseg_model),
+             "clip_model": args.clip_model and absolute_source(args.clip_model),
+             "decoder_init": args.decoder_init}
     flags = {"clipseg_model": "--clipseg-model", "clip_model": "--clip-model",
              "decoder_init": "--decoder-init"}
     for key, value in given.items():
@@ -482,18 +483,6 @@ def _models_to_build(args: argparse.Namespace, previous: dict[str, Any] | None,
             "decoder_init": decoder_init,
             "extract_layers": layers if layers is not None else (
                 tuple(recorded_layers) if recorded_layers else None)}
-
-
-def _absolute_source(source: str | None) -> str | None:
-    """A local model source as an absolute path (``vlsm.json`` records where the base model
-    is, and a relative path would break the model in another working folder); hub ids as
-    given."""
-    if not source:
-        return source
-    if source.startswith("local-dir:"):
-        return "local-dir:" + str(Path(source.removeprefix("local-dir:")).expanduser().resolve())
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
 
 
 def _check_sources(models: dict[str, Any]) -> None:

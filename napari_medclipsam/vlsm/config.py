@@ -101,6 +101,19 @@ def local_source_path(source: str) -> Path | None:
     return None
 
 
+def absolute_source(source: str) -> str:
+    """A local model source made absolute, so a model folder that records it loads from any
+    working folder: ``local-dir:ABSOLUTE`` for ``local-dir:`` or a folder, the absolute path
+    for a checkpoint file; a Hugging Face id unchanged."""
+    path = local_source_path(source)
+    if path is None:
+        return source
+    resolved = path.resolve()
+    if source.strip().startswith("local-dir:") or resolved.is_dir():
+        return f"local-dir:{resolved}"
+    return str(resolved)
+
+
 def is_vlsm_folder(path: str | Path) -> bool:
     """Whether ``path`` is a trained model folder (it holds ``vlsm.json``)."""
     return (Path(path).expanduser() / MODEL_FILE).is_file()

@@ -64,6 +64,7 @@ from .config import (
     FORMAT_VERSION,
     MODEL_FILE,
     RD64_REFINED,
+    absolute_source,
     is_vlsm_folder,
     local_source_path,
     read_vlsm_record,
@@ -135,24 +136,10 @@ class VlsmModel(torch.nn.Module):
     # -- shared
     def decode(self, activations: Sequence, text_embeddings):
         """Decoder logits [B, h', w'] (h' = w' = S for CLIPSeg's shapes) for activations and
-        one text embedding per image ([B, D])."""
-        return self.decoder(list(activations), text_embeddings).logits.reshape(
-            text_embeddings.shape[0], *self._logit_shape(activations))
-
-    def _logit_shape(self, activations) -> tuple[int, int]:
-        side = int(round((activations[0].shape[1] - 1) ** 0.5))
-        scale = self._upsampling()
-        return side * scale, side * scale
-
-    def _upsampling(self) -> int:
-        conv = self.decoder.transposed_convolution
-        if isinstance(conv, torch.nn.ConvTranspose2d):
-            return int(conv.stride[0])
-        scale = 1
-        for layer in conv:
-            if isinstance(layer, torch.nn.ConvTranspose2d):
-                scale *= int(layer.stride[0])
-        return scale
+        one text embedding per image ([B, D]). (transformers 4.x squeezes a batch of one to
+        [h', w']: reshaped back.)"""
+        logits = self.decoder(list(activations), text_embeddings).logits
+        return logits.reshape(text_embeddings.shape[0], *logits.shape[-2:])
 
     def probabilities(self, image_rgb: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """(N, H, W) float32 foreground probabilities of ``prompts`` on an HxWx3 uint8 image
@@ -357,14 +344,6 @@ def copy_decoder_weights(target, source) -> tuple[list[str], list[str]]:
 
 def _is_local(source: str) -> bool:
     return local_source_path(source) is not None
-
-
-def absolute_source(source: str) -> str:
-    """A local source as ``local-dir:ABSOLUTE_PATH`` (so a model folder that records it loads
-    from anywhere); a hub id unchanged."""
-    if not _is_local(source):
-        return source
-    return "local-dir:" + str(Path(source.removeprefix("local-dir:")).expanduser().resolve())
 
 
 def _clipseg_folder(source: str) -> Path:
