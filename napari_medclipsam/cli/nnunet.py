@@ -108,6 +108,10 @@ def add_parser(sub) -> None:
     tr.add_argument("--data-workers", type=int, default=None,
                     help="nnU-Net's augmentation processes (nnUNet_n_proc_DA; default: "
                          "nnU-Net's choice).")
+    tr.add_argument("--seed", type=int, default=None,
+                    help="seed the training (weights and patch order): with --data-workers 0 "
+                         "on the CPU the same seed gives the same checkpoints (default: "
+                         "unseeded, as nnU-Net).")
     tr.add_argument("--resume", action="store_true",
                     help="continue a cancelled or crashed run from its last epoch.")
     tr.add_argument("--restart", action="store_true",
@@ -256,7 +260,7 @@ def run_nnunet(args: argparse.Namespace) -> int:
         job_dir = job.start_training(args.dataset_id, schedule, folders=folders,
                                      configuration=args.configuration, device=args.device,
                                      resume=args.resume, restart=args.restart,
-                                     data_workers=args.data_workers)
+                                     data_workers=args.data_workers, seed=args.seed)
         print(f"{'Resumed' if args.resume else 'Started'} training in the background: "
               f"{schedule.epochs} epochs in {schedule.cycles} cycles, "
               f"{schedule.n_checkpoints} ensemble checkpoints. Job folder: {job_dir}")

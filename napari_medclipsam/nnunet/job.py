@@ -355,7 +355,7 @@ def tail(path: Path, lines: int = 20) -> str:
 def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
                    folders: NnUNetFolders, configuration: str = "2d", device: str = "auto",
                    resume: bool = False, restart: bool = False, data_workers: int | None = None,
-                   preprocess_workers: int = 2) -> Path:
+                   preprocess_workers: int = 2, seed: int | None = None) -> Path:
     """Start planning, preprocessing and training in a background process; return the job dir.
 
     Parameters
@@ -374,6 +374,11 @@ def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
     data_workers : int, optional
         nnU-Net's data-augmentation processes (``nnUNet_n_proc_DA``); 0 runs augmentation in
         the training process. Default: nnU-Net's choice.
+    seed : int, optional
+        Seeds Python's, NumPy's and torch's generators in the training process before
+        nnU-Net starts: the weights' initialisation and the order of the patches. With
+        ``data_workers=0`` on the CPU the same seed gives the same checkpoints (augmentation
+        workers draw their own numbers). Default: unseeded, as nnU-Net.
 
     Raises
     ------
@@ -399,7 +404,7 @@ def start_training(dataset_id: int, schedule: EnsembleSchedule, *,
         return _start_locked(dataset_id, name, schedule, folders=folders,
                              configuration=configuration, device=device, resume=resume,
                              restart=restart, data_workers=data_workers,
-                             preprocess_workers=preprocess_workers)
+                             preprocess_workers=preprocess_workers, seed=seed)
 
 
 @contextlib.contextmanager
@@ -490,7 +495,8 @@ def job_lock_holder(base: str | Path) -> int | None:
 
 def _start_locked(dataset_id: int, name: str, schedule: EnsembleSchedule, *,
                   folders: NnUNetFolders, configuration: str, device: str, resume: bool,
-                  restart: bool, data_workers: int | None, preprocess_workers: int) -> Path:
+                  restart: bool, data_workers: int | None, preprocess_workers: int,
+                  seed: int | None) -> Path:
     job_dir = folders.results / name / JOB_FOLDER
     model_dir = model_dir_for(folders, dataset_id, configuration)
     holder = job_lock_holder(job_dir.parent)
@@ -530,7 +536,7 @@ def _start_locked(dataset_id: int, name: str, schedule: EnsembleSchedule, *,
            "schedule": json.loads(schedule.to_json()), "device": device, "resume": resume,
            "folders": {k: str(v) for k, v in folders.env().items()},
            "preprocess_workers": preprocess_workers, "data_workers": data_workers,
-           "trainer": TRAINER_NAME,
+           "seed": seed, "trainer": TRAINER_NAME,
            "model_dir": str(model_dir)}
     _write_json(job_dir / "job.json", job)
     env = dict(os.environ)
@@ -817,6 +823,8 @@ def _run(job_dir: Path) -> int:
         if job.get("data_workers") is not None:
             # Only now: nnU-Net's planner also reads it and fails on 0.
             os.environ["nnUNet_n_proc_DA"] = str(int(job["data_workers"]))
+        if job.get("seed") is not None:
+            _seed_everything(int(job["seed"]))
         from nnunetv2.run.run_training import run_training
 
         run_training(str(job["dataset_id"]), job["configuration"], FOLD,
@@ -828,6 +836,19 @@ def _run(job_dir: Path) -> int:
         return 1
     update_status(job_dir, phase="done", finished=time.time(), eta_s=0)
     return 0
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed the generators nnU-Net draws from in this process (``random``, NumPy's global
+    one, torch's)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def _error_line(exc: BaseException) -> str:
