@@ -173,13 +173,17 @@ def test_a_local_cluster_writes_the_files_of_a_run_here_byte_for_byte(model, tmp
     print(f"here {here_s:.1f} s, 2 workers {dask_s:.1f} s (cluster start included)")
 
 
-def test_a_bad_case_is_recorded_and_the_others_are_written(model, scheduler, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["here", "dask"])
+def test_a_bad_case_is_recorded_and_the_others_are_written(model, where, tmp_path, capsys,
+                                                           request):
     images = tmp_path / "images"
     shutil.copytree(model / "images", images)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     out = tmp_path / "pred"
+    cluster_flags = ["--scheduler", request.getfixturevalue("scheduler")] \
+        if where == "dask" else []
     code = main(["nnunet", "predict", "--dataset-id", "9", "--input", str(images), "-o",
-                 str(out), "--device", "cpu", "--no-mirroring", "--scheduler", scheduler,
+                 str(out), "--device", "cpu", "--no-mirroring", *cluster_flags,
                  *flags(model)])
     stdout, err = capsys.readouterr()
     assert code == 1, err
@@ -193,6 +197,28 @@ def test_a_bad_case_is_recorded_and_the_others_are_written(model, scheduler, tmp
     assert [f["case"] for f in info["failed"]] == ["broken"]
     assert info["failed"][0]["file"] == str((images / "broken.png").resolve())
     assert not list(out.rglob("*.tmp*")) and not list(out.glob(".medclipsam-probe*"))
+
+
+def test_a_full_disk_stops_the_run_here_in_one_line(model, tmp_path, capsys, monkeypatch):
+    """A failure every later case would share is not recorded case by case: the run stops."""
+    import errno
+
+    from napari_medclipsam.core import io
+
+    calls = []
+
+    def full(path, *args, **kwargs):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "write_float_tiff", full)
+    out = tmp_path / "pred"
+    assert predict(model, out) != 0
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if not line.startswith("perform_everything")]
+    assert len(calls) == 1
+    assert [line for line in err if "no space left" in line] == err[-1:], err
+    assert not (out / "ensemble.json").exists() and not list(out.rglob("*.tmp*"))
 
 
 def test_a_scheduler_that_is_not_one_is_refused_in_one_line(model, tmp_path, capsys):

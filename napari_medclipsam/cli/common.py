@@ -339,6 +339,24 @@ def quiet_warnings(debug: bool = False) -> None:
     warnings.filterwarnings("default", category=UserWarning, module=_OUR_MODULES)
 
 
+#: OSError numbers that every later file of a batch would meet too: the batch stops on them.
+FATAL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS})
+
+
+def is_fatal_oserror(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError that stops a batch (full disk, quota, read-only)."""
+    return isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS
+
+
+def exception_line(exc: BaseException) -> str:
+    """One line for a failed file: :func:`oserror_line` for an OSError, an InputError's own
+    text, else the exception's type and text (at most 300 characters)."""
+    if isinstance(exc, OSError):
+        return oserror_line(exc)
+    text = " ".join(str(exc).split())[:300]
+    return text if isinstance(exc, InputError) and text else f"{type(exc).__name__}: {text}"
+
+
 def oserror_line(exc: OSError) -> str:
     """One line for an OSError (no traceback): what failed, on which file, what to do."""
     name = exc.filename if exc.filename is not None else ""

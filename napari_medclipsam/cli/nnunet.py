@@ -10,8 +10,8 @@ Each worker loads the ensemble once (one GPU each on a machine with several); ea
 one task writing its maps into OUT; this machine writes ``uncertainty_ranking.csv`` and
 ``ensemble.json``. The files are those of a run without ``--scheduler``. The model folder,
 the inputs and OUT must be on a file system every worker sees (checked first). A case that
-fails is named, recorded in ensemble.json (``"failed"``) and the others go on (exit status 1;
-without ``--scheduler`` the first failure stops the run).
+fails is named, recorded in ensemble.json (``"failed"``) and the others go on (exit status 1),
+with or without ``--scheduler``; a full or read-only disk stops the run.
 
 Every error is one line (exit status 2): our own refusals, and the operating system's (a
 read-only or full disk, a file where a folder is expected) in words.
@@ -24,9 +24,17 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 from ..nnunet.schedule import EnsembleSchedule
-from .common import CLIError, add_scheduler_flags, check_scheduler_flags, tqdm_progress
+from .common import (
+    CLIError,
+    add_scheduler_flags,
+    check_scheduler_flags,
+    exception_line,
+    is_fatal_oserror,
+    tqdm_progress,
+)
 
 __all__ = ["add_parser", "run_nnunet"]
 
@@ -302,7 +310,7 @@ def _predict(args: argparse.Namespace, folders) -> int:
     """``nnunet predict``: here, one case after the other, or with ``--scheduler`` on a
     Dask cluster (:mod:`.nnunet_dask`); the same files and summary."""
     from ..nnunet import job
-    from ..nnunet.ensemble import ensemble_info, load_ensemble, predict_folder
+    from ..nnunet.ensemble import case_name, ensemble_info, load_ensemble, predict_folder
     from ..nnunet.export import format_label_table
 
     check_scheduler_flags(args)
@@ -317,8 +325,16 @@ def _predict(args: argparse.Namespace, folders) -> int:
         predictor = load_ensemble(model_dir, args.checkpoints, device=args.device,
                                   threshold=args.threshold,
                                   use_mirroring=not args.no_mirroring)
+        def on_error(path: Path, exc: Exception) -> str:
+            if is_fatal_oserror(exc):   # every later case would fail alike
+                raise exc
+            failed[case_name(path, predictor.dataset_json["file_ending"])] = line = \
+                exception_line(exc)
+            print(f"{path.name}: failed: {line}", file=sys.stderr)
+            return line
+
         rows = predict_folder(predictor, args.input, args.out, overwrite=args.overwrite,
-                              progress=tqdm_progress("predicting"))
+                              progress=tqdm_progress("predicting"), on_error=on_error)
         info = ensemble_info(predictor)
     n_classes = info["entropy"]["n_classes"]
     print(f"Predicted {len(rows)} images with {len(info['checkpoints'])} "

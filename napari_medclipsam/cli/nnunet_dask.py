@@ -25,7 +25,6 @@ written.
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +42,13 @@ from ..cluster import (
     worker_device,
     worker_plugin,
 )
-from .common import CLIError, oserror_line, sigterm_as_interrupt, tqdm_progress
+from .common import (
+    CLIError,
+    exception_line,
+    is_fatal_oserror,
+    sigterm_as_interrupt,
+    tqdm_progress,
+)
 
 __all__ = ["PLUGIN", "Outcome", "load_worker_ensemble", "predict_distributed", "predict_task",
            "worker_info"]
@@ -51,7 +56,6 @@ __all__ = ["PLUGIN", "Outcome", "load_worker_ensemble", "predict_distributed", "
 PLUGIN = "medclipsam-nnunet-predict"
 
 #: OS errors every case would share: the run stops at the first
-_SHARED_ERRNOS = (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", -1))
 
 
 # --------------------------------------------------------------------------- on the workers
@@ -65,15 +69,6 @@ def load_worker_ensemble(index: int, model_dir: str, checkpoints: list[str] | No
 
     return load_ensemble(model_dir, checkpoints, device=worker_device(device, index),
                          threshold=threshold, use_mirroring=use_mirroring)
-
-
-def _error_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return oserror_line(exc)
-    text = " ".join(str(exc).split())[:300]
-    from ..core.errors import InputError
-
-    return text if isinstance(exc, InputError) and text else f"{type(exc).__name__}: {text}"
 
 
 def worker_info(dask_worker=None) -> dict[str, Any]:
@@ -117,8 +112,8 @@ def predict_task(item: tuple[str, str, str]) -> dict[str, Any]:
         try:
             row = predict_case(plugin.model, path, case, out)
         except Exception as exc:  # one image must not stop the others
-            fatal = isinstance(exc, OSError) and exc.errno in _SHARED_ERRNOS
-            return {"case": case, "error": _error_line(exc), "fatal": fatal}
+            return {"case": case, "error": exception_line(exc),
+                    "fatal": is_fatal_oserror(exc)}
         return {"case": case, "row": row, "seconds": round(time.perf_counter() - t0, 3),
                 "worker": str(get_worker().name)}
 
@@ -192,7 +187,7 @@ def predict_distributed(args: argparse.Namespace, model_dir: Path) -> Outcome:
                 results[case] = value
 
         def on_error(item, exc: BaseException) -> None:   # the task itself failed
-            failed[item[1]] = _error_line(exc)
+            failed[item[1]] = exception_line(exc)
             print(f"{Path(item[0]).name}: failed: {failed[item[1]]}", file=sys.stderr)
 
         try:

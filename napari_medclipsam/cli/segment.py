@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import json
 import re
 import sys
@@ -81,6 +80,7 @@ from .common import (
     check_device,
     check_scheduler_flags,
     check_writable_folder,
+    is_fatal_oserror,
     logger,
     oserror_line,
     read_json_file,
@@ -765,9 +765,6 @@ def _prompts_json(result, plan: Plan) -> dict[str, Any]:
     return out
 
 
-_FATAL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS}
-
-
 def _is_tty() -> bool:
     try:
         return sys.stderr.isatty()
@@ -1055,7 +1052,7 @@ def failure_line(exc: BaseException, f: Path, debug: bool) -> tuple[str, bool]:
         return "out of memory while segmenting it (try a smaller image or a volume's " \
                "--slices).", False
     if isinstance(exc, OSError):
-        return oserror_line(exc), exc.errno in _FATAL_ERRNOS
+        return oserror_line(exc), is_fatal_oserror(exc)
     text = " ".join(str(exc).split())[:300]
     return (f"internal error ({type(exc).__name__}: {text}); rerun with --debug for the "
             "traceback and please report it."), False

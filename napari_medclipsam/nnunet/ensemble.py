@@ -657,7 +657,8 @@ def write_ensemble_json(out_dir: str | Path, info: dict, **extra) -> None:
 
 def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
                    overwrite: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
+                   progress: Callable[[int, int], None] | None = None,
+                   on_error: Callable[[Path, Exception], str] | None = None) -> list[dict]:
     """Predict every image of ``input_dir`` (the dataset's file type); write per case::
 
         OUT/masks/CASE.{png|nii.gz}           the mask: binary, thresholded (PNG 0/255; NIfTI
@@ -666,22 +667,34 @@ def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
         OUT/class_probabilities/CASE.tif      several targets only: (C, ...) float32, all classes
         OUT/uncertainty/CASE.tif              float32 entropy in nats, [0, ln C]
         OUT/uncertainty_ranking.csv           cases by mean entropy, most uncertain first
-        OUT/ensemble.json                     checkpoints, threshold, entropy units, class names
+                                              (not written when no case succeeded)
+        OUT/ensemble.json                     checkpoints, threshold, entropy units, class
+                                              names; ``"failed"``: the cases that failed
 
-    One case after the other (:func:`predict_case`); the first that fails stops the run
-    (``medclipsam nnunet predict --scheduler`` records it and goes on). Returns the ranking
-    rows.
+    One case after the other (:func:`predict_case`). Without ``on_error`` the first case that
+    fails stops the run (its exception propagates, nothing folder-level is written). With it,
+    a failed case is handed to ``on_error(path, exc)``, which returns the one line that
+    ``ensemble.json`` records for it (``{"case", "file", "error"}``) and the others go on; it
+    raises to stop the run instead. Returns the ranking rows of the cases that succeeded.
     """
     cases = list_cases(input_dir, predictor.dataset_json["file_ending"])
     check_output_folder(out_dir, overwrite)
-    rows = []
+    rows, failed = [], []
     for i, (path, case) in enumerate(cases):
-        rows.append(predict_case(predictor, path, case, out_dir))
+        try:
+            rows.append(predict_case(predictor, path, case, out_dir))
+        except Exception as exc:
+            if on_error is None:
+                raise
+            failed.append({"case": case, "file": str(Path(path).resolve()),
+                           "error": on_error(path, exc)})
         if progress:
             progress(i + 1, len(cases))
     rows = rank_rows(rows)
-    write_ranking(out_dir, rows)
-    write_ensemble_json(out_dir, ensemble_info(predictor))
+    if rows:
+        write_ranking(out_dir, rows)
+    write_ensemble_json(out_dir, ensemble_info(predictor),
+                        **({"failed": failed} if failed else {}))
     return rows
 
 
