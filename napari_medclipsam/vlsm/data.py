@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
+from ..nnunet.export import CASES_FILE
 
 Log = Callable[[str], None]
-CASES_FILE = "medclipsam_cases.json"  # nnunet.export.CASES_FILE (not imported: stays light)
 
 
 @dataclass(frozen=True)
