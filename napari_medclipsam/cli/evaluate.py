@@ -85,14 +85,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"{'mean':<{width}}  {result.mean_dsc:7.4f}  {result.mean_nsd:7.4f}   "
           f"({len(rows)} images)")
     print(result.describe_nsd())
-    for note in result.notes:
-        print(f"warning: {note}", file=sys.stderr)
-    if result.missing:
-        print(f"warning: {len(result.missing)} ground-truth mask(s) have no prediction: "
-              f"{', '.join(result.missing[:10])}", file=sys.stderr)
-    if result.ignored:
-        print(f"warning: {len(result.ignored)} prediction(s) have no ground truth and were "
-              f"ignored: {', '.join(result.ignored[:10])}", file=sys.stderr)
+    print_warnings(result)
     try:
         out_csv, out_json = write_evaluation(result, out, overwrite=overwrite)
     except OutputExistsError as exc:
@@ -100,3 +93,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
                        "to replace it, or choose another file with -o.") from exc
     print(f"Saved {out_csv} and {out_json}")
     return 0
+
+
+def print_warnings(result, *, explain_missing: bool = False) -> None:
+    """On stderr: an :class:`~napari_medclipsam.core.evaluate.EvaluationResult`'s notes, its
+    ground truths without a prediction and its predictions without a ground truth (at most 10
+    names each). ``explain_missing`` adds that a missing prediction is scored as empty (for
+    a command that prints no per-image table saying so)."""
+    for note in result.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    if result.missing:
+        how = " (scored as empty)" if explain_missing else ""
+        print(f"warning: {len(result.missing)} ground-truth mask(s) have no prediction{how}: "
+              f"{', '.join(result.missing[:10])}", file=sys.stderr)
+    if result.ignored:
+        print(f"warning: {len(result.ignored)} prediction(s) have no ground truth and were "
+              f"ignored: {', '.join(result.ignored[:10])}", file=sys.stderr)

@@ -693,6 +693,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         list_masks,
         write_evaluation,
     )
+    from .evaluate import print_warnings
     from .segment import run_segment
 
     out = Path(args.out).expanduser()
@@ -720,14 +721,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         _say("No mask was written, so nothing was scored.")
         return 1
     result = evaluate_folders(out / "masks", gt_dir, tolerance=args.tolerance)
-    for note in result.notes:
-        _say(f"warning: {note}")
-    if result.missing:
-        _say(f"warning: {len(result.missing)} ground-truth mask(s) have no prediction (scored "
-             f"as empty): {', '.join(result.missing[:10])}")
-    if result.ignored:
-        _say(f"warning: {len(result.ignored)} prediction(s) have no ground truth and were "
-             f"ignored: {', '.join(result.ignored[:10])}")
+    print_warnings(result, explain_missing=True)
     try:
         write_evaluation(result, csv_path, overwrite=replace)
     except OutputExistsError as exc:
