@@ -323,6 +323,32 @@ def is_unsafe_pickle(exc: BaseException) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower()
 
 
+def load_resume_checkpoint(path: str | Path, writer: str) -> Any:
+    """A training's own resumable checkpoint, read with ``weights_only=True`` on the CPU.
+
+    Raises
+    ------
+    InputError
+        One line naming ``writer`` (e.g. ``"fine-tuning"``) when the file holds Python objects
+        (refused, never unpickled), or cannot be read (damaged, truncated); both say to start
+        again with --overwrite. What the checkpoint must hold is the caller's to check.
+    """
+    import torch
+
+    from .errors import InputError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if is_unsafe_pickle(exc):
+            raise InputError(f"{path} was not loaded: it holds Python objects, not only "
+                             f"tensors and plain values, so it was not written by {writer} "
+                             "(or was changed) and could run code. Start again with "
+                             "--overwrite.") from None
+        raise InputError(f"{path} cannot be read: it is damaged or truncated "
+                         f"({type(exc).__name__}). Start again with --overwrite.") from None
+
+
 def weights_error(what: str, exc: BaseException, kind: str = "") -> ModelUnavailableError:
     """One line for a weights file that cannot be used: refused as unsafe (never quoting
     torch's advice to load it unsafely), or damaged / of another format."""

@@ -305,20 +305,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         One line when it holds Python objects (refused, not loaded), is damaged, or is not
         a fine-tuning checkpoint.
     """
-    import torch
+    from ..core.models import load_resume_checkpoint
 
-    from ..core.models import is_unsafe_pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if is_unsafe_pickle(exc):
-            raise InputError(f"{path} was not loaded: it holds Python objects, not only "
-                             "tensors and plain values, so it was not written by fine-tuning "
-                             "(or was changed) and could run code. Start again with "
-                             "--overwrite.") from None
-        raise InputError(f"{path} cannot be read: it is damaged or truncated "
-                         f"({type(exc).__name__}). Start again with --overwrite.") from None
+    state = load_resume_checkpoint(path, "fine-tuning")
     if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS) \
             or not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
         raise InputError(f"{path} is not a fine-tuning checkpoint (no model, optimiser and "

@@ -155,19 +155,9 @@ def check_output(out: str | Path, *, resume: bool = False, overwrite: bool = Fal
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """``checkpoint.pt`` read with ``weights_only=True`` on the CPU; one-line InputError for
     a damaged, foreign or pickled-object file."""
-    import torch
+    from ..core.models import load_resume_checkpoint
 
-    from ..core.models import is_unsafe_pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if is_unsafe_pickle(exc):
-            raise InputError(f"{path} was not loaded: it holds Python objects, so it was not "
-                             "written by VLSM training (or was changed) and could run code. "
-                             "Start again with --overwrite.") from None
-        raise InputError(f"{path} cannot be read: damaged or truncated "
-                         f"({type(exc).__name__}). Start again with --overwrite.") from None
+    state = load_resume_checkpoint(path, "VLSM training")
     keys = ("decoder", "optimizer", "scheduler", "epoch", "config", "data", "history")
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise InputError(f"{path} is not a VLSM training checkpoint. Start again with "
