@@ -310,7 +310,7 @@ def _predict(args: argparse.Namespace, folders) -> int:
     """``nnunet predict``: here, one case after the other, or with ``--scheduler`` on a
     Dask cluster (:mod:`.nnunet_dask`); the same files and summary."""
     from ..nnunet import job
-    from ..nnunet.ensemble import case_name, ensemble_info, load_ensemble, predict_folder
+    from ..nnunet.ensemble import ensemble_info, load_ensemble, predict_folder
     from ..nnunet.export import format_label_table
 
     check_scheduler_flags(args)
@@ -325,11 +325,10 @@ def _predict(args: argparse.Namespace, folders) -> int:
         predictor = load_ensemble(model_dir, args.checkpoints, device=args.device,
                                   threshold=args.threshold,
                                   use_mirroring=not args.no_mirroring)
-        def on_error(path: Path, exc: Exception) -> str:
+        def on_error(path: Path, case: str, exc: Exception) -> str:
             if is_fatal_oserror(exc):   # every later case would fail alike
                 raise exc
-            failed[case_name(path, predictor.dataset_json["file_ending"])] = line = \
-                exception_line(exc)
+            failed[case] = line = exception_line(exc)
             print(f"{path.name}: failed: {line}", file=sys.stderr)
             return line
 

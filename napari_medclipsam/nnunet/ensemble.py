@@ -658,7 +658,8 @@ def write_ensemble_json(out_dir: str | Path, info: dict, **extra) -> None:
 def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
                    overwrite: bool = False,
                    progress: Callable[[int, int], None] | None = None,
-                   on_error: Callable[[Path, Exception], str] | None = None) -> list[dict]:
+                   on_error: Callable[[Path, str, Exception], str] | None = None
+                   ) -> list[dict]:
     """Predict every image of ``input_dir`` (the dataset's file type); write per case::
 
         OUT/masks/CASE.{png|nii.gz}           the mask: binary, thresholded (PNG 0/255; NIfTI
@@ -673,7 +674,7 @@ def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
 
     One case after the other (:func:`predict_case`). Without ``on_error`` the first case that
     fails stops the run (its exception propagates, nothing folder-level is written). With it,
-    a failed case is handed to ``on_error(path, exc)``, which returns the one line that
+    a failed case is handed to ``on_error(path, case, exc)``, which returns the one line that
     ``ensemble.json`` records for it (``{"case", "file", "error"}``) and the others go on; it
     raises to stop the run instead. Returns the ranking rows of the cases that succeeded.
     """
@@ -687,7 +688,7 @@ def predict_folder(predictor, input_dir: str | Path, out_dir: str | Path, *,
             if on_error is None:
                 raise
             failed.append({"case": case, "file": str(Path(path).resolve()),
-                           "error": on_error(path, exc)})
+                           "error": on_error(path, case, exc)})
         if progress:
             progress(i + 1, len(cases))
     rows = rank_rows(rows)
